@@ -1,0 +1,159 @@
+"""Every object of a run is built here, from the resolved config, before any training.
+
+Each builder raises ``ConfigError`` naming the config key at fault, so ``mtl validate``
+and ``mtl train`` report bad input the same way and early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mtl import optim
+from mtl.config import ConfigError
+from mtl.heads import HEADS, Head
+from mtl.model import MultiTaskModel
+from mtl.registry import ComponentError, build
+from mtl.scheduler import SCHEDULERS, TaskScheduler
+from mtl.task import TASKS, Splits, Task
+from mtl.trunks import Trunk, build_trunk
+from mtl.weighting import WEIGHTINGS, Weighting
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+
+
+def _component(fn, *args: Any, where: str):
+    """Call a builder; turn a bad argument or value into a ConfigError naming ``where``."""
+    try:
+        return fn(*args)
+    except ConfigError:
+        raise
+    except ComponentError as e:
+        raise ConfigError(str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {name!r} requested but no CUDA GPU is visible; use device=cpu or device=auto.")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name!r} but only {torch.cuda.device_count()} GPU(s) are visible.")
+    return torch.device(name)
+
+
+def build_tasks(cfg: DictConfig) -> tuple[dict[str, Task], dict[str, dict[str, Any]]]:
+    """Tasks keyed by their config name, and each task's head node.
+
+    A task node is ``{name: registered name or import path, head: {...}?, **kwargs}``;
+    without ``name`` the config key is the registered name. A ``head`` without a name
+    overrides the arguments of the task's default head.
+    """
+    tasks, heads = {}, {}
+    for key, node in cfg.tasks.items():
+        node = _plain(node)
+        name = node.pop("name", key)
+        head = node.pop("head", None) or {}
+        where = f"tasks.{key}"
+        task = _component(build, TASKS, {"name": name, **node}, where, where=where)
+        task.name = key
+        heads[key] = head if "name" in head else {**task.head_config(), **head}
+        tasks[key] = task
+    return tasks, heads
+
+
+def check_metrics(tasks: dict[str, Task]) -> None:
+    for key, task in tasks.items():
+        metrics = task.metrics()
+        if task.primary_metric not in metrics:
+            raise ConfigError(
+                f"tasks.{key}: primary_metric {task.primary_metric!r} is not among its metrics ({', '.join(metrics)})."
+            )
+        for name, metric in metrics.items():
+            if getattr(metric, "higher_is_better", None) is None:
+                raise ConfigError(f"tasks.{key}: metric {name!r} has no direction; set higher_is_better on it.")
+
+
+def load_datasets(tasks: dict[str, Task]) -> dict[str, Splits]:
+    splits = {}
+    for key, task in tasks.items():
+        try:
+            splits[key] = task.build_datasets()
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            raise ConfigError(f"tasks.{key}: cannot load its data: {e}") from None
+        for split, ds in splits[key].items():
+            if len(ds) == 0:  # type: ignore[arg-type]
+                raise ConfigError(f"tasks.{key}: the {split} split is empty.")
+    return splits
+
+
+def build_heads(
+    trunk: Trunk, tasks: dict[str, Task], head_nodes: dict[str, dict[str, Any]], splits: dict[str, Splits]
+) -> dict[str, Head]:
+    """One head per task, sized from the trunk's features on that task's inputs."""
+    heads = {}
+    for key, task in tasks.items():
+        shape = tuple(splits[key].train[0][0].shape)
+        try:
+            features = trunk.feature_shape(shape)
+        except RuntimeError as e:
+            hint = getattr(trunk, "input_hint", None)
+            expected = f" it expects {hint}" if hint else ""
+            raise ConfigError(
+                f"tasks.{key}: its inputs have shape {shape}, which trunk {type(trunk).__name__} cannot take;{expected} "
+                f"(check trunk.in_channels or the task's image size). Torch said: {str(e).splitlines()[0]}"
+            ) from None
+        where = f"tasks.{key}.head"
+        heads[key] = _component(build, HEADS, head_nodes[key], where, features, task.num_outputs, where=where)
+    return heads
+
+
+@dataclass
+class Components:
+    tasks: dict[str, Task]
+    splits: dict[str, Splits]
+    model: MultiTaskModel
+    weighting: Weighting
+
+
+def build_components(cfg: DictConfig) -> Components:
+    """Tasks and their data, trunk, heads (sized on the real inputs) and weighting."""
+    tasks, head_nodes = build_tasks(cfg)
+    check_metrics(tasks)
+    check_selection(cfg.trainer.select_on, tasks)
+    splits = load_datasets(tasks)
+    trunk = _component(build_trunk, _plain(cfg.trunk), where="trunk")
+    heads = build_heads(trunk, tasks, head_nodes, splits)
+    weighting = _component(build, WEIGHTINGS, _plain(cfg.weighting), "weighting", where="weighting")
+    return Components(tasks, splits, MultiTaskModel(trunk, heads), weighting)
+
+
+def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return _component(optim.build_optimizer, _plain(cfg.trainer.optimizer), params, where="trainer.optimizer")
+
+
+def build_lr_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    node = _plain(cfg.trainer.lr_schedule)
+    return _component(optim.build_lr_schedule, node, optimizer, total_steps, where="trainer.lr_schedule")
+
+
+def build_scheduler(cfg: DictConfig, batches_per_pass: dict[str, int]) -> TaskScheduler:
+    return _component(build, SCHEDULERS, _plain(cfg.scheduler), "scheduler", batches_per_pass, where="scheduler")
+
+
+def check_selection(select_on: str, tasks: dict[str, Task]) -> None:
+    if select_on in ("primary_mean", "loss"):
+        return
+    task, _, metric = select_on.partition("/")
+    valid = [*tasks[task].metrics(), "loss"]
+    if metric not in valid:
+        raise ConfigError(f"trainer.select_on: task {task!r} has no metric {metric!r}; it has {', '.join(valid)}.")

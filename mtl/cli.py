@@ -1,0 +1,93 @@
+"""The ``mtl`` command: train, validate, list."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from mtl.config import ConfigError, load_config
+
+LISTS = {
+    "tasks": "mtl.task:TASKS",
+    "trunks": "mtl.trunks:TRUNKS",
+    "heads": "mtl.heads:HEADS",
+    "weightings": "mtl.weighting:WEIGHTINGS",
+    "schedulers": "mtl.scheduler:SCHEDULERS",
+    "optimizers": "mtl.optim:OPTIMIZERS",
+    "lr_schedules": "mtl.optim:LR_SCHEDULES",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtl", description="Transfer and multi-task learning experiments.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "train the tasks of CONFIG jointly"), ("validate", "check CONFIG and its data without training")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
+        c.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), ~key deletes a key")
+    ls = sub.add_parser("list", help="what is registered")
+    ls.add_argument("kind", choices=sorted(LISTS))
+    return p
+
+
+def cmd_train(config: str, overrides: Sequence[str]) -> int:
+    from mtl.results import format_table
+    from mtl.trainer import Trainer
+
+    cfg = load_config(config, list(overrides))
+    results = Trainer(cfg).fit()
+    print(format_table(results))
+    print(f"\nbest epoch {results['best_epoch']} ({results['selected_on']}); test metrics are of that model.")
+    print(f"run directory: {cfg.output_dir} (results.json, metrics.jsonl, config.yaml, checkpoints/, trunk.pt)")
+    return 0
+
+
+def cmd_validate(config: str, overrides: Sequence[str]) -> int:
+    from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_scheduler, resolve_device
+    from mtl.data import BatchSource
+
+    cfg = load_config(config, list(overrides))
+    resolve_device(cfg.device)
+    parts = build_components(cfg)
+    optimizer = build_optimizer(cfg, list(parts.model.parameters()))
+    batches = {n: BatchSource(s.train, cfg.trainer.batch_size, "cpu", 0, on_device=False).batches_per_pass for n, s in parts.splits.items()}
+    scheduler = build_scheduler(cfg, batches)
+    build_lr_schedule(cfg, optimizer, cfg.trainer.epochs * scheduler.steps_per_epoch)
+    print(f"{config}: OK")
+    for name, task in parts.tasks.items():
+        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in parts.splits[name].items())
+        print(f"  task {name}: {type(task).__name__}, {sizes}; head {type(parts.model.heads[name]).__name__}")
+    print(f"  trunk {type(parts.model.trunk).__name__}; {scheduler.steps_per_epoch} steps per epoch")
+    return 0
+
+
+def cmd_list(kind: str) -> int:
+    from mtl.registry import import_path
+
+    registry = import_path(LISTS[kind])
+    rows = registry.describe()
+    width = max((len(n) for n, _ in rows), default=0)
+    for name, doc in rows:
+        print(f"{name.ljust(width)}  {doc}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args.config, args.overrides)
+        if args.command == "validate":
+            return cmd_validate(args.config, args.overrides)
+        return cmd_list(args.kind)
+    except ConfigError as e:
+        print(f"mtl: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mtl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Run configuration: a typed schema for run-level settings, YAML + CLI overrides.
+
+Component nodes (tasks, trunk, heads, optimizer, schedules, weighting, scheduler) are
+plain mappings ``{name: <registered name or import path>, **kwargs}``; their kwargs are
+checked against the component's signature when it is built (``mtl.builders``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mtl.registry import did_you_mean
+
+
+class ConfigError(ValueError):
+    """A config problem, reported before anything runs: the key's path and the fix."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # online | offline | disabled; WANDB_MODE in the environment wins
+    project: str = "mtl"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; None = your default
+    group: Optional[str] = None  # runs of one comparison share a group
+    job_type: str = "train"  # e.g. the regime
+    tags: List[str] = field(default_factory=list)
+    name: Optional[str] = None  # run name; None = W&B picks one
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 20  # steps between training-loss log lines (each costs a host sync)
+    progress_bar: bool = True  # tqdm bar with step, per-task losses and samples/s
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10  # an epoch is defined by the task scheduler (see `mtl list schedulers`)
+    batch_size: int = 64  # per task, per step
+    eval_batch_size: int = 1024
+    optimizer: Dict[str, Any] = field(default_factory=lambda: {"name": "adam", "lr": 1e-3})
+    lr_schedule: Dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
+    grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
+    select_on: str = "primary_mean"  # best epoch by: primary_mean | loss | <task>/<metric> (validation only)
+    data_on_device: bool = True  # tensor datasets are moved to the device once and batched there
+    max_steps_per_epoch: Optional[int] = None  # cap an epoch (smoke tests); None = the scheduler's epoch
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = MISSING  # run directory: config.yaml, metrics.jsonl, results.json, checkpoints/
+    tasks: Dict[str, Any] = MISSING  # {task_name: {name: registered name or import path, **kwargs}}
+    trunk: Dict[str, Any] = MISSING  # {name: ..., checkpoint: PATH?, **kwargs}
+    weighting: Dict[str, Any] = field(default_factory=lambda: {"name": "equal"})
+    scheduler: Dict[str, Any] = field(default_factory=lambda: {"name": "all"})
+    seed: int = 0  # model init, data order, dropout
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    resume: bool = False  # continue the run in output_dir from its last checkpoint
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _check_keys(node: Any, schema: type, path: str) -> None:
+    """Unknown keys under a dataclass-typed node, with the closest valid names."""
+    if not isinstance(node, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key.{did_you_mean(str(key), fields)} Valid keys here: {', '.join(fields)}.")
+        ftype = fields[key].type
+        sub = globals().get(ftype) if isinstance(ftype, str) else ftype
+        if dataclasses.is_dataclass(sub):
+            _check_keys(value, sub, where)
+
+
+def parse_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``key=value`` overrides from ``~key`` deletions."""
+    sets, deletes = [], []
+    for item in overrides:
+        if item.startswith("~"):
+            deletes.append(item[1:])
+        elif "=" in item and not item.startswith("="):
+            sets.append(item)
+        else:
+            raise ConfigError(f"override {item!r} must be key=value (or ~key to delete a key).")
+    return sets, deletes
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
+    """Read a YAML config, apply overrides, check it against the schema; raise ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
+    try:
+        return resolve(raw, list(overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def resolve(raw: dict, overrides: list[str] = ()) -> DictConfig:
+    sets, deletes = parse_overrides(list(overrides))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(sets))
+        for key in deletes:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if not isinstance(node, DictConfig) or leaf not in node:
+                raise ConfigError(f"~{key}: no such key to delete.")
+            del node[leaf]
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot read the config: {e}") from None
+    _check_keys(plain, RunConfig, "")
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}") from None
+    missing = sorted(OmegaConf.missing_keys(typed))
+    if missing:
+        raise ConfigError(f"required value missing: {', '.join(missing)} (set it in the YAML or as key=value).")
+    check_values(typed)
+    return typed
+
+
+def _must(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Range and choice checks the types alone cannot express."""
+    t = cfg.trainer
+    _must(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}.")
+    _must(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}.")
+    _must(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}.")
+    _must(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", f"must be > 0 or null, got {t.grad_clip}.")
+    _must(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1 or null.")
+    _must(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}.")
+    modes = ("online", "offline", "disabled")
+    _must(cfg.logging.wandb.mode in modes, "logging.wandb.mode", f"must be one of {', '.join(modes)}, got {cfg.logging.wandb.mode!r}.")
+    dev = cfg.device
+    _must(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), "device", f"must be auto, cpu, cuda or cuda:N, got {dev!r}.")
+    _must(len(cfg.tasks) >= 1, "tasks", "define at least one task, e.g. tasks: {mnist: {}}.")
+    for name, node in cfg.tasks.items():
+        _must(node is None or isinstance(node, DictConfig), f"tasks.{name}", "must be a mapping, e.g. {name: mnist}.")
+    for key in ("trunk", "weighting", "scheduler", "trainer.optimizer", "trainer.lr_schedule"):
+        node = OmegaConf.select(cfg, key)
+        _must("name" in node, f"{key}.name", "missing: name a registered component (see `mtl list`) or an import path.")
+    select = t.select_on
+    if select not in ("primary_mean", "loss"):
+        task, _, metric = select.partition("/")
+        _must(task in cfg.tasks and bool(metric), "trainer.select_on",
+              f"must be primary_mean, loss or <task>/<metric> with a configured task, got {select!r}.{did_you_mean(task, cfg.tasks)}")
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    OmegaConf.save(cfg, path, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

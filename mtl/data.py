@@ -1,0 +1,132 @@
+"""Splits and batch sources.
+
+Small datasets (tensors) live on the training device and are batched by indexing a
+permutation there: no DataLoader and no per-sample Python in the hot loop. Other datasets
+stream through a DataLoader. Either way every pass draws a fresh permutation from the
+source's own generator, so no epoch is ever cached and the order is fixed by the seed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from mtl.task import Splits, Task
+
+
+def split_indices(
+    n: int, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Disjoint train/val/test indices of ``range(n)``, a fixed function of ``seed``."""
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    if min(n_val, n_test, n - n_val - n_test) < 1:
+        raise ValueError(f"{n} samples cannot be split into non-empty train/val/test.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+def subsample(indices: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded ``fraction`` of ``indices`` (at least one)."""
+    if fraction >= 1:
+        return indices
+    keep = max(1, round(len(indices) * fraction))
+    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + 1))
+    return indices[perm[:keep]]
+
+
+def tensor_splits(x: torch.Tensor, y: torch.Tensor, task: Task) -> Splits:
+    """Split ``(x, y)`` with the task's fractions and split seed into TensorDatasets."""
+    if len(x) != len(y):
+        raise ValueError(f"task {task.name!r}: {len(x)} inputs but {len(y)} targets.")
+    train, val, test = split_indices(len(x), task.val_fraction, task.test_fraction, task.split_seed)
+    train = subsample(train, task.train_fraction, task.split_seed)
+    return Splits(*(TensorDataset(x[i], y[i]) for i in (train, val, test)))
+
+
+def _tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (inputs, targets) tensors behind a TensorDataset (or a Subset of one)."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return dataset.tensors[0], dataset.tensors[1]
+    if isinstance(dataset, Subset):
+        inner = _tensors(dataset.dataset)
+        if inner is not None:
+            idx = torch.as_tensor(dataset.indices)
+            return inner[0][idx], inner[1][idx]
+    return None
+
+
+class BatchSource:
+    """Endless shuffled batches of one dataset; one pass = ``batches_per_pass`` batches.
+
+    ``drop_last`` keeps every training batch full (BatchNorm and per-step costs stay
+    even); a dataset smaller than one batch yields itself whole.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, seed: int, on_device: bool = True):
+        self.dataset = dataset
+        self.n = len(dataset)  # type: ignore[arg-type]
+        if self.n == 0:
+            raise ValueError("empty training set")
+        self.batch_size = min(batch_size, self.n)
+        self.device = device
+        self.generator = torch.Generator().manual_seed(seed)
+        tensors = _tensors(dataset) if on_device else None
+        self.tensors = tuple(t.to(device) for t in tensors) if tensors is not None else None
+        self._pass_state = self.generator.get_state()
+        self._position = 0  # batches already drawn from the current pass
+        self._iter: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def batches_per_pass(self) -> int:
+        return self.n // self.batch_size
+
+    def _pass(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.generator.set_state(self._pass_state)
+        perm = torch.randperm(self.n, generator=self.generator)
+        bs = self.batch_size
+        if self.tensors is not None:
+            x, y = self.tensors
+            perm = perm.to(self.device)
+            for b in range(start, self.batches_per_pass):
+                idx = perm[b * bs : (b + 1) * bs]
+                yield x[idx], y[idx]
+        else:
+            rest = perm[start * bs : self.batches_per_pass * bs].tolist()
+            for x, y in DataLoader(Subset(self.dataset, rest), batch_size=bs, drop_last=True):
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None:
+            self._iter = self._pass(self._position)
+        batch = next(self._iter, None)
+        if batch is None:
+            # The generator now holds the state after this pass's permutation: the next pass starts there.
+            self._pass_state = self.generator.get_state()
+            self._position = 0
+            self._iter = self._pass(0)
+            batch = next(self._iter)
+        self._position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """Where the source stands: the current pass's seed state and how far into it."""
+        return {"pass_state": self._pass_state.clone(), "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pass_state = state["pass_state"].clone()
+        self._position = state["position"]
+        self._iter = None
+
+
+def eval_batches(dataset: Dataset, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The dataset in order, in batches, on ``device``."""
+    tensors = _tensors(dataset)
+    if tensors is not None:
+        x, y = tensors
+        for i in range(0, len(x), batch_size):
+            yield x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+    else:
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            yield x.to(device), y.to(device)

@@ -1,0 +1,119 @@
+"""Metric loggers behind one small protocol: local files always, W&B when enabled.
+
+Metric names are ``{split}/{task}/{metric}`` (e.g. ``val/mnist/accuracy``); every event
+carries the global optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+from mtl.config import WandbConfig
+
+
+class MetricLogger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_summary(self, summary: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN/inf; None marks a metric that could not be computed.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class DiskLogger:
+    """Appends one JSON line per event to ``metrics.jsonl``: ``{"step": ..., name: value}``."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        record = {"step": step, **{k: _json_safe(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbLogger:
+    """Weights & Biases run: ``global_step`` is the step metric; config uploaded; final
+    metrics in the run summary. The run id is kept in the run directory so a resumed
+    run continues the same W&B run."""
+
+    def __init__(self, cfg: WandbConfig, run_dir: str | os.PathLike, config: dict[str, Any], resume: bool = False):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or cfg.mode
+        id_file = Path(run_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            job_type=cfg.job_type,
+            tags=list(cfg.tags),
+            name=cfg.name,
+            config=config,
+            dir=str(run_dir),
+            mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        id_file.write_text(self.run.id)
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log({**metrics, "global_step": step})
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        self.run.summary.update(summary)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Loggers:
+    """Fans events out to every logger."""
+
+    def __init__(self, loggers: list[MetricLogger]):
+        self.loggers = loggers
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log(metrics, step)
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.log_summary(summary)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def build_loggers(cfg: WandbConfig, run_dir: str | os.PathLike, config: dict[str, Any], resume: bool) -> Loggers:
+    loggers: list[MetricLogger] = [DiskLogger(run_dir)]
+    mode = os.environ.get("WANDB_MODE") or cfg.mode
+    if mode != "disabled":
+        try:
+            loggers.append(WandbLogger(cfg, run_dir, config, resume))
+        except Exception as e:  # W&B down, bad key or project: the local logs still hold everything
+            warnings.warn(f"W&B logging is off for this run ({type(e).__name__}: {e}); local logs in {run_dir} are complete.")
+    return Loggers(loggers)

@@ -1,0 +1,157 @@
+"""One generic registry for tasks, trunks, heads, weightings and schedulers.
+
+A component is named in a config either by its registered name or by an import path
+(``package.module:Name`` or ``package.module.Name``), so a user's own class needs no edit
+of the library.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from typing import Any, Callable, Generic, Iterable, TypeVar
+
+T = TypeVar("T")
+
+
+class ComponentError(ValueError):
+    """A component name or its arguments cannot be resolved; the message names the fix."""
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+    return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.5)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    near = closest(name, candidates)
+    return f" Did you mean {' or '.join(repr(c) for c in near)}?" if near else ""
+
+
+def import_path(path: str) -> Any:
+    """Resolve ``pkg.mod:Name`` or ``pkg.mod.Name`` to the object it names."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ComponentError(f"{path!r} is not an import path (expected 'package.module:Name').")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ComponentError(f"cannot import module {module_name!r} for {path!r}: {e}") from e
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        public = [n for n in dir(module) if not n.startswith("_")]
+        raise ComponentError(
+            f"module {module_name!r} has no attribute {attr!r}.{did_you_mean(attr, public)}"
+        ) from None
+
+
+class Registry(Generic[T]):
+    """Maps names to builders (classes or functions returning a ``base`` instance).
+
+    ``builtins`` are modules imported on first lookup so that their ``@register`` calls
+    run; that keeps ``import mtl`` cheap and lets ``tasks/`` register itself.
+    """
+
+    def __init__(self, kind: str, base: type, builtins: tuple[str, ...] = ()):
+        self.kind = kind
+        self.base = base
+        self._builtins = builtins
+        self._loaded = False
+        self._entries: dict[str, Callable[..., T]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        def deco(obj: Callable[..., T]) -> Callable[..., T]:
+            key = name or getattr(obj, "name", None) or obj.__name__
+            if key in self._entries and self._entries[key] is not obj:
+                raise ComponentError(f"{self.kind} {key!r} is registered twice.")
+            if inspect.isclass(obj) and not issubclass(obj, self.base):
+                raise ComponentError(
+                    f"{self.kind} {key!r}: {obj.__qualname__} must subclass {self.base.__name__}."
+                )
+            self._entries[key] = obj
+            return obj
+
+        return deco
+
+    def _load_builtins(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for module in self._builtins:
+                importlib.import_module(module)
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        self._load_builtins()
+        return name in self._entries
+
+    def get(self, name: str) -> Callable[..., T]:
+        """A registered name, or an import path to a class or function."""
+        self._load_builtins()
+        if name in self._entries:
+            return self._entries[name]
+        if ":" in name or "." in name:
+            obj = import_path(name)
+            if inspect.isclass(obj) and not issubclass(obj, self.base):
+                raise ComponentError(f"{name!r} must subclass {self.base.__name__} to be a {self.kind}.")
+            return obj
+        raise ComponentError(
+            f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} "
+            f"Available: {', '.join(sorted(self._entries))} (or an import path 'package.module:Name')."
+        )
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, first line of its docstring) for ``mtl list``."""
+        rows = []
+        for key in self.names():
+            doc = inspect.getdoc(self._entries[key]) or ""
+            rows.append((key, doc.strip().splitlines()[0] if doc.strip() else ""))
+        return rows
+
+
+def bind_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], where: str, skip: int = 0) -> None:
+    """Check that ``kwargs`` fit ``builder``'s signature; name the bad key and the valid ones.
+
+    ``skip`` positional parameters are supplied at run time (e.g. a head's input shape).
+    """
+    try:
+        sig = inspect.signature(builder)
+    except (TypeError, ValueError):
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    runtime = [p.name for p in params[:skip]]
+    accepted = [p.name for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in kwargs:
+        if key not in accepted:
+            raise ComponentError(
+                f"{where}.{key}: unknown argument for {getattr(builder, '__qualname__', builder)}."
+                f"{did_you_mean(key, accepted)} Accepted: {', '.join(accepted) or '(none)'}."
+            )
+    for p in params[skip:]:
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            if p.name not in kwargs and p.name not in runtime:
+                raise ComponentError(f"{where}.{p.name}: required argument is missing.")
+
+
+def build(registry: Registry[T], node: dict[str, Any], where: str, *args: Any) -> T:
+    """Build a component from a config node ``{name: ..., **kwargs}``."""
+    node = dict(node)
+    name = node.pop("name", None)
+    if not name:
+        raise ComponentError(
+            f"{where}.name is missing: name a {registry.kind} "
+            f"(one of {', '.join(registry.names())}, or an import path)."
+        )
+    builder = registry.get(str(name))
+    bind_kwargs(builder, node, where, skip=len(args))
+    obj = builder(*args, **node)
+    if not isinstance(obj, registry.base):
+        raise ComponentError(f"{where}: {name!r} built a {type(obj).__name__}, not a {registry.base.__name__}.")
+    return obj

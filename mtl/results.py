@@ -1,0 +1,114 @@
+"""Per-task results: evaluation over a split, model selection score, the printed table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtl.data import eval_batches
+from mtl.model import MultiTaskModel
+from mtl.task import Task
+
+# {task: {metric: value}}
+TaskMetrics = dict[str, dict[str, float]]
+
+
+@torch.no_grad()
+def evaluate(
+    model: MultiTaskModel, tasks: dict[str, Task], datasets: dict[str, Any], batch_size: int, device: torch.device
+) -> TaskMetrics:
+    """Streaming metrics (and the mean loss) of each task over its dataset; missing labels skipped."""
+    was_training = model.training
+    model.eval()
+    results: TaskMetrics = {}
+    for name, task in tasks.items():
+        metrics = {k: m.to(device) for k, m in task.metrics().items()}
+        loss_sum = torch.zeros((), device=device)
+        labelled = torch.zeros((), device=device)
+        for x, y in eval_batches(datasets[name], batch_size, device):
+            out = model(x, [name])[name].float()
+            mask = task.valid_mask(y)
+            n = mask.sum()
+            loss_sum += task.masked_loss(out, y) * n
+            labelled += n
+            for metric in metrics.values():
+                metric.update(out[mask], y[mask])
+        if labelled.item() == 0:
+            results[name] = {k: math.nan for k in [*metrics, "loss"]}
+        else:
+            results[name] = {k: float(m.compute()) for k, m in metrics.items()}
+            results[name]["loss"] = float(loss_sum / labelled)
+    model.train(was_training)
+    return results
+
+
+def directions(tasks: dict[str, Task]) -> dict[str, dict[str, str]]:
+    """``{task: {metric: "max" | "min"}}``; the loss is always "min"."""
+    out = {}
+    for name, task in tasks.items():
+        out[name] = {k: "max" if m.higher_is_better else "min" for k, m in task.metrics().items()}
+        out[name]["loss"] = "min"
+    return out
+
+
+def selection_score(metrics: TaskMetrics, select_on: str, tasks: dict[str, Task]) -> float:
+    """Higher is better. primary_mean: mean over tasks of the primary metric, negated where
+    lower is better (meaningful when the primary metrics share a scale, e.g. accuracies);
+    loss: minus the summed validation losses; task/metric: that metric, signed by direction."""
+    dirs = directions(tasks)
+
+    def signed(task: str, metric: str) -> float:
+        value = metrics[task][metric]
+        return value if dirs[task][metric] == "max" else -value
+
+    if select_on == "primary_mean":
+        return sum(signed(t, task.primary_metric) for t, task in tasks.items()) / len(tasks)
+    if select_on == "loss":
+        return -sum(m["loss"] for m in metrics.values())
+    task, _, metric = select_on.partition("/")
+    return signed(task, metric)
+
+
+def flatten(split: str, metrics: TaskMetrics) -> dict[str, float]:
+    """``{f"{split}/{task}/{metric}": value}``, the logged names."""
+    return {f"{split}/{t}/{k}": v for t, ms in metrics.items() for k, v in ms.items()}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Per-task table: one row per task and metric, one column per split."""
+    splits = [s for s in ("train", "val", "test") if s in results["splits"]]
+    rows = [["task", "metric", *splits]]
+    for task, info in results["tasks"].items():
+        for metric in info["directions"]:
+            arrow = "↑" if info["directions"][metric] == "max" else "↓"
+            star = "*" if metric == info["primary_metric"] else ""
+            values = [results["splits"][s][task].get(metric, math.nan) for s in splits]
+            rows.append([task, f"{metric}{star} {arrow}", *(f"{v:.4f}" for v in values)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _finite(data: Any) -> Any:
+    # JSON has no NaN: a metric that could not be computed is written as null.
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    return data
+
+
+def write_json(data: Any, path: str | os.PathLike) -> None:
+    """Atomic write: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False))
+    os.replace(tmp, path)

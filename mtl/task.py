@@ -1,0 +1,179 @@
+"""The Task contract: what a researcher writes to add a learning problem.
+
+A task owns its data (train/val/test), its head (built on the trunk's features), its
+per-sample loss and its streaming metrics, each with a direction. Missing labels
+(partial labels) are marked in the target with ``MISSING_LABEL`` (integer targets) or
+NaN (float targets); such samples count in neither the loss nor the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch.utils.data import Dataset
+
+from mtl.registry import Registry
+
+MISSING_LABEL = -100
+"""Target value of an integer label that is absent (PyTorch's ``ignore_index`` default)."""
+
+
+@dataclass
+class Splits:
+    """A task's three datasets; each item is ``(input, target)``."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+    def items(self) -> list[tuple[str, Dataset]]:
+        return [("train", self.train), ("val", self.val), ("test", self.test)]
+
+
+class Task:
+    """Base class of tasks. Subclasses set ``num_outputs`` and ``primary_metric`` and
+    implement ``build_datasets``; ``loss`` and ``metrics`` come from the subclasses below.
+
+    Constructor arguments every task shares (config keys of a task node):
+      val_fraction, test_fraction: share of the data held out, when the source has no
+        fixed split; split_seed fixes the split (kept apart from the training seed so
+        every run of a comparison is scored on the same test set);
+      train_fraction: share of the training split kept (labelled-data experiments).
+    """
+
+    num_outputs: int
+    primary_metric: str
+    input_shape: tuple[int, ...] | None = None
+    default_head: str = "linear"
+
+    def __init__(
+        self,
+        *,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        train_fraction: float = 1.0,
+    ):
+        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 < value < 1:
+                raise ValueError(f"{key} must be in (0, 1), got {value}.")
+        if val_fraction + test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}.")
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}.")
+        self.name = type(self).__name__
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.train_fraction = train_fraction
+
+    def build_datasets(self) -> Splits:
+        raise NotImplementedError
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss, shape ``[B]``; the framework masks missing labels and averages."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, torchmetrics.Metric]:
+        """Fresh streaming metrics; each must set ``higher_is_better``."""
+        raise NotImplementedError
+
+    def head_config(self) -> dict[str, Any]:
+        return {"name": self.default_head}
+
+    def valid_mask(self, target: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: True where the sample has a label for this task."""
+        flat = target.reshape(len(target), -1)
+        if target.is_floating_point():
+            return ~torch.isnan(flat).any(dim=1)
+        return (flat != MISSING_LABEL).all(dim=1)
+
+    def masked_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss over labelled samples, without a host sync (0 when none is labelled)."""
+        mask = self.valid_mask(target)
+        # Missing targets are replaced by 0 so the loss stays finite and in range; they are
+        # then weighted by 0.
+        safe = torch.where(mask.view(-1, *([1] * (target.dim() - 1))), target, torch.zeros_like(target))
+        per_sample = self.loss(output, safe)
+        if per_sample.shape != mask.shape:
+            raise ValueError(
+                f"task {self.name!r}: loss() must return one value per sample, shape {tuple(mask.shape)}, "
+                f"got {tuple(per_sample.shape)}."
+            )
+        weight = mask.to(per_sample.dtype)
+        return (per_sample * weight).sum() / weight.sum().clamp(min=1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ClassificationTask(Task):
+    """Single-label classification: cross-entropy; accuracy (higher is better)."""
+
+    primary_metric = "accuracy"
+
+    def __init__(self, num_classes: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.num_outputs = num_classes
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(output.float(), target.long(), reduction="none")
+
+    def metrics(self) -> dict[str, torchmetrics.Metric]:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        return {
+            "accuracy": MulticlassAccuracy(self.num_outputs, average="micro"),
+            "macro_f1": MulticlassF1Score(self.num_outputs, average="macro"),
+        }
+
+
+class MultiLabelTask(Task):
+    """Independent binary labels: BCE with logits (mean over labels); accuracy and macro F1."""
+
+    primary_metric = "accuracy"
+    default_head = "multilabel"
+
+    def __init__(self, num_labels: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.num_outputs = num_labels
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(output.float(), target.float(), reduction="none").mean(dim=1)
+
+    def metrics(self) -> dict[str, torchmetrics.Metric]:
+        from torchmetrics.classification import MultilabelAccuracy, MultilabelF1Score
+
+        return {
+            "accuracy": MultilabelAccuracy(self.num_outputs, average="micro"),
+            "macro_f1": MultilabelF1Score(self.num_outputs, average="macro"),
+        }
+
+
+class RegressionTask(Task):
+    """Real-valued targets: mean squared error loss; MAE (primary) and RMSE, lower is better."""
+
+    primary_metric = "mae"
+    default_head = "regression"
+
+    def __init__(self, num_outputs: int = 1, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.num_outputs = num_outputs
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        err = F.mse_loss(output.float(), target.float(), reduction="none")
+        return err.reshape(len(err), -1).mean(dim=1)
+
+    def metrics(self) -> dict[str, torchmetrics.Metric]:
+        return {
+            "mae": torchmetrics.MeanAbsoluteError(),
+            "rmse": torchmetrics.MeanSquaredError(squared=False),
+        }
+
+
+TASKS: Registry[Task] = Registry("task", Task, builtins=("tasks",))
+register_task = TASKS.register

@@ -1,0 +1,201 @@
+"""The trainer for one stage: joint training of a shared trunk and task heads.
+
+Everything is built and checked before the first step (``Trainer.__init__``); ``fit``
+runs the epochs, validates each task after each epoch, keeps the best checkpoint by
+validation (never test), and evaluates the best model on train/val/test at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from mtl import checkpoint
+from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_scheduler, resolve_device
+from mtl.config import ConfigError, save_config, to_dict
+from mtl.data import BatchSource
+from mtl.loggers import build_loggers
+from mtl.model import count_parameters
+from mtl.results import directions, evaluate, flatten, selection_score, write_json
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA docs, "Reproducibility").
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        t = cfg.trainer
+        self.device = resolve_device(cfg.device)
+        self.run_dir = Path(cfg.output_dir)
+        self.last_path = self.run_dir / "checkpoints" / "last.pt"
+        self.best_path = self.run_dir / "checkpoints" / "best.pt"
+        if self.last_path.exists() and not cfg.resume:
+            raise ConfigError(
+                f"output_dir: {str(self.run_dir)!r} already holds a run ({self.last_path}); "
+                "pass resume=true to continue it, or choose another output_dir."
+            )
+        seed_everything(cfg.seed, cfg.deterministic)
+
+        parts = build_components(cfg)
+        self.tasks, self.splits = parts.tasks, parts.splits
+        self.model, self.weighting = parts.model.to(self.device), parts.weighting.to(self.device)
+        params = [p for p in [*self.model.parameters(), *self.weighting.parameters()] if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, params)
+
+        self.sources = {
+            name: BatchSource(s.train, t.batch_size, self.device, seed=cfg.seed + i, on_device=t.data_on_device)
+            for i, (name, s) in enumerate(self.splits.items())
+        }
+        self.scheduler = build_scheduler(cfg, {n: s.batches_per_pass for n, s in self.sources.items()})
+        self.steps_per_epoch = min(self.scheduler.steps_per_epoch, t.max_steps_per_epoch or self.scheduler.steps_per_epoch)
+        self.lr_schedule = build_lr_schedule(cfg, self.optimizer, t.epochs * self.steps_per_epoch)
+
+        self.epoch = 0
+        self.step = 0
+        self.best = {"score": -float("inf"), "epoch": 0}
+        self.wall_time = 0.0
+        self._loss_sums = {n: torch.zeros((), device=self.device) for n in self.tasks}
+        self._loss_counts = dict.fromkeys(self.tasks, 0)
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        except OSError as e:
+            raise ConfigError(f"output_dir: cannot write to {str(self.run_dir)!r}: {e}") from None
+        if cfg.resume and self.last_path.exists():
+            self._load(self.last_path)
+        self.loggers = build_loggers(cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume)
+
+    # -- training -------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        start = time.perf_counter()
+        for epoch in range(self.epoch, t.epochs):
+            self.model.train()
+            bar = tqdm(
+                range(self.steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{t.epochs}",
+                disable=not self.cfg.logging.progress_bar,
+                dynamic_ncols=True,
+            )
+            tick, samples = time.perf_counter(), 0
+            for _ in bar:
+                samples += self._train_step()
+                if self.step % self.cfg.logging.log_every == 0:
+                    rate = samples / (time.perf_counter() - tick)
+                    self._log_train(bar, rate)
+                    tick, samples = time.perf_counter(), 0
+            bar.close()
+            val = evaluate(self.model, self.tasks, {n: s.val for n, s in self.splits.items()}, t.eval_batch_size, self.device)
+            score = selection_score(val, t.select_on, self.tasks)
+            self.loggers.log({**flatten("val", val), "epoch": epoch + 1}, self.step)
+            self.epoch = epoch + 1
+            if score > self.best["score"]:
+                self.best = {"score": score, "epoch": self.epoch}
+                checkpoint.save({"model": self.model.state_dict(), "epoch": self.epoch, "score": score}, self.best_path)
+            self.wall_time += time.perf_counter() - start
+            start = time.perf_counter()
+            checkpoint.save(self._state(), self.last_path)
+        return self._finish()
+
+    def _train_step(self) -> int:
+        names = self.scheduler.tasks_for_step(self.step)
+        batches = {n: self.sources[n].next() for n in names}
+        outputs = self.model.forward_batches({n: x for n, (x, _) in batches.items()})
+        losses = {n: self.tasks[n].masked_loss(outputs[n], batches[n][1]) for n in names}
+        total = self.weighting(losses)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.trainer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.step += 1
+        for n, loss in losses.items():
+            self._loss_sums[n] += loss.detach()
+            self._loss_counts[n] += 1
+        return sum(len(x) for x, _ in batches.values())
+
+    def _log_train(self, bar: tqdm, rate: float) -> None:
+        # The only host sync of the training loop, once every log_every steps.
+        means = {n: (self._loss_sums[n] / c).item() for n, c in self._loss_counts.items() if c}
+        metrics = {f"train/{n}/loss": v for n, v in means.items()}
+        metrics.update({"train/loss": sum(means.values()), "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
+        self.loggers.log(metrics, self.step)
+        bar.set_postfix({**{n: f"{v:.3f}" for n, v in means.items()}, "samples/s": f"{rate:.0f}"}, refresh=False)
+        for n in self._loss_sums:
+            self._loss_sums[n].zero_()
+            self._loss_counts[n] = 0
+
+    # -- end of run -----------------------------------------------------------------
+
+    def _finish(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        best = checkpoint.load(self.best_path, map_location=self.device)
+        self.model.load_state_dict(best["model"])
+        splits = {
+            split: evaluate(self.model, self.tasks, {n: getattr(s, split) for n, s in self.splits.items()}, t.eval_batch_size, self.device)
+            for split in ("train", "val", "test")
+        }
+        dirs = directions(self.tasks)
+        results = {
+            "tasks": {n: {"primary_metric": task.primary_metric, "directions": dirs[n]} for n, task in self.tasks.items()},
+            "splits": splits,
+            "best_epoch": best["epoch"],
+            "selected_on": f"validation: {t.select_on}",
+            "epochs": self.epoch,
+            "steps": self.step,
+            "parameters": count_parameters(self.model),
+            "wall_time_s": round(self.wall_time, 2),
+            "device": str(self.device),
+        }
+        write_json(results, self.run_dir / "results.json")
+        checkpoint.save({"trunk": self.model.trunk.state_dict(), "trunk_config": to_dict(self.cfg)["trunk"]}, self.run_dir / "trunk.pt")
+        final = {k: v for split, m in splits.items() for k, v in flatten(split, m).items()}
+        self.loggers.log(final, self.step)
+        self.loggers.log_summary({**final, "best_epoch": best["epoch"], "parameters/total": results["parameters"]["total"]})
+        self.loggers.close()
+        return results
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sources": {n: s.state_dict() for n, s in self.sources.items()},
+            "epoch": self.epoch,
+            "step": self.step,
+            "best": self.best,
+            "wall_time": self.wall_time,
+            "rng": checkpoint.rng_state(),
+            "config": to_dict(self.cfg),
+        }
+
+    def _load(self, path: Path) -> None:
+        state = checkpoint.load(path, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for n, s in self.sources.items():
+            s.load_state_dict(state["sources"][n])
+        self.epoch, self.step, self.best, self.wall_time = state["epoch"], state["step"], state["best"], state["wall_time"]
+        checkpoint.set_rng_state(state["rng"])

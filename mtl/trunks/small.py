@@ -1,0 +1,75 @@
+"""Small trunks: the CNNs of the classic MTL papers and an MLP for tabular tasks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtl.trunks.base import Trunk, register_trunk
+
+
+class _LeNetConvs(Trunk):
+    """conv 1→10 5×5, pool, conv 10→20 5×5 (+Dropout2d), pool, fc 320→50: 28×28 inputs."""
+
+    input_hint = "(C, 28, 28) images"
+
+    def __init__(self, in_channels: int = 1, features: int = 50, dropout: float = 0.5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.conv2_drop = nn.Dropout2d(dropout)
+        # 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4, so 20 * 4 * 4 = 320 inputs.
+        self.fc = nn.Linear(320, features)
+
+    def layer_groups(self) -> list[tuple[str, nn.Module]]:
+        return [("conv1", self.conv1), ("conv2", self.conv2), ("fc", self.fc)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        return F.relu(self.fc(x.flatten(1)))
+
+
+@register_trunk("seed_net")
+class SeedNet(_LeNetConvs):
+    """The seed example's CNN (PyTorch MNIST example): 2 convs + fc 320→50, dropout on features."""
+
+    def __init__(self, in_channels: int = 1, features: int = 50, dropout: float = 0.5):
+        super().__init__(in_channels, features, dropout)
+        self.feature_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_dropout(super().forward(x))
+
+
+@register_trunk("multi_lenet")
+class MultiLeNet(_LeNetConvs):
+    """Shared part of Multi-LeNet (Sener & Koltun 2018, MultiMNIST); pair with an `mlp` head (50→50→10)."""
+
+
+@register_trunk("mlp")
+class MLP(Trunk):
+    """Multi-layer perceptron for tabular (or flattened) inputs: Linear+ReLU(+Dropout) per hidden size."""
+
+    input_hint = "(in_features,) vectors"
+
+    def __init__(self, in_features: int, hidden: Sequence[int] = (64, 64), dropout: float = 0.0):
+        super().__init__()
+        if not hidden:
+            raise ValueError("trunk.hidden must list at least one layer size, e.g. [64, 64].")
+        sizes = [in_features, *hidden]
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)) for a, b in zip(sizes, sizes[1:])
+        )
+
+    def layer_groups(self) -> list[tuple[str, nn.Module]]:
+        return [(f"layers.{i}", layer) for i, layer in enumerate(self.layers)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.layers:
+            x = layer(x)
+        return x
