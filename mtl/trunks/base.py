@@ -14,7 +14,10 @@ class Trunk(nn.Module):
     Subclasses implement ``forward`` and ``layer_groups``. ``layer_groups`` lists the
     trunk's modules from the input (stem) to the output (last block); freezing, gradual
     unfreezing and layer-wise learning rates work on these groups.
+    ``pretrained_cfg`` describes loaded pretrained weights (source, input mean/std), None otherwise.
     """
+
+    pretrained_cfg: dict | None = None
 
     def layer_groups(self) -> list[tuple[str, nn.Module]]:
         raise NotImplementedError

@@ -1,0 +1,133 @@
+"""Any timm model as a trunk: built with ``num_classes=0`` so forward returns pooled features."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from mtl.registry import ComponentError, did_you_mean
+from mtl.trunks.base import Trunk, register_trunk
+from mtl.trunks.loading import extract_state_dict, load_state, per_channel, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _names(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """A pretrained_cfg entry that may hold one module name or several, as a tuple."""
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+@register_trunk("timm")
+class TimmTrunk(Trunk):
+    """Any timm model (see timm.list_models()) as a trunk: pooled features, timm's own layer groups."""
+
+    input_hint = "(C, H, W) images, e.g. (3, 224, 224)"
+
+    def __init__(
+        self, model_name: str, pretrained: bool = False, pretrained_file: str | None = None, in_channels: int = 3
+    ):
+        """``pretrained_file`` (a timm state dict, .pth/.bin or .safetensors) implies pretrained weights."""
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise ComponentError("trunk.name=timm needs the timm package: pip install timm") from None
+        # "hf-hub:org/name" and similar are resolved by timm itself.
+        if ":" not in model_name and not timm.is_model(model_name):
+            hint = did_you_mean(model_name, timm.list_models())
+            raise ComponentError(f"trunk.model_name={model_name!r} is not a timm model.{hint} See timm.list_models().")
+        fetch = pretrained and not pretrained_file
+        try:
+            self.model = timm.create_model(model_name, pretrained=fetch, num_classes=0, in_chans=in_channels)
+        except Exception as e:
+            if not fetch:
+                raise
+            raise ComponentError(
+                f"trunk.pretrained=true: could not get pretrained weights for timm model {model_name!r} "
+                f"({e}). Offline? Download the weights file elsewhere (from the model's Hugging Face repo, "
+                "timm/...) and set trunk.pretrained_file=PATH; HF_HUB_OFFLINE=1 makes timm fail fast offline."
+            ) from e
+        if pretrained_file:
+            self._load_file(pretrained_file, in_channels)
+        self.pretrained_cfg = None
+        if pretrained or pretrained_file:
+            cfg = self.model.pretrained_cfg
+            self.pretrained_cfg = {
+                **cfg,
+                **({"file": pretrained_file} if pretrained_file else {}),
+                "mean": per_channel(list(cfg["mean"]), in_channels),
+                "std": per_channel(list(cfg["std"]), in_channels),
+            }
+
+    def _load_file(self, path: str, in_channels: int) -> None:
+        """Load a timm checkpoint of this model, adapted as timm adapts its own pretrained weights."""
+        from timm.models import adapt_input_conv
+
+        where = "trunk.pretrained_file"
+        state = extract_state_dict(read_checkpoint(path, where), path, where)
+        cfg = self.model.pretrained_cfg
+        classifier = tuple(f"{name}." for name in _names(cfg.get("classifier")))
+        dropped = [k for k in state if k.startswith(classifier)]
+        state = {k: v for k, v in state.items() if k not in dropped}
+        if dropped:
+            logger.info("timm trunk: dropped the classifier (%s) from %s.", ", ".join(dropped), path)
+        for conv in _names(cfg.get("first_conv")):
+            key = f"{conv}.weight"
+            if key in state and state[key].shape != self.model.get_submodule(conv).weight.shape:
+                state[key] = adapt_input_conv(in_channels, state[key])
+        load_state(self.model, state, path, where, f"timm {cfg.get('architecture', '')}".strip())
+
+    def layer_groups(self) -> list[tuple[str, nn.Module]]:
+        """timm's coarse parameter groups (stem, stages or blocks, head), as used for its layer-wise LR decay.
+
+        Each group holds the largest submodules whose parameters all fall in it, e.g. ``layer1``.
+        """
+        from timm.models import group_parameters
+
+        matcher = getattr(self.model, "group_matcher", None)
+        if matcher is not None:
+            spec = matcher(coarse=True)
+        else:
+            # A few models (PiT, MetaFormer, CSATv2) define no grouping: one group per top-level
+            # child, in registration order; parameters of the model itself go with the first.
+            top = [name for name, _ in self.model.named_children()]
+
+            def spec(name: str) -> int:
+                first = name.split(".")[0]
+                return top.index(first) if first in top else 0
+
+        group_of = group_parameters(self.model, spec, reverse=True)
+        members: dict[int, dict[str, nn.Module]] = {}
+        loose: dict[int, dict[str, nn.Parameter]] = {}
+
+        def visit(prefix: str, module: nn.Module) -> None:
+            for name, param in module.named_parameters(recurse=False):
+                loose.setdefault(group_of[prefix + name], {})[prefix + name] = param
+            for name, child in module.named_children():
+                indices = {i for p, i in group_of.items() if p.startswith(f"{prefix}{name}.")}
+                if len(indices) == 1:
+                    members.setdefault(indices.pop(), {})[prefix + name] = child
+                elif indices:
+                    visit(f"{prefix}{name}.", child)
+
+        visit("", self.model)
+        groups = []
+        for index in sorted({*members, *loose}):
+            modules = nn.ModuleList(members.get(index, {}).values())
+            if index in loose:
+                # Parameters held by a module that spans groups (ViT's cls_token, pos_embed) get a
+                # holder; it is not registered anywhere, so state-dict keys do not change.
+                holder = nn.Module()
+                for name, param in loose[index].items():
+                    holder.register_parameter(name.replace(".", "_"), param)
+                modules.append(holder)
+            name = "+".join([*members.get(index, {}), *loose.get(index, {})])
+            groups.append(("stem" if index == 0 else name, modules))
+        return groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
