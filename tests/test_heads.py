@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from mtl.heads import HEADS
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+@pytest.mark.parametrize("in_shape", [(16,), (8, 4, 4)], ids=["vector", "feature_map"])
+@pytest.mark.parametrize("num_outputs", [1, 5])
+def test_every_head_forward_backward(name, in_shape, num_outputs):
+    head = HEADS.get(name)(in_shape, num_outputs)
+    x = torch.randn(3, *in_shape, requires_grad=True)
+    out = head(x)
+    expected = (3,) if name == "regression" and num_outputs == 1 else (3, num_outputs)
+    assert out.shape == expected
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_feature_maps_are_average_pooled():
+    head = HEADS.get("linear")((2, 3, 3), 1)
+    x = torch.randn(4, 2, 3, 3)
+    expected = head.fc(x.mean(dim=(2, 3)))
+    assert torch.allclose(head(x), expected)
+
+
+def test_mlp_head_layers():
+    head = HEADS.get("mlp")((50,), 10, hidden=[50])
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(50, 50), (50, 10)]
+
+
+def test_zero_outputs_is_rejected():
+    with pytest.raises(ValueError, match="num_outputs >= 1"):
+        HEADS.get("linear")((4,), 0)
