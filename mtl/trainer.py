@@ -137,7 +137,7 @@ class Trainer:
         metrics = {f"train/{n}/batch_loss": v for n, v in means.items()}
         metrics.update({"train/batch_loss": sum(means.values()), "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
         self.loggers.log(metrics, self.step)
-        bar.set_postfix({**{n: f"{v:.3f}" for n, v in means.items()}, "samples/s": f"{rate:.0f}"}, refresh=False)
+        bar.set_postfix({"step": self.step, **{n: f"{v:.3f}" for n, v in means.items()}, "samples/s": f"{rate:.0f}"}, refresh=False)
         for n in self._loss_sums:
             self._loss_sums[n].zero_()
             self._loss_counts[n] = 0
