@@ -6,6 +6,8 @@ and ``mtl train`` report bad input the same way and early.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,12 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 from mtl import optim
 from mtl.config import ConfigError
 from mtl.heads import HEADS, Head
+from mtl.checkpoint import CheckpointError
+from mtl.checkpoint import load as load_checkpoint
 from mtl.model import MultiTaskModel
+from mtl.recipes import RECIPES, Recipe
 from mtl.registry import ComponentError, build
 from mtl.scheduler import SCHEDULERS, TaskScheduler
 from mtl.task import TASKS, Splits, Task
-from mtl.trunks import Trunk, build_trunk
+from mtl.trunks import Trunk, build_trunk, load_trunk_checkpoint
 from mtl.weighting import WEIGHTINGS, Weighting
+
+logger = logging.getLogger(__name__)
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -133,12 +140,46 @@ def build_components(cfg: DictConfig) -> Components:
     splits = load_datasets(tasks)
     trunk = _component(build_trunk, _plain(cfg.trunk), where="trunk")
     heads = build_heads(trunk, tasks, head_nodes, splits)
+    model = MultiTaskModel(trunk, heads)
+    if cfg.init_from:
+        init_from(model, cfg.init_from)
     weighting = _component(build, WEIGHTINGS, _plain(cfg.weighting), "weighting", where="weighting")
-    return Components(tasks, splits, MultiTaskModel(trunk, heads), weighting)
+    return Components(tasks, splits, model, weighting)
 
 
-def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return _component(optim.build_optimizer, _plain(cfg.trainer.optimizer), params, where="trainer.optimizer")
+def init_from(model: MultiTaskModel, path: str) -> None:
+    """Start from an earlier stage's checkpoint: its trunk, and the heads of tasks that
+    continue. A head whose task is new, or whose shape no longer fits, starts fresh (said)."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    if "model" not in state:
+        raise ConfigError(f"init_from: {path!r} is not a checkpoint of this framework (no 'model' entry); use trunk.checkpoint for a trunk alone.")
+    _component(load_trunk_checkpoint, model.trunk, path, "init_from", where="init_from")
+    weights = state["model"]
+    for task, head in model.heads.items():
+        prefix = f"heads.{task}."
+        saved = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+        own = head.state_dict()
+        if not saved:
+            logger.info("init_from: no head for task %r in %s; it starts fresh.", task, path)
+        elif saved.keys() == own.keys() and all(saved[k].shape == own[k].shape for k in own):
+            head.load_state_dict(saved)
+        else:
+            warnings.warn(f"init_from: the head of task {task!r} in {path} does not fit this head's shape; it starts fresh.")
+
+
+def build_recipe(cfg: DictConfig) -> Recipe:
+    return _component(build, RECIPES, _plain(cfg.recipe), "recipe", where="recipe")
+
+
+def build_optimizer(cfg: DictConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The optimizer over parameter groups; a group's ``lr_scale`` multiplies the configured LR."""
+    optimizer = _component(optim.build_optimizer, _plain(cfg.trainer.optimizer), groups, where="trainer.optimizer")
+    for group in optimizer.param_groups:
+        group["lr"] *= group.get("lr_scale", 1.0)
+    return optimizer
 
 
 def build_lr_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

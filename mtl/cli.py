@@ -15,6 +15,7 @@ LISTS = {
     "heads": "mtl.heads:HEADS",
     "weightings": "mtl.weighting:WEIGHTINGS",
     "schedulers": "mtl.scheduler:SCHEDULERS",
+    "recipes": "mtl.recipes:RECIPES",
     "optimizers": "mtl.optim:OPTIMIZERS",
     "lr_schedules": "mtl.optim:LR_SCHEDULES",
 }
@@ -45,13 +46,14 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
 
 
 def cmd_validate(config: str, overrides: Sequence[str]) -> int:
-    from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_scheduler, resolve_device
+    from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_recipe, build_scheduler, resolve_device
     from mtl.data import BatchSource
 
     cfg = load_config(config, list(overrides))
     resolve_device(cfg.device)
     parts = build_components(cfg)
-    optimizer = build_optimizer(cfg, list(parts.model.parameters()))
+    build_recipe(cfg)
+    optimizer = build_optimizer(cfg, [{"params": list(parts.model.parameters())}])
     batches = {n: BatchSource(s.train, cfg.trainer.batch_size, "cpu", 0, on_device=False).batches_per_pass for n, s in parts.splits.items()}
     scheduler = build_scheduler(cfg, batches)
     build_lr_schedule(cfg, optimizer, cfg.trainer.epochs * scheduler.steps_per_epoch)

@@ -52,7 +52,8 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
     select_on: str = "primary_mean"  # best epoch by: primary_mean | loss | <task>/<metric> (validation only)
     data_on_device: bool = True  # tensor datasets are moved to the device once and batched there
-    max_steps_per_epoch: Optional[int] = None  # cap an epoch (smoke tests); None = the scheduler's epoch
+    # Fixed epoch length in steps (small sets cycle, large ones are cut); None = the scheduler's epoch.
+    steps_per_epoch: Optional[int] = None
 
 
 @dataclass
@@ -62,6 +63,8 @@ class RunConfig:
     trunk: Dict[str, Any] = MISSING  # {name: ..., checkpoint: PATH?, **kwargs}
     weighting: Dict[str, Any] = field(default_factory=lambda: {"name": "equal"})
     scheduler: Dict[str, Any] = field(default_factory=lambda: {"name": "all"})
+    recipe: Dict[str, Any] = field(default_factory=lambda: {"name": "fine_tune"})  # what trains (`mtl list recipes`)
+    init_from: Optional[str] = None  # checkpoint of an earlier stage: its trunk and the heads of tasks that continue
     seed: int = 0  # model init, data order, dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
@@ -154,7 +157,7 @@ def check_values(cfg: DictConfig) -> None:
     _must(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}.")
     _must(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}.")
     _must(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", f"must be > 0 or null, got {t.grad_clip}.")
-    _must(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1, "trainer.max_steps_per_epoch", "must be >= 1 or null.")
+    _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", "must be >= 1 or null.")
     _must(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}.")
     modes = ("online", "offline", "disabled")
     _must(cfg.logging.wandb.mode in modes, "logging.wandb.mode", f"must be one of {', '.join(modes)}, got {cfg.logging.wandb.mode!r}.")
@@ -163,7 +166,7 @@ def check_values(cfg: DictConfig) -> None:
     _must(len(cfg.tasks) >= 1, "tasks", "define at least one task, e.g. tasks: {mnist: {}}.")
     for name, node in cfg.tasks.items():
         _must(node is None or isinstance(node, DictConfig), f"tasks.{name}", "must be a mapping, e.g. {name: mnist}.")
-    for key in ("trunk", "weighting", "scheduler", "trainer.optimizer", "trainer.lr_schedule"):
+    for key in ("trunk", "weighting", "scheduler", "recipe", "trainer.optimizer", "trainer.lr_schedule"):
         node = OmegaConf.select(cfg, key)
         _must("name" in node, f"{key}.name", "missing: name a registered component (see `mtl list`) or an import path.")
     select = t.select_on

@@ -32,10 +32,3 @@ class MultiTaskModel(nn.Module):
         chunks = features.split([len(inputs[t]) for t in tasks])
         return {t: self.heads[t](f) for t, f in zip(tasks, chunks)}
 
-
-def count_parameters(module: nn.Module) -> dict[str, int]:
-    params = list(module.parameters())
-    return {
-        "total": sum(p.numel() for p in params),
-        "trainable": sum(p.numel() for p in params if p.requires_grad),
-    }

@@ -17,11 +17,10 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mtl import checkpoint
-from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_scheduler, resolve_device
+from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_recipe, build_scheduler, resolve_device
 from mtl.config import ConfigError, save_config, to_dict
 from mtl.data import BatchSource
 from mtl.loggers import build_loggers
-from mtl.model import count_parameters
 from mtl.results import directions, evaluate, flatten, selection_score, write_json
 
 
@@ -51,15 +50,20 @@ class Trainer:
         parts = build_components(cfg)
         self.tasks, self.splits = parts.tasks, parts.splits
         self.model, self.weighting = parts.model.to(self.device), parts.weighting.to(self.device)
-        params = [p for p in [*self.model.parameters(), *self.weighting.parameters()] if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, params)
+        self.recipe = build_recipe(cfg)
+        self.recipe.setup(self.model)
+        self.parameters = self._count_parameters()
+        groups = self.recipe.param_groups(self.model)
+        if any(True for _ in self.weighting.parameters()):
+            groups.append({"params": list(self.weighting.parameters()), "lr_scale": 1.0, "name": "weighting"})
+        self.optimizer = build_optimizer(cfg, groups)
 
         self.sources = {
             name: BatchSource(s.train, t.batch_size, self.device, seed=cfg.seed + i, on_device=t.data_on_device)
             for i, (name, s) in enumerate(self.splits.items())
         }
         self.scheduler = build_scheduler(cfg, {n: s.batches_per_pass for n, s in self.sources.items()})
-        self.steps_per_epoch = min(self.scheduler.steps_per_epoch, t.max_steps_per_epoch or self.scheduler.steps_per_epoch)
+        self.steps_per_epoch = t.steps_per_epoch or self.scheduler.steps_per_epoch
         self.lr_schedule = build_lr_schedule(cfg, self.optimizer, t.epochs * self.steps_per_epoch)
 
         self.epoch = 0
@@ -78,6 +82,16 @@ class Trainer:
             self._load(self.last_path)
         self.loggers = build_loggers(cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume)
 
+    def _count_parameters(self) -> dict[str, int]:
+        """Total parameters, and those the recipe trains in at least one epoch of the stage."""
+        trainable: dict[int, int] = {}
+        for epoch in range(self.cfg.trainer.epochs):
+            self.recipe.start_epoch(self.model, epoch)
+            trainable.update((id(p), p.numel()) for p in self.model.parameters() if p.requires_grad)
+        if not trainable:
+            raise ConfigError(f"recipe: {self.cfg.recipe.name!r} leaves no parameter to train in this stage; choose another recipe.")
+        return {"total": sum(p.numel() for p in self.model.parameters()), "trainable": sum(trainable.values())}
+
     # -- training -------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
@@ -85,6 +99,7 @@ class Trainer:
         start = time.perf_counter()
         for epoch in range(self.epoch, t.epochs):
             self.model.train()
+            self.recipe.start_epoch(self.model, epoch)
             bar = tqdm(
                 range(self.steps_per_epoch),
                 desc=f"epoch {epoch + 1}/{t.epochs}",
@@ -117,6 +132,9 @@ class Trainer:
         outputs = self.model.forward_batches({n: x for n, (x, _) in batches.items()})
         losses = {n: self.tasks[n].masked_loss(outputs[n], batches[n][1]) for n in names}
         total = self.weighting(losses)
+        penalty = self.recipe.penalty(self.model)
+        if penalty is not None:
+            total = total + penalty
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.trainer.grad_clip:
@@ -160,7 +178,7 @@ class Trainer:
             "selected_on": f"validation: {t.select_on}",
             "epochs": self.epoch,
             "steps": self.step,
-            "parameters": count_parameters(self.model),
+            "parameters": self.parameters,
             "wall_time_s": round(self.wall_time, 2),
             "device": str(self.device),
         }

@@ -18,7 +18,7 @@ def quick(output_dir, epochs=1, steps=3, *extra):
     return [
         f"output_dir={output_dir}",
         f"trainer.epochs={epochs}",
-        f"trainer.max_steps_per_epoch={steps}",
+        f"trainer.steps_per_epoch={steps}",
         "logging.progress_bar=false",
         "logging.wandb.mode=disabled",
         *extra,

@@ -22,7 +22,7 @@ def test_offline_run_holds_metrics_config_and_summary(tmp_path):
     args = [
         f"output_dir={run_dir}",
         "trainer.epochs=2",
-        "trainer.max_steps_per_epoch=20",
+        "trainer.steps_per_epoch=20",
         "logging.log_every=10",
         "logging.progress_bar=false",
         "logging.wandb.mode=offline",
