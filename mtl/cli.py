@@ -46,22 +46,17 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
 
 
 def cmd_validate(config: str, overrides: Sequence[str]) -> int:
-    from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_recipe, build_scheduler, resolve_device
-    from mtl.data import BatchSource
+    from mtl.trainer import Trainer
 
     cfg = load_config(config, list(overrides))
-    resolve_device(cfg.device)
-    parts = build_components(cfg)
-    build_recipe(cfg)
-    optimizer = build_optimizer(cfg, [{"params": list(parts.model.parameters())}])
-    batches = {n: BatchSource(s.train, cfg.trainer.batch_size, "cpu", 0, on_device=False).batches_per_pass for n, s in parts.splits.items()}
-    scheduler = build_scheduler(cfg, batches)
-    build_lr_schedule(cfg, optimizer, cfg.trainer.epochs * scheduler.steps_per_epoch)
+    trainer = Trainer(cfg)  # builds and checks everything, writes nothing
     print(f"{config}: OK")
-    for name, task in parts.tasks.items():
-        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in parts.splits[name].items())
-        print(f"  task {name}: {type(task).__name__}, {sizes}; head {type(parts.model.heads[name]).__name__}")
-    print(f"  trunk {type(parts.model.trunk).__name__}; {scheduler.steps_per_epoch} steps per epoch")
+    for name, task in trainer.tasks.items():
+        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in trainer.splits[name].items())
+        print(f"  task {name}: {type(task).__name__}, {sizes}; head {type(trainer.model.heads[name]).__name__}")
+    params = trainer.parameters
+    print(f"  trunk {type(trainer.model.trunk).__name__}; recipe {cfg.recipe.name}: {params['trainable']:,} of {params['total']:,} parameters train")
+    print(f"  {cfg.trainer.epochs} epochs of {trainer.steps_per_epoch} steps")
     return 0
 
 

@@ -41,7 +41,7 @@ def tensor_splits(x: torch.Tensor, y: torch.Tensor, task: Task) -> Splits:
     if len(x) != len(y):
         raise ValueError(f"task {task.name!r}: {len(x)} inputs but {len(y)} targets.")
     train, val, test = split_indices(len(x), task.val_fraction, task.test_fraction, task.split_seed)
-    train = subsample(train, task.train_fraction, task.split_seed)
+    train = subsample(train, task.train_fraction, task.subset_seed)
     return Splits(*(TensorDataset(x[i], y[i]) for i in (train, val, test)))
 
 

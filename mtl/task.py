@@ -42,7 +42,9 @@ class Task:
       val_fraction, test_fraction: share of the data held out, when the source has no
         fixed split; split_seed fixes the split (kept apart from the training seed so
         every run of a comparison is scored on the same test set);
-      train_fraction: share of the training split kept (labelled-data experiments).
+      train_fraction: share of the training split kept (labelled-data experiments), drawn
+        with subset_seed (default: split_seed), so a comparison can vary the labelled
+        subset with its seeds while every run keeps the same val and test sets.
     """
 
     num_outputs: int
@@ -57,6 +59,7 @@ class Task:
         test_fraction: float = 0.2,
         split_seed: int = 0,
         train_fraction: float = 1.0,
+        subset_seed: int | None = None,
     ):
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < value < 1:
@@ -70,6 +73,7 @@ class Task:
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.train_fraction = train_fraction
+        self.subset_seed = split_seed if subset_seed is None else subset_seed
 
     def build_datasets(self) -> Splits:
         raise NotImplementedError

@@ -33,6 +33,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 class Trainer:
+    """``Trainer(cfg)`` builds and checks everything and writes nothing; ``fit()`` trains."""
+
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         t = cfg.trainer
@@ -54,8 +56,9 @@ class Trainer:
         self.recipe.setup(self.model)
         self.parameters = self._count_parameters()
         groups = self.recipe.param_groups(self.model)
-        if any(True for _ in self.weighting.parameters()):
-            groups.append({"params": list(self.weighting.parameters()), "lr_scale": 1.0, "name": "weighting"})
+        weighting_params = list(self.weighting.parameters())
+        if weighting_params:
+            groups.append({"params": weighting_params, "lr_scale": 1.0, "name": "weighting"})
         self.optimizer = build_optimizer(cfg, groups)
 
         self.sources = {
@@ -73,15 +76,6 @@ class Trainer:
         self._loss_sums = {n: torch.zeros((), device=self.device) for n in self.tasks}
         self._loss_counts = dict.fromkeys(self.tasks, 0)
 
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        except OSError as e:
-            raise ConfigError(f"output_dir: cannot write to {str(self.run_dir)!r}: {e}") from None
-        if cfg.resume and self.last_path.exists():
-            self._load(self.last_path)
-        self.loggers = build_loggers(cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume)
-
     def _count_parameters(self) -> dict[str, int]:
         """Total parameters, and those the recipe trains in at least one epoch of the stage."""
         trainable: dict[int, int] = {}
@@ -94,8 +88,22 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------
 
+    def _open_run(self) -> None:
+        """The first write to the run directory: nothing is written while the setup is checked."""
+        cfg = self.cfg
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        except OSError as e:
+            raise ConfigError(f"output_dir: cannot write to {str(self.run_dir)!r}: {e}") from None
+        if cfg.resume and self.last_path.exists():
+            self._load(self.last_path)
+        self.loggers = build_loggers(cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume)
+
     def fit(self) -> dict[str, Any]:
+        """Train the stage and return its results (also written to results.json)."""
         t = self.cfg.trainer
+        self._open_run()
         start = time.perf_counter()
         for epoch in range(self.epoch, t.epochs):
             self.model.train()

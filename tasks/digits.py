@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from mtl.task import ClassificationTask, Splits, register_task
 from tasks.mnist import MNIST_MEAN, MNIST_STD
 
 
+@lru_cache(maxsize=4)
 def load_sklearn_digits(size: int, margin: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``[1797, 1, size, size]`` in [0, 1], bilinearly resized from 8×8; with
     ``margin`` the digit fills the centre ``size - 2*margin`` pixels (MNIST's own layout
