@@ -61,12 +61,12 @@ def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
     columns = [f"test/{t}/{m}/{stat}" for t, m in primary.items() for stat in ("mean", "std")]
     records = []
     for fraction in sorted(df["fraction"].unique()):
-        base = _test_values(_method_rows(df, BASELINE, fraction)) if has_baseline else None
+        base = _values(_method_rows(df, BASELINE, fraction), "test") if has_baseline else None
         for method in _methods(df):
             rows = _method_rows(df, method, fraction)
             if rows.empty:
                 continue
-            values = _test_values(rows)
+            values = _values(rows, "test")
             record = {"method": method, "fraction": fraction, "n_seeds": rows["seed"].nunique()}
             for task, metric in primary.items():
                 if (task, metric) in values:
@@ -112,6 +112,8 @@ def _prepare(df: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"the results table lacks columns: {missing}")
+    if not (df["split"] == "test").any():
+        raise ValueError("the results table has no test-split rows: nothing to compare")
     df = df.copy()
     # Fractions read back from CSV must compare equal across methods.
     df["fraction"] = df["fraction"].astype(float).round(6)
@@ -155,10 +157,6 @@ def _values(rows: pd.DataFrame, split: str) -> pd.DataFrame:
     """Seeds × (task, metric) values of one split."""
     rows = rows[rows["split"] == split]
     return rows.groupby(["seed", "task", "metric"])["value"].mean().unstack(["task", "metric"])
-
-
-def _test_values(rows: pd.DataFrame) -> pd.DataFrame:
-    return _values(rows, "test")
 
 
 def _delta(values: pd.DataFrame, base: pd.DataFrame | None, directions: Directions) -> tuple[float, float]:
@@ -215,6 +213,20 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def _filename(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", task)
+
+
+def _colors(df: pd.DataFrame) -> dict[str, str]:
+    """One colour per method, the same in every plot and panel."""
+    return {method: f"C{i % 10}" for i, method in enumerate(_methods(df))}
+
+
+def _fraction_axis(ax, fractions, label: str = "labelled fraction") -> None:
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel(label)
+    # Near-equal values otherwise get an unreadable "1e-14+1.41e-2" offset label.
+    ax.ticklabel_format(axis="y", useOffset=False)
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -312,6 +324,7 @@ def _data_efficiency(df: pd.DataFrame, out: Path, primary: dict[str, str], direc
     if not targets:
         return "\n".join(lines + ["Every task was run at a single labelled fraction: no curve to draw."])
     lines.append("Primary test metric against the labelled fraction (log scale); error bars: std over seeds.")
+    colors = _colors(df)
     for task in targets:
         metric = primary[task]
         rows = test[test["task"] == task]
@@ -319,12 +332,9 @@ def _data_efficiency(df: pd.DataFrame, out: Path, primary: dict[str, str], direc
         ax = fig.add_subplot()
         for method in _methods(rows):
             stats = rows[rows["method"] == method].groupby("fraction")["value"].agg(["mean", "std"])
-            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=method)
-        fractions = sorted(rows["fraction"].unique())
-        ax.set_xscale("log")
-        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
-        ax.minorticks_off()
-        ax.set_xlabel("labelled fraction of the target data (log scale)")
+            yerr = stats["std"].fillna(0)
+            ax.errorbar(stats.index, stats["mean"], yerr, marker="o", capsize=3, color=colors[method], label=method)
+        _fraction_axis(ax, sorted(rows["fraction"].unique()), "labelled fraction of the target data (log scale)")
         ax.set_ylabel(f"test {metric} {_arrow(directions[(task, metric)])}")
         ax.set_title(task)
         ax.legend(fontsize="small")
@@ -371,19 +381,23 @@ def _generalization(df: pd.DataFrame, out: Path, primary: dict[str, str], direct
             row += [_fmt(by_task.loc[task, "brittleness"]) if has else "n/a"]
         body.append(row)
 
-    fig = Figure(figsize=(3.6 * len(tasks), 5.6))
+    colors = _colors(df)
+    fractions = sorted(stats["fraction"].unique())
+    fig = Figure(figsize=(3.8 * len(tasks), 5.6))
     axes = fig.subplots(2, len(tasks), squeeze=False)
     for col, task in enumerate(tasks):
         for method, group in stats[stats["task"] == task].groupby("method", sort=False):
-            axes[0, col].plot(group["fraction"], group["gap"], marker="o", label=method)
-            axes[1, col].plot(group["fraction"], group["brittleness"], marker="o", label=method)
+            style = {"marker": "o", "color": colors[method], "label": method}
+            axes[0, col].plot(group["fraction"], group["gap"], **style)
+            axes[1, col].plot(group["fraction"], group["brittleness"], **style)
         axes[0, col].set_title(f"{task} ({primary[task]})")
         axes[0, col].set_ylabel("train − test gap (+: train better)")
         axes[1, col].set_ylabel("test std over seeds")
+        axes[0, col].legend(fontsize="x-small")
         for ax in axes[:, col]:
-            ax.set_xscale("log")
-            ax.set_xlabel("labelled fraction")
-    axes[0, 0].legend(fontsize="x-small")
+            _fraction_axis(ax, fractions)
+            # Zero (no gap, no spread) is the reference; drawing it also keeps the scale readable.
+            ax.axhline(0, color="grey", linewidth=0.8)
     _save(fig, out / "generalization.png")
     return "\n".join([
         "## Generalization and brittleness",
@@ -420,7 +434,7 @@ def _parameters(df: pd.DataFrame, out: Path) -> str:
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log scale)")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="lower right")
     _save(fig, out / "parameters.png")
     return "\n".join([
         "## Parameters",
@@ -458,7 +472,7 @@ def _findings(df: pd.DataFrame, table: pd.DataFrame, primary: dict[str, str], di
 def _method_finding(method: str, row: pd.Series, base: pd.Series, primary: dict[str, str], directions: Directions) -> str:
     delta, spread = row["delta_m_pct"], row["delta_m_pct_std"]
     if pd.isna(delta):
-        return f"- {method}: Δm% not computed (a reported task has no single-task baseline here)."
+        return f"- {method}: Δm% not computed (a reported metric lacks a finite single-task baseline or value here)."
     if delta > 0:
         text = f"- {method} beats single-task on average (Δm% = {_fmt_delta(delta, spread)})"
         if not pd.isna(spread) and delta <= spread:
