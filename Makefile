@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: install
-	$(BIN)/mtl train configs/quickstart.yaml
+	$(BIN)/mtl compare configs/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -24,7 +24,12 @@ LISTS = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtl", description="Transfer and multi-task learning experiments.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("train", "train the tasks of CONFIG jointly"), ("validate", "check CONFIG and its data without training")):
+    commands = (
+        ("train", "train the tasks of CONFIG jointly"),
+        ("compare", "single-task vs sequential transfer vs joint training: the grid of CONFIG's compare node"),
+        ("validate", "check CONFIG and its data without training"),
+    )
+    for name, help_ in commands:
         c = sub.add_parser(name, help=help_)
         c.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
         c.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), ~key deletes a key")
@@ -42,6 +47,17 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
     print(format_table(results))
     print(f"\nbest epoch {results['best_epoch']} ({results['selected_on']}); test metrics are of that model.")
     print(f"run directory: {cfg.output_dir} (results.json, metrics.jsonl, config.yaml, checkpoints/, trunk.pt)")
+    return 0
+
+
+def cmd_compare(config: str, overrides: Sequence[str]) -> int:
+    from mtl.compare import run_compare
+
+    cfg = load_config(config, list(overrides))
+    out = run_compare(cfg)
+    print()
+    print(out["table"].to_string())
+    print(f"\n{out['cells']} cells; model selection on validation only. Report: {out['report']} (plots beside it); long-form results: {out['csv']}")
     return 0
 
 
@@ -79,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return cmd_train(args.config, args.overrides)
+        if args.command == "compare":
+            return cmd_compare(args.config, args.overrides)
         if args.command == "validate":
             return cmd_validate(args.config, args.overrides)
         return cmd_list(args.kind)

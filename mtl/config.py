@@ -57,6 +57,25 @@ class TrainerConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`mtl compare`: regimes x seeds x labelled fractions of the target tasks."""
+
+    name: Optional[str] = None  # W&B group of every cell; None = the output_dir's name
+    targets: List[str] = field(default_factory=list)  # target task(s): fine-tuned in sequential, subsampled by fractions
+    sources: Optional[List[str]] = None  # source tasks of sequential transfer; None = every task not a target
+    fractions: List[float] = field(default_factory=lambda: [1.0])  # labelled fractions of the targets' training sets
+    seeds: List[int] = field(default_factory=lambda: [0])
+    # {label: {kind: single_task|sequential|joint|stages, recipes: [...] (sequential), stages: [...] (kind stages)}};
+    # kind defaults to the label.
+    regimes: Dict[str, Any] = field(
+        default_factory=lambda: {"single_task": {}, "sequential": {"recipes": ["fine_tune"]}, "joint": {}}
+    )
+    # Config overrides per stage role, e.g. {source: {trainer: {epochs: 5}}, target: {trainer: {epochs: 10}}};
+    # "target" applies to every stage that trains targets (single-task, joint and fine-tuning stages).
+    stages: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     output_dir: str = MISSING  # run directory: config.yaml, metrics.jsonl, results.json, checkpoints/
     tasks: Dict[str, Any] = MISSING  # {task_name: {name: registered name or import path, **kwargs}}
@@ -71,6 +90,7 @@ class RunConfig:
     resume: bool = False  # continue the run in output_dir from its last checkpoint
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)  # read by `mtl compare` only
 
 
 def _check_keys(node: Any, schema: type, path: str) -> None:

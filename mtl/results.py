@@ -107,9 +107,13 @@ def _finite(data: Any) -> Any:
     return data
 
 
-def write_json(data: Any, path: str | os.PathLike) -> None:
+def write_text(text: str, path: str | os.PathLike) -> None:
     """Atomic write: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_finite(data), indent=2, allow_nan=False))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(data: Any, path: str | os.PathLike) -> None:
+    write_text(json.dumps(_finite(data), indent=2, allow_nan=False), path)

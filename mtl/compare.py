@@ -1,0 +1,343 @@
+"""`mtl compare`: single-task baselines, sequential transfer and joint training, side by side.
+
+The grid is regimes × seeds × labelled fractions of the target tasks. Each cell is a list
+of stages run by the ordinary ``Trainer``; a stage's config is the comparison's config
+with the stage's tasks, recipe and overrides. Built-in regimes:
+
+  single_task  one run per task (the baseline); a target task at every fraction, any
+               other task once per seed on all its data (its data never varies).
+  sequential   source stage (the sources jointly, once per seed, shared by every cell
+               that needs it), then a target stage per recipe that starts from the
+               source stage's trunk (``trunk.checkpoint``) with new target heads.
+  joint        every task in one stage (targets at the cell's fraction).
+  stages       any list of stages written in YAML; each starts from the previous stage's
+               selected checkpoint (``init_from``: trunk and the heads of tasks that continue).
+
+A finished cell (its last stage wrote results.json) is skipped when the grid is rerun; an
+interrupted stage resumes from its last checkpoint. Model selection is on validation in
+every stage; the test split is only evaluated on the selected checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mtl.config import ConfigError, resolve, to_dict
+from mtl.registry import did_you_mean
+
+BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages")
+STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk")
+
+
+@dataclass
+class Stage:
+    name: str
+    tasks: list[str]
+    overrides: dict[str, Any]  # merged over the comparison's config
+    where: str  # config path of the overrides, for error messages
+
+
+@dataclass
+class Cell:
+    regime: str
+    recipe: str
+    seed: int
+    fraction: float
+    stages: list[Stage]
+    label: str  # the method's name in tables: the regime, or regime/recipe for sequential
+    variant: str = ""  # what tells cells of one regime apart: the task (single_task), the recipe (sequential)
+    shared_source: bool = False  # the first stage is the per-seed shared source stage
+    dirs: list[Path] = field(default_factory=list)
+
+
+def _merge(*nodes: dict[str, Any]) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.create(n) for n in nodes]))  # type: ignore[return-value]
+
+
+def _check_tasks(names: list[str], cfg: DictConfig, where: str) -> None:
+    for name in names:
+        if name not in cfg.tasks:
+            raise ConfigError(f"{where}: task {name!r} is not defined under tasks.{did_you_mean(name, cfg.tasks)} Defined: {', '.join(cfg.tasks)}.")
+
+
+def roles(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """(targets, sources), checked against the defined tasks."""
+    c = cfg.compare
+    targets = list(c.targets)
+    _check_tasks(targets, cfg, "compare.targets")
+    sources = list(c.sources) if c.sources is not None else [t for t in cfg.tasks if t not in targets]
+    _check_tasks(sources, cfg, "compare.sources")
+    for i, f in enumerate(c.fractions):
+        if not 0 < f <= 1:
+            raise ConfigError(f"compare.fractions[{i}]: {f} is outside (0, 1]; a fraction is the share of the targets' training labels kept.")
+    if not targets and list(c.fractions) != [1.0]:
+        raise ConfigError("compare.fractions: fractions subsample the targets; name them in compare.targets.")
+    if not c.seeds:
+        raise ConfigError("compare.seeds: list at least one seed.")
+    if not c.regimes:
+        raise ConfigError("compare.regimes: name at least one regime, e.g. {single_task: {}, joint: {}}.")
+    return targets, sources
+
+
+def plan(cfg: DictConfig) -> list[Cell]:
+    """Every cell of the grid, in run order (baselines first)."""
+    targets, sources = roles(cfg)
+    c = cfg.compare
+    stage_cfg = to_dict(cfg)["compare"]["stages"]
+    unknown = set(stage_cfg) - {"source", "target"}
+    if unknown:
+        raise ConfigError(f"compare.stages.{sorted(unknown)[0]}: unknown stage role; use source or target.")
+    source_over, target_over = stage_cfg.get("source", {}), stage_cfg.get("target", {})
+    cells: list[Cell] = []
+    for label, node in to_dict(cfg)["compare"]["regimes"].items():
+        node = dict(node or {})
+        where = f"compare.regimes.{label}"
+        kind = node.pop("kind", label)
+        if kind not in BUILTIN_KINDS:
+            raise ConfigError(f"{where}.kind: unknown regime kind {kind!r}.{did_you_mean(kind, BUILTIN_KINDS)} Kinds: {', '.join(BUILTIN_KINDS)}.")
+        recipes = node.pop("recipes", None)
+        custom = node.pop("stages", None)
+        if node:
+            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential) or stages (kind stages).")
+        if recipes is not None and kind != "sequential":
+            raise ConfigError(f"{where}.recipes: only a sequential regime takes recipes (the target stage's recipe).")
+        for seed in c.seeds:
+            if kind == "single_task":
+                # A task that is not a target keeps all its data: one baseline per seed.
+                cells += [_single(label, t, seed, 1.0, target_over) for t in cfg.tasks if t not in targets]
+            for fraction in c.fractions:
+                cells += _cells(kind, label, seed, float(fraction), targets, sources, recipes, custom, source_over, target_over, where, cfg)
+    return cells
+
+
+def _single(label: str, task: str, seed: int, fraction: float, overrides: dict[str, Any]) -> Cell:
+    stage = Stage("train", [task], overrides, "compare.stages.target")
+    return Cell(label, "fine_tune", seed, fraction, [stage], label=label, variant=task)
+
+
+def _cells(kind, label, seed, fraction, targets, sources, recipes, custom, source_over, target_over, where, cfg) -> list[Cell]:
+    if kind == "single_task":
+        return [_single(label, t, seed, fraction, target_over) for t in targets]
+    if kind == "joint":
+        return [Cell(label, "fine_tune", seed, fraction, [Stage("train", list(cfg.tasks), target_over, "compare.stages.target")], label=label)]
+    if kind == "sequential":
+        if not targets or not sources:
+            raise ConfigError(f"{where}: sequential transfer needs compare.targets and at least one source task.")
+        _check_tasks(sources, cfg, "compare.sources")
+        out = []
+        for i, recipe in enumerate(recipes or ["fine_tune"]):
+            node = recipe if isinstance(recipe, dict) else {"name": recipe}
+            if "name" not in node:
+                raise ConfigError(f"{where}.recipes[{i}]: a recipe needs a name (see `mtl list recipes`).")
+            stages = [
+                Stage("source", sources, _merge({"recipe": {"name": "fine_tune"}}, source_over), "compare.stages.source"),
+                Stage("target", targets, _merge(target_over, {"recipe": node}), f"{where}.recipes[{i}]"),
+            ]
+            name = node["name"]
+            out.append(Cell(label, name, seed, fraction, stages, label=f"{label}/{name}", variant=name, shared_source=True))
+        return out
+    if not custom:
+        raise ConfigError(f"{where}.stages: a regime of kind stages lists its stages, e.g. [{{tasks: [a]}}, {{tasks: [b], recipe: {{name: linear_probe}}}}].")
+    stages = []
+    for i, node in enumerate(custom):
+        swhere = f"{where}.stages[{i}]"
+        node = dict(node)
+        bad = set(node) - set(STAGE_KEYS)
+        if bad:
+            raise ConfigError(f"{swhere}.{sorted(bad)[0]}: unknown stage key.{did_you_mean(sorted(bad)[0], STAGE_KEYS)} Stage keys: {', '.join(STAGE_KEYS)}.")
+        if not node.get("tasks"):
+            raise ConfigError(f"{swhere}.tasks: list the tasks this stage trains.")
+        _check_tasks(list(node["tasks"]), cfg, f"{swhere}.tasks")
+        stages.append(Stage(str(node.pop("name", f"stage{i}")), list(node.pop("tasks")), node, swhere))
+    recipe = stages[-1].overrides.get("recipe", {}).get("name", "fine_tune")
+    return [Cell(label, recipe, seed, fraction, stages, label=label)]
+
+
+def _cell_dir(root: Path, cell: Cell) -> Path:
+    return root / "cells" / cell.regime / cell.variant / f"f{cell.fraction:g}" / f"seed{cell.seed}"
+
+
+def stage_config(cfg: DictConfig, cell: Cell, index: int, run_dir: Path, init: dict[str, Any], targets: list[str]) -> DictConfig:
+    """The ordinary run config of one stage of a cell."""
+    stage = cell.stages[index]
+    base = to_dict(cfg)
+    base.pop("compare")
+    tasks = {}
+    for name in stage.tasks:
+        node = dict(base["tasks"][name] or {})
+        if name in targets:
+            node.update(train_fraction=cell.fraction, subset_seed=cell.seed)
+        tasks[name] = node
+    group = cfg.compare.name or Path(cfg.output_dir).name
+    if cell.shared_source and index == 0:
+        tags, name = ["source", f"seed={cell.seed}"], f"{cell.regime}/source/s{cell.seed}"
+    else:
+        tags = [cell.recipe, f"fraction={cell.fraction:g}", f"seed={cell.seed}", stage.name]
+        name = "/".join(p for p in (cell.label, cell.variant if cell.regime == "single_task" else stage.name, f"f{cell.fraction:g}", f"s{cell.seed}") if p)
+    wandb = {"group": group, "job_type": cell.regime, "tags": tags, "name": name}
+    run = {"output_dir": str(run_dir), "seed": cell.seed, "resume": True, "tasks": tasks, "logging": {"progress_bar": False, "wandb": wandb}}
+    raw = _merge(base, stage.overrides, init, run)
+    raw["tasks"] = tasks  # a merge would keep the tasks this stage does not train
+    try:
+        return resolve(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{stage.where} (stage {stage.name!r} of {cell.label}): {e}") from None
+
+
+class Grid:
+    """Runs the planned cells; ``rows()`` gathers the long-form results."""
+
+    def __init__(self, cfg: DictConfig, log=print):
+        self.cfg = cfg
+        self.root = Path(cfg.output_dir)
+        self.targets, self.sources = roles(cfg)
+        self.cells = plan(cfg)
+        self.log = log
+        for cell in self.cells:
+            cell.dirs = self._dirs(cell)
+
+    def _dirs(self, cell: Cell) -> list[Path]:
+        base = _cell_dir(self.root, cell)
+        if cell.shared_source:
+            return [self.root / "sources" / f"seed{cell.seed}", base]
+        if len(cell.stages) == 1:
+            return [base]
+        return [base / s.name for s in cell.stages]
+
+    def _init(self, cell: Cell, index: int) -> dict[str, Any]:
+        if index == 0:
+            return {}
+        previous = cell.dirs[index - 1]
+        if cell.shared_source:
+            return {"trunk": {"checkpoint": str(previous / "trunk.pt")}}
+        return {"init_from": str(previous / "checkpoints" / "best.pt")}
+
+    def preflight(self) -> None:
+        """Build (not train) one stage config per distinct stage, so bad input fails first."""
+        from mtl.trainer import Trainer
+
+        seen = set()
+        for cell in self.cells:
+            for i, stage in enumerate(cell.stages):
+                key = (cell.regime, cell.recipe, i, tuple(stage.tasks))
+                if key in seen:
+                    continue
+                seen.add(key)
+                # Later stages start from files that do not exist yet: check them without.
+                cfg = stage_config(self.cfg, cell, i, cell.dirs[i], {}, self.targets)
+                try:
+                    Trainer(cfg)
+                except ConfigError as e:
+                    raise ConfigError(f"{stage.where} (stage {stage.name!r} of {cell.label}): {e}") from None
+
+    def run(self) -> None:
+        from mtl.trainer import Trainer
+
+        total = len(self.cells)
+        for n, cell in enumerate(self.cells, 1):
+            variant = f"[{cell.variant}]" if cell.regime == "single_task" else ""
+            what = f"[{n}/{total}] {cell.label}{variant} f={cell.fraction:g} seed={cell.seed}"
+            if (cell.dirs[-1] / "results.json").exists():
+                self.log(f"{what}: finished earlier, skipped")
+                continue
+            start = time.perf_counter()
+            for i in range(len(cell.stages)):
+                if (cell.dirs[i] / "results.json").exists():
+                    continue
+                cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
+                Trainer(cfg).fit()
+            self._write_cell(cell)
+            self.log(f"{what}: done in {time.perf_counter() - start:.1f}s")
+
+    def _write_cell(self, cell: Cell) -> None:
+        meta = {"regime": cell.regime, "recipe": cell.recipe, "seed": cell.seed, "fraction": cell.fraction, "method": cell.label}
+        (cell.dirs[-1] / "cell.json").write_text(json.dumps(meta))
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for cell in self.cells:
+            path = cell.dirs[-1] / "results.json"
+            if not path.exists():
+                continue
+            results = json.loads(path.read_text())
+            wall = sum(json.loads((d / "results.json").read_text())["wall_time_s"] for d in cell.dirs if (d / "results.json").exists())
+            for task, info in results["tasks"].items():
+                for split, per_task in results["splits"].items():
+                    for metric, value in per_task[task].items():
+                        rows.append(
+                            {
+                                "method": cell.label,
+                                "regime": cell.regime,
+                                "recipe": cell.recipe,
+                                "seed": cell.seed,
+                                "fraction": cell.fraction,
+                                "task": task,
+                                "split": split,
+                                "metric": metric,
+                                "value": float("nan") if value is None else value,
+                                "direction": info["directions"][metric],
+                                "primary": metric == info["primary_metric"],
+                                "trainable_params": results["parameters"]["trainable"],
+                                "total_params": results["parameters"]["total"],
+                                "wall_time_s": wall,
+                                "cell": str(cell.dirs[-1].relative_to(self.root)),
+                            }
+                        )
+        return rows
+
+
+def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
+    """Plan, check, run (skipping finished cells) and report. Returns the paths written."""
+    import pandas as pd
+
+    from mtl.report import comparison_table, write_report
+    from mtl.results import write_text
+
+    grid = Grid(cfg, log)
+    grid.preflight()
+    grid.run()
+    df = pd.DataFrame(grid.rows())
+    root = grid.root
+    write_text(df.to_csv(index=False), root / "results.csv")
+    title = f"Comparison: {cfg.compare.name or root.name}"
+    write_report(df, root, title=title)
+    table = comparison_table(df)
+    _log_wandb(cfg, root, table)
+    return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(grid.cells)}
+
+
+def _log_wandb(cfg: DictConfig, root: Path, table) -> None:
+    """One report run in the comparison's group: the table as a W&B Table, the plots as images."""
+    import os
+
+    mode = os.environ.get("WANDB_MODE") or cfg.logging.wandb.mode
+    if mode == "disabled":
+        return
+    try:
+        import wandb
+
+        w = cfg.logging.wandb
+        run = wandb.init(
+            project=w.project,
+            entity=w.entity,
+            group=cfg.compare.name or root.name,
+            job_type="report",
+            name=f"{cfg.compare.name or root.name}/report",
+            tags=list(w.tags),
+            dir=str(root),
+            mode=mode,
+            config=to_dict(cfg),
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        run.log({"comparison": wandb.Table(dataframe=table.reset_index() if table.index.name else table)})
+        run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(root.glob("*.png"))})
+        run.finish()
+    except Exception as e:  # the local report is complete without W&B
+        warnings.warn(f"W&B report run not logged ({type(e).__name__}: {e}); see {root / 'report.md'}.")

@@ -1,0 +1,161 @@
+"""`mtl compare` end to end on the quickstart's real data, at reduced length."""
+
+import json
+import re
+
+import pandas as pd
+import pytest
+import torch
+
+from mtl import checkpoint
+from mtl.cli import main
+from mtl.compare import Grid
+from mtl.config import ConfigError, load_config
+
+from conftest import QUICKSTART
+
+SHORT = ["trainer.epochs=1", "trainer.steps_per_epoch=2", "logging.wandb.mode=disabled"]
+
+
+def grid_args(out, *extra):
+    return [
+        f"output_dir={out}",
+        "compare.seeds=[0,1]",
+        "compare.fractions=[0.05,1.0]",
+        "compare.regimes.sequential.recipes=[linear_probe,fine_tune]",
+        *SHORT,
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def grid_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "run"
+    assert main(["compare", QUICKSTART, *grid_args(out)]) == 0
+    return out
+
+
+def test_results_csv_is_long_form_with_every_cell(grid_dir):
+    df = pd.read_csv(grid_dir / "results.csv")
+    assert {"regime", "recipe", "seed", "fraction", "task", "split", "metric", "value"} <= set(df.columns)
+    test_acc = df[(df.split == "test") & (df.metric == "accuracy")]
+    counts = test_acc.groupby(["method", "task"]).size().to_dict()
+    # single-task: digits at 2 fractions and mnist once, per seed; sequential reports the
+    # target only; joint reports both tasks at both fractions.
+    assert counts == {
+        ("single_task", "digits"): 4,
+        ("single_task", "mnist"): 2,
+        ("sequential/linear_probe", "digits"): 4,
+        ("sequential/fine_tune", "digits"): 4,
+        ("joint", "digits"): 4,
+        ("joint", "mnist"): 4,
+    }
+    assert set(df.split) == {"train", "val", "test"}
+    assert df.value.between(0, 10).all()
+
+
+def test_source_stage_trains_once_per_seed_and_transfers_its_trunk(grid_dir):
+    assert sorted(p.name for p in (grid_dir / "sources").iterdir()) == ["seed0", "seed1"]
+    source = checkpoint.load(grid_dir / "sources" / "seed0" / "trunk.pt")["trunk"]
+    probe = grid_dir / "cells" / "sequential" / "linear_probe" / "f0.05" / "seed0"
+    target = checkpoint.load(probe / "checkpoints" / "best.pt")["model"]
+    # A linear probe starts from the source trunk and never changes it.
+    assert all(torch.equal(source[k], target[f"trunk.{k}"]) for k in source)
+    results = json.loads((probe / "results.json").read_text())
+    assert results["parameters"]["trainable"] == 50 * 10 + 10 < results["parameters"]["total"]
+    cfg = load_config(probe / "config.yaml")
+    assert cfg.trunk.checkpoint == str(grid_dir / "sources" / "seed0" / "trunk.pt")
+    assert cfg.tasks.digits.train_fraction == 0.05 and cfg.tasks.digits.subset_seed == 0
+    assert list(cfg.tasks) == ["digits"]
+
+
+def test_report_and_plots_are_written(grid_dir):
+    report = (grid_dir / "report.md").read_text()
+    assert "Δm%" in report and "validation" in report
+    for name in ("data_efficiency_digits.png", "generalization.png", "parameters.png"):
+        assert (grid_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_skips_finished_cells_and_restarts_an_interrupted_one(grid_dir, capsys):
+    cell = grid_dir / "cells" / "joint" / "f0.05" / "seed1"
+    stamps = {p: p.stat().st_mtime_ns for p in grid_dir.glob("cells/**/results.json") if p.parent != cell}
+    (cell / "results.json").unlink()  # as if killed after its last checkpoint
+    capsys.readouterr()
+    assert main(["compare", QUICKSTART, *grid_args(grid_dir)]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
+    done = [l for l in lines if l.endswith("s") and "done in" in l]
+    assert len(done) == 1 and "joint f=0.05 seed=1" in done[0]
+    assert sum("skipped" in l for l in lines) == len(lines) - 1
+    assert (cell / "results.json").exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_custom_stages_chain_trunk_and_continuing_heads(tmp_path):
+    regime = "compare.regimes={curriculum: {kind: stages, stages: [{name: pre, tasks: [mnist, digits]}, {name: probe, tasks: [digits], recipe: {name: linear_probe}}]}}"
+    out = tmp_path / "run"
+    assert main(["compare", QUICKSTART, f"output_dir={out}", "compare.seeds=[0]", "compare.fractions=[1.0]", regime, *SHORT]) == 0
+    cell = out / "cells" / "curriculum" / "f1" / "seed0"
+    pre = checkpoint.load(cell / "pre" / "checkpoints" / "best.pt")["model"]
+    probe = checkpoint.load(cell / "probe" / "checkpoints" / "best.pt")["model"]
+    assert all(torch.equal(pre[k], probe[k]) for k in pre if k.startswith("trunk."))
+    assert not torch.equal(pre["heads.digits.fc.weight"], probe["heads.digits.fc.weight"])  # continued, then trained
+    assert load_config(cell / "probe" / "config.yaml").init_from == str(cell / "pre" / "checkpoints" / "best.pt")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["compare.targets=[digitz]"], "compare.targets: task 'digitz' is not defined under tasks. Did you mean 'digits'"),
+        (["compare.fractions=[0.5,0]"], r"compare.fractions\[1\]: 0.0 is outside \(0, 1\]"),
+        (["compare.fractions=[1.5]"], r"compare.fractions\[0\]: 1.5 is outside"),
+        (["compare.regimes={seq: {kind: sequentail}}"], "compare.regimes.seq.kind: unknown regime kind 'sequentail'. Did you mean 'sequential'"),
+        (["compare.regimes={c: {kind: stages, stages: [{tasks: [mnist, cifar]}]}}"], r"compare.regimes.c.stages\[0\].tasks: task 'cifar' is not defined"),
+        (["compare.regimes.sequential.recipes=[linear_prob]"], r"compare.regimes.sequential.recipes\[0\].*unknown recipe 'linear_prob'"),
+        (["compare.regimes.joint.recipes=[fine_tune]"], "compare.regimes.joint.recipes: only a sequential regime"),
+        (["compare.stages={target: {trainer: {epoch: 3}}}"], r"compare.stages.target .*trainer.epoch: unknown key. Did you mean 'epochs'"),
+    ],
+)
+def test_bad_grid_fails_before_any_training(tmp_path, extra, message, capsys):
+    out = tmp_path / "never"
+    assert main(["compare", QUICKSTART, f"output_dir={out}", *SHORT, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtl: error:"), err
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+from mtl.recipes import Recipe, freeze  # noqa: E402
+
+
+class NothingTrains(Recipe):
+    """A recipe that freezes everything: a target stage with no trainable parameters."""
+
+    def start_epoch(self, model, epoch):
+        freeze(model)
+
+
+def test_target_stage_with_nothing_to_train_fails_first(tmp_path, capsys):
+    out = tmp_path / "never"
+    args = [f"output_dir={out}", *SHORT, "compare.regimes.sequential.recipes=[test_compare:NothingTrains]"]
+    assert main(["compare", QUICKSTART, *args]) == 2
+    assert "leaves no parameter to train" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_trunk_checkpoint_of_another_architecture_fails_first(tmp_path, capsys):
+    from mtl.trunks import TRUNKS
+
+    other = tmp_path / "wide.pt"
+    torch.save(TRUNKS.get("seed_net")(features=64).state_dict(), other)
+    out = tmp_path / "never"
+    assert main(["compare", QUICKSTART, f"output_dir={out}", *SHORT, f"trunk.checkpoint={other}"]) == 2
+    err = capsys.readouterr().err
+    assert "trunk.checkpoint" in err and "fc.weight" in err
+    assert not out.exists()
+
+
+def test_plan_counts_cells():
+    cfg = load_config(QUICKSTART)
+    cells = Grid(cfg).cells
+    # per seed: single-task mnist 1 + digits 4; sequential 3 recipes x 4; joint 4
+    assert len(cells) == 3 * (5 + 12 + 4)
