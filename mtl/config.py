@@ -158,11 +158,28 @@ def resolve(raw: dict, overrides: list[str] = ()) -> DictConfig:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}") from None
+    _replace_component_nodes(typed, plain, RunConfig, "")
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         raise ConfigError(f"required value missing: {', '.join(missing)} (set it in the YAML or as key=value).")
     check_values(typed)
     return typed
+
+
+def _replace_component_nodes(typed: DictConfig, plain: dict, schema: type, path: str) -> None:
+    """A mapping the user wrote replaces the schema's default mapping instead of merging into
+    it: ``trainer.optimizer: {name: sgd}`` must not inherit the default Adam's ``lr``, and
+    ``compare.regimes`` lists exactly the regimes the user named."""
+    for f in dataclasses.fields(schema):
+        if f.name not in plain:
+            continue
+        key = f"{path}.{f.name}" if path else f.name
+        ftype = globals().get(f.type) if isinstance(f.type, str) and f.type in globals() else f.type
+        if dataclasses.is_dataclass(ftype):
+            if isinstance(plain[f.name], dict):
+                _replace_component_nodes(typed, plain[f.name], ftype, key)
+        elif str(f.type).startswith(("Dict", "typing.Dict")) and isinstance(plain[f.name], dict):
+            OmegaConf.update(typed, key, plain[f.name], merge=False)
 
 
 def _must(cond: bool, key: str, msg: str) -> None:

@@ -159,3 +159,36 @@ def test_plan_counts_cells():
     cells = Grid(cfg).cells
     # per seed: single-task mnist 1 + digits 4; sequential 3 recipes x 4; joint 4
     assert len(cells) == 3 * (5 + 12 + 4)
+
+
+def test_every_cell_is_a_wandb_run_in_one_group_and_the_table_is_logged(tmp_path):
+    from test_wandb import read_records
+
+    out = tmp_path / "run"
+    args = [
+        f"output_dir={out}",
+        "compare.seeds=[0]",
+        "compare.fractions=[1.0]",
+        "~compare.regimes.joint",  # a mapping override merges; ~ removes a key
+        "compare.regimes.sequential.recipes=[linear_probe]",
+        "trainer.epochs=1",
+        "trainer.steps_per_epoch=2",
+        "logging.wandb.mode=offline",
+    ]
+    assert main(["compare", QUICKSTART, *args]) == 0
+    runs = []
+    for wandb_dir in out.rglob("wandb"):
+        if wandb_dir.is_dir() and list(wandb_dir.glob("offline-run-*")):
+            records = read_records(wandb_dir.parent)
+            runs.append((next(r["run"] for r in records if r["type"] == "run"), records))
+    infos = [run for run, _ in runs]
+    assert len(infos) == 5  # mnist and digits alone, the source stage, the probe, the report
+    assert {r["run_group"] for r in infos} == {"quickstart"}
+    assert sorted(r["job_type"] for r in infos) == ["report", "sequential", "sequential", "single_task", "single_task"]
+    probe = next(r for r in infos if r["job_type"] == "sequential" and "linear_probe" in r["tags"])
+    assert "fraction=1" in probe["tags"]
+    report_records = next(rec for run, rec in runs if run["job_type"] == "report")
+    logged = {k: v for r in report_records if r["type"] == "history" for k, v in r["history"]["item"].items()}
+    # The reader flattens logged media into "<key>.<field>".
+    assert logged["comparison._type"] == "table-file"
+    assert logged["plots/generalization._type"] == logged["plots/parameters._type"] == "image-file"

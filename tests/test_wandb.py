@@ -33,7 +33,7 @@ def test_offline_run_holds_metrics_config_and_summary(tmp_path):
     records = read_records(run_dir)
 
     run = next(r["run"] for r in records if r["type"] == "run")
-    assert run["job_type"] == "joint" and run["project"] == "mtl" and run["run_group"] == "cmp1"
+    assert run["job_type"] == "train" and run["project"] == "mtl" and run["run_group"] == "cmp1"
     assert run["tags"] == ["quick", "test"]
     config = run["config"]["update"]
     assert config["trainer"]["epochs"] == 2 and config["trunk"]["name"] == "seed_net"
