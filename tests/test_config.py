@@ -100,3 +100,10 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(QUICKSTART, ["seed=5"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_a_written_mapping_replaces_the_default_instead_of_merging():
+    cfg = resolve({**BASE, "trainer": {"optimizer": {"name": "sgd"}}, "compare": {"regimes": {"joint": {}}}})
+    assert dict(cfg.trainer.optimizer) == {"name": "sgd"}  # no Adam lr inherited from the default
+    assert list(cfg.compare.regimes) == ["joint"]
+    assert dict(resolve(BASE).trainer.optimizer) == {"name": "adam", "lr": 1e-3}
