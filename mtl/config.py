@@ -71,7 +71,7 @@ class CompareConfig:
         default_factory=lambda: {"single_task": {}, "sequential": {"recipes": ["fine_tune"]}, "joint": {}}
     )
     # Config overrides per stage role, e.g. {source: {trainer: {epochs: 5}}, target: {trainer: {epochs: 10}}};
-    # "target" applies to every stage that trains targets (single-task, joint and fine-tuning stages).
+    # "target" applies to single-task, joint and sequential target stages; a custom stage carries its own.
     stages: Dict[str, Any] = field(default_factory=dict)
 
 
