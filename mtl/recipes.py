@@ -91,13 +91,16 @@ class GradualUnfreezing(Recipe):
         model.heads.requires_grad_(True)
         groups = [m for _, m in model.trunk.layer_groups()]
         thawed = min(epoch // self.every, len(groups))
-        freeze(model.trunk)
-        if thawed == len(groups):
-            model.trunk.requires_grad_(True)
-            model.trunk.train()
-        for module in groups[len(groups) - thawed :]:
-            module.requires_grad_(True)
-            module.train()
+        # Parameters outside every group thaw with the stem, last of all; modules without
+        # parameters (dropout) keep the trunk's train mode throughout.
+        for p in model.trunk.parameters():
+            p.requires_grad_(thawed == len(groups))
+        for i, module in enumerate(groups):
+            if i >= len(groups) - thawed:
+                module.requires_grad_(True)
+                module.train()
+            else:
+                freeze(module)
 
 
 @register_recipe("layerwise_lr_decay")

@@ -126,7 +126,9 @@ class Trainer:
             score = selection_score(val, t.select_on, self.tasks)
             self.loggers.log({**flatten("val", val), "epoch": epoch + 1}, self.step)
             self.epoch = epoch + 1
-            if score > self.best["score"]:
+            # A NaN score (no labelled validation sample) never beats another, so the first
+            # epoch's model is kept as the selection then.
+            if score > self.best["score"] or not self.best_path.exists():
                 self.best = {"score": score, "epoch": self.epoch}
                 checkpoint.save({"model": self.model.state_dict(), "epoch": self.epoch, "score": score}, self.best_path)
             self.wall_time += time.perf_counter() - start
