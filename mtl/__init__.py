@@ -5,7 +5,7 @@ from mtl.data import split_indices, tensor_splits
 from mtl.heads import HEADS, Head, register_head
 from mtl.model import MultiTaskModel
 from mtl.registry import ComponentError
-from mtl.scheduler import SCHEDULERS, TaskScheduler, register_scheduler
+from mtl.scheduler import SCHEDULERS, Sources, TaskScheduler, register_scheduler
 from mtl.task import (
     MISSING_LABEL,
     TASKS,
@@ -35,6 +35,7 @@ __all__ = [
     "MultiLabelTask",
     "MultiTaskModel",
     "RegressionTask",
+    "Sources",
     "Splits",
     "Task",
     "TaskScheduler",

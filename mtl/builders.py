@@ -22,7 +22,7 @@ from mtl.checkpoint import load as load_checkpoint
 from mtl.model import MultiTaskModel
 from mtl.recipes import RECIPES, Recipe
 from mtl.registry import ComponentError, build
-from mtl.scheduler import SCHEDULERS, TaskScheduler
+from mtl.scheduler import SCHEDULERS, Sources, TaskScheduler
 from mtl.task import TASKS, Splits, Task
 from mtl.trunks import Trunk, build_trunk, load_trunk_checkpoint
 from mtl.weighting import WEIGHTINGS, Weighting
@@ -187,8 +187,33 @@ def build_lr_schedule(cfg: DictConfig, optimizer: torch.optim.Optimizer, total_s
     return _component(optim.build_lr_schedule, node, optimizer, total_steps, where="trainer.lr_schedule")
 
 
-def build_scheduler(cfg: DictConfig, batches_per_pass: dict[str, int]) -> TaskScheduler:
-    return _component(build, SCHEDULERS, _plain(cfg.scheduler), "scheduler", batches_per_pass, where="scheduler")
+def build_scheduler(cfg: DictConfig, sources: Sources) -> TaskScheduler:
+    return _component(build, SCHEDULERS, _plain(cfg.scheduler), "scheduler", sources, where="scheduler")
+
+
+def input_groups(tasks: dict[str, Task], splits: dict[str, Splits]) -> dict[str, list[str]]:
+    """Training sources: ``{name: tasks}``, tasks with one ``input_key`` together (named
+    ``a+b``), every other task alone. Shared inputs are checked, not trusted."""
+    by_key: dict[Any, list[str]] = {}
+    for name, task in tasks.items():
+        key = task.input_key()
+        by_key.setdefault(name if key is None else ("shared", key), []).append(name)
+    groups = {}
+    for members in by_key.values():
+        first = members[0]
+        for other in members[1:]:
+            for split, ds in splits[first].items():
+                theirs = getattr(splits[other], split)
+                same = len(ds) == len(theirs)  # type: ignore[arg-type]
+                if same and hasattr(ds, "tensors") and hasattr(theirs, "tensors"):
+                    same = torch.equal(ds.tensors[0], theirs.tensors[0])
+                if not same:
+                    raise ConfigError(
+                        f"tasks.{other}: declares the same input_key as tasks.{first} but its {split} inputs differ; "
+                        "shared-input tasks must build identical inputs (same data, size, split_seed and train_fraction)."
+                    )
+        groups["+".join(members)] = members
+    return groups
 
 
 def check_selection(select_on: str, tasks: dict[str, Task]) -> None:

@@ -51,7 +51,9 @@ class TrainerConfig:
     lr_schedule: Dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
     select_on: str = "primary_mean"  # best epoch by: primary_mean | loss | <task>/<metric> (validation only)
-    data_on_device: bool = True  # tensor datasets are moved to the device once and batched there
+    data_on_device: bool = True  # tensor datasets under device_data_limit_mb live on the device, batched there
+    device_data_limit_mb: float = 1024.0  # larger tensor datasets stay on the host; each batch is copied over
+    num_workers: int = 0  # DataLoader workers for datasets that read files
     # Fixed epoch length in steps (small sets cycle, large ones are cut); None = the scheduler's epoch.
     steps_per_epoch: Optional[int] = None
 
@@ -195,6 +197,7 @@ def check_values(cfg: DictConfig) -> None:
     _must(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}.")
     _must(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", f"must be > 0 or null, got {t.grad_clip}.")
     _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", "must be >= 1 or null.")
+    _must(t.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {t.num_workers}.")
     _must(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}.")
     modes = ("online", "offline", "disabled")
     _must(cfg.logging.wandb.mode in modes, "logging.wandb.mode", f"must be one of {', '.join(modes)}, got {cfg.logging.wandb.mode!r}.")

@@ -45,59 +45,106 @@ def tensor_splits(x: torch.Tensor, y: torch.Tensor, task: Task) -> Splits:
     return Splits(*(TensorDataset(x[i], y[i]) for i in (train, val, test)))
 
 
-def _tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The (inputs, targets) tensors behind a TensorDataset (or a Subset of one)."""
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        return dataset.tensors[0], dataset.tensors[1]
+Batch = tuple[torch.Tensor, ...]  # (inputs, targets of each task fed by these inputs)
+
+
+def _tensors(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """The tensors behind a TensorDataset (or a Subset of one)."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(dataset.tensors)
     if isinstance(dataset, Subset):
         inner = _tensors(dataset.dataset)
         if inner is not None:
             idx = torch.as_tensor(dataset.indices)
-            return inner[0][idx], inner[1][idx]
+            return tuple(t[idx] for t in inner)
     return None
+
+
+class SharedInputs(Dataset):
+    """Tasks that share inputs as one dataset: item i is ``(x, y_task1, y_task2, ...)``,
+    reading the input once (from the first task's dataset)."""
+
+    def __init__(self, datasets: list[Dataset]):
+        self.datasets = datasets
+
+    def __len__(self) -> int:
+        return len(self.datasets[0])  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Batch:
+        x, y = self.datasets[0][i]
+        return (x, y, *(d[i][1] for d in self.datasets[1:]))
+
+
+def shared_inputs(datasets: list[Dataset]) -> Dataset:
+    """One dataset for tasks with identical inputs: a TensorDataset when they all are."""
+    if len(datasets) == 1:
+        return datasets[0]
+    tensors = [_tensors(d) for d in datasets]
+    if all(t is not None and len(t) == 2 for t in tensors):
+        return TensorDataset(tensors[0][0], *(t[1] for t in tensors))  # type: ignore[index]
+    return SharedInputs(datasets)
 
 
 class BatchSource:
     """Endless shuffled batches of one dataset; one pass = ``batches_per_pass`` batches.
 
+    Tensor datasets are indexed by a permutation without a DataLoader: on the device when
+    ``on_device`` and they fit in ``device_limit_mb``, else on the host with each batch
+    copied over. Other datasets go through a DataLoader with ``num_workers`` workers.
     ``drop_last`` keeps every training batch full (BatchNorm and per-step costs stay
     even); a dataset smaller than one batch yields itself whole.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, device: torch.device, seed: int, on_device: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        on_device: bool = True,
+        device_limit_mb: float = 1024.0,
+        num_workers: int = 0,
+    ):
         self.dataset = dataset
         self.n = len(dataset)  # type: ignore[arg-type]
         if self.n == 0:
             raise ValueError("empty training set")
         self.batch_size = min(batch_size, self.n)
         self.device = device
+        self.num_workers = num_workers
         self.generator = torch.Generator().manual_seed(seed)
-        tensors = _tensors(dataset) if on_device else None
-        self.tensors = tuple(t.to(device) for t in tensors) if tensors is not None else None
+        self.tensors = _tensors(dataset)
+        self.on_device = False
+        if self.tensors is not None and on_device and sum(t.nbytes for t in self.tensors) <= device_limit_mb * 2**20:
+            self.tensors = tuple(t.to(device) for t in self.tensors)
+            self.on_device = True
         self._pass_state = self.generator.get_state()
         self._position = 0  # batches already drawn from the current pass
-        self._iter: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._iter: Iterator[Batch] | None = None
 
     @property
     def batches_per_pass(self) -> int:
         return self.n // self.batch_size
 
-    def _pass(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _pass(self, start: int) -> Iterator[Batch]:
         self.generator.set_state(self._pass_state)
         perm = torch.randperm(self.n, generator=self.generator)
         bs = self.batch_size
         if self.tensors is not None:
-            x, y = self.tensors
-            perm = perm.to(self.device)
+            perm = perm.to(self.tensors[0].device)
             for b in range(start, self.batches_per_pass):
                 idx = perm[b * bs : (b + 1) * bs]
-                yield x[idx], y[idx]
+                yield tuple(t[idx].to(self.device, non_blocking=True) for t in self.tensors)
         else:
             rest = perm[start * bs : self.batches_per_pass * bs].tolist()
-            for x, y in DataLoader(Subset(self.dataset, rest), batch_size=bs, drop_last=True):
-                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loader = DataLoader(
+                Subset(self.dataset, rest), batch_size=bs, drop_last=True, num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            for batch in loader:
+                yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> Batch:
         if self._iter is None:
             self._iter = self._pass(self._position)
         batch = next(self._iter, None)
@@ -124,7 +171,7 @@ def eval_batches(dataset: Dataset, batch_size: int, device: torch.device) -> Ite
     """The dataset in order, in batches, on ``device``."""
     tensors = _tensors(dataset)
     if tensors is not None:
-        x, y = tensors
+        x, y = tensors[0], tensors[1]
         for i in range(0, len(x), batch_size):
             yield x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
     else:

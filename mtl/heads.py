@@ -2,7 +2,8 @@
 
 A head is built as ``Head(in_shape, num_outputs, **kwargs)`` where ``in_shape`` is the
 trunk's feature shape (without the batch dimension). Feature maps are average-pooled
-over their spatial dimensions before a vector head.
+over their spatial dimensions before a vector head; the dense head keeps them and
+predicts per pixel.
 """
 
 from __future__ import annotations
@@ -11,13 +12,19 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mtl.registry import Registry
 
 
 class Head(nn.Module):
-    """Base class of task heads: ``forward(features) -> task output``."""
+    """Base class of task heads: ``forward(features) -> task output``.
+
+    ``per_pixel`` heads need feature maps ``[B, C, h, w]`` and return maps ``[B, num_outputs, H, W]``.
+    """
+
+    per_pixel = False
 
     def __init__(self, in_shape: Sequence[int], num_outputs: int):
         super().__init__()
@@ -82,3 +89,40 @@ class RegressionHead(LinearHead):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         return out.squeeze(-1) if self.num_outputs == 1 else out
+
+
+@register_head("dense")
+class DenseHead(Head):
+    """Per-pixel decoder on a feature map: conv3x3-BN-ReLU, conv1x1, bilinear upsampling to out_size.
+
+    ``[B, C, h, w] -> [B, num_outputs, *out_size]``; the task supplies ``out_size`` (its image
+    size) through ``head_config()``.
+    """
+
+    per_pixel = True
+
+    def __init__(self, in_shape: Sequence[int], num_outputs: int, out_size: Sequence[int], hidden: int = 256):
+        super().__init__(in_shape, num_outputs)
+        if len(self.in_shape) != 3:
+            raise ValueError(self._needs_maps(self.in_shape))
+        if len(out_size) != 2 or min(out_size) < 1:
+            raise ValueError(f"out_size must be [height, width], got {list(out_size)}.")
+        self.out_size = (int(out_size[0]), int(out_size[1]))
+        self.net = nn.Sequential(
+            nn.Conv2d(self.in_shape[0], hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, num_outputs, 1),
+        )
+
+    @staticmethod
+    def _needs_maps(shape: Sequence[int]) -> str:
+        return (
+            f"the dense head needs feature maps [C, h, w] from the trunk, got features of shape {tuple(shape)}: "
+            "use a trunk that returns feature maps (e.g. trunk.pool=false for the ResNets)."
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(self._needs_maps(x.shape[1:]))
+        return F.interpolate(self.net(x), size=self.out_size, mode="bilinear", align_corners=False)

@@ -21,14 +21,13 @@ class MultiTaskModel(nn.Module):
         features = self.trunk(x)
         return {t: self.heads[t](features) for t in (tasks or list(self.heads))}
 
-    def forward_batches(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each task's own input batch. Inputs of one shape go through the trunk in one
-        call (one kernel launch per layer instead of one per task)."""
-        shapes = {tuple(x.shape[1:]) for x in inputs.values()}
-        if len(shapes) > 1:
-            return {t: self.heads[t](self.trunk(x)) for t, x in inputs.items()}
-        tasks = list(inputs)
-        features = self.trunk(torch.cat([inputs[t] for t in tasks]))
-        chunks = features.split([len(inputs[t]) for t in tasks])
-        return {t: self.heads[t](f) for t, f in zip(tasks, chunks)}
-
+    def forward_groups(self, inputs: dict[str, torch.Tensor], members: dict[str, list[str]]) -> dict[str, torch.Tensor]:
+        """Each source's input batch, for the tasks it feeds (``members``). Inputs of one
+        shape go through the trunk in one call (one kernel launch per layer, not one per
+        source); tasks of one source share its features."""
+        names = list(inputs)
+        if len({tuple(x.shape[1:]) for x in inputs.values()}) == 1:
+            features = self.trunk(torch.cat([inputs[n] for n in names])).split([len(inputs[n]) for n in names])
+        else:
+            features = [self.trunk(inputs[n]) for n in names]
+        return {t: self.heads[t](f) for n, f in zip(names, features) for t in members[n]}

@@ -9,7 +9,7 @@ NaN (float targets); such samples count in neither the loss nor the metrics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,12 @@ class Task:
 
     def head_config(self) -> dict[str, Any]:
         return {"name": self.default_head}
+
+    def input_key(self) -> Hashable | None:
+        """Tasks returning the same key (not None) promise identical inputs, split for split
+        and in the same order (e.g. MultiMNIST left and right): the trainer then draws one
+        batch for all of them and runs the trunk once on it."""
+        return None
 
     def valid_mask(self, target: torch.Tensor) -> torch.Tensor:
         """``[B]`` bool: True where the sample has a label for this task."""

@@ -17,10 +17,19 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mtl import checkpoint
-from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_recipe, build_scheduler, resolve_device
+from mtl.builders import (
+    build_components,
+    build_lr_schedule,
+    build_optimizer,
+    build_recipe,
+    build_scheduler,
+    input_groups,
+    resolve_device,
+)
 from mtl.config import ConfigError, save_config, to_dict
-from mtl.data import BatchSource
+from mtl.data import BatchSource, shared_inputs
 from mtl.loggers import build_loggers
+from mtl.scheduler import Sources
 from mtl.results import directions, evaluate, flatten, selection_score, write_json
 
 
@@ -61,12 +70,21 @@ class Trainer:
             groups.append({"params": weighting_params, "lr_scale": 1.0, "name": "weighting"})
         self.optimizer = build_optimizer(cfg, groups)
 
+        self.groups = input_groups(self.tasks, self.splits)
         self.sources = {
-            name: BatchSource(s.train, t.batch_size, self.device, seed=cfg.seed + i, on_device=t.data_on_device)
-            for i, (name, s) in enumerate(self.splits.items())
+            name: BatchSource(
+                shared_inputs([self.splits[m].train for m in members]), t.batch_size, self.device, seed=cfg.seed + i,
+                on_device=t.data_on_device, device_limit_mb=t.device_data_limit_mb, num_workers=t.num_workers,
+            )
+            for i, (name, members) in enumerate(self.groups.items())
         }
-        self.scheduler = build_scheduler(cfg, {n: s.batches_per_pass for n, s in self.sources.items()})
-        self.steps_per_epoch = t.steps_per_epoch or self.scheduler.steps_per_epoch
+        sizes = Sources(
+            samples={n: s.n for n, s in self.sources.items()},
+            batches={n: s.batches_per_pass for n, s in self.sources.items()},
+            seed=cfg.seed, epochs=t.epochs, fixed_epoch=t.steps_per_epoch,
+        )
+        self.scheduler = build_scheduler(cfg, sizes)
+        self.steps_per_epoch = self.scheduler.steps_per_epoch
         self.lr_schedule = build_lr_schedule(cfg, self.optimizer, t.epochs * self.steps_per_epoch)
 
         self.epoch = 0
@@ -139,8 +157,12 @@ class Trainer:
     def _train_step(self) -> int:
         names = self.scheduler.tasks_for_step(self.step)
         batches = {n: self.sources[n].next() for n in names}
-        outputs = self.model.forward_batches({n: x for n, (x, _) in batches.items()})
-        losses = {n: self.tasks[n].masked_loss(outputs[n], batches[n][1]) for n in names}
+        outputs = self.model.forward_groups({n: b[0] for n, b in batches.items()}, self.groups)
+        losses = {
+            task: self.tasks[task].masked_loss(outputs[task], target)
+            for n, batch in batches.items()
+            for task, target in zip(self.groups[n], batch[1:])
+        }
         total = self.weighting(losses)
         penalty = self.recipe.penalty(self.model)
         if penalty is not None:
@@ -155,7 +177,7 @@ class Trainer:
         for n, loss in losses.items():
             self._loss_sums[n] += loss.detach()
             self._loss_counts[n] += 1
-        return sum(len(x) for x, _ in batches.values())
+        return sum(len(b[0]) for b in batches.values())
 
     def _log_train(self, bar: tqdm, rate: float) -> None:
         # The only host sync of the training loop, once every log_every steps.

@@ -268,15 +268,15 @@ def test_lp_ft_end_to_end_keeps_the_trunk_through_the_probe_and_fine_tunes_from_
 
     # Whether the trunk is in train mode (dropout on) at each training step.
     trunk_mode = []
-    forward_batches = MultiTaskModel.forward_batches
+    forward_groups = MultiTaskModel.forward_groups
 
-    def record_mode(self, inputs):
+    def record_mode(self, inputs, members):
         trunk_mode.append(self.trunk.training)
-        return forward_batches(self, inputs)
+        return forward_groups(self, inputs, members)
 
     monkeypatch.setattr(checkpoint, "save", keep_each_epoch)
     monkeypatch.setattr(LPFT, "start_epoch", spy)
-    monkeypatch.setattr(MultiTaskModel, "forward_batches", record_mode)
+    monkeypatch.setattr(MultiTaskModel, "forward_groups", record_mode)
     assert main(_args(run_dir, 3, 2, *overrides)) == 0
     assert trunk_mode == [False] * 4 + [True] * 2
 

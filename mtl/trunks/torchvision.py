@@ -1,4 +1,5 @@
-"""torchvision classifiers as trunks: the classifier is dropped, forward returns pooled features.
+"""torchvision classifiers as trunks: the classifier is dropped, forward returns pooled features
+(or, for the ResNets with ``pool=False``, the last feature map, for dense heads).
 
 Pretrained weights come from torchvision's weights enums and the torch hub cache
 (``$TORCH_HOME/hub/checkpoints``), and the trunk's state-dict keys are torchvision's own
@@ -114,14 +115,18 @@ class TorchvisionTrunk(Trunk):
 
 
 class ResNetTrunk(TorchvisionTrunk):
-    """torchvision ResNet up to global average pooling."""
+    """torchvision ResNet up to global average pooling, or up to layer4's feature map
+    ``[C, H/32, W/32]`` with ``pool=False`` (for per-pixel heads)."""
 
     input_hint = "(C, H, W) images, e.g. (3, 224, 224); small_input=true for 32x32"
     first_conv = "conv1"
     classifier = "fc"
 
-    def __init__(self, arch: str, weights: str | None, in_channels: int, small_input: bool, download: bool):
+    def __init__(
+        self, arch: str, weights: str | None, in_channels: int, small_input: bool, download: bool, pool: bool = True
+    ):
         super().__init__(arch)
+        self.pool = pool
         net = torchvision.models.get_model(arch, weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -144,7 +149,7 @@ class ResNetTrunk(TorchvisionTrunk):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return torch.flatten(self.avgpool(x), 1) if self.pool else x
 
 
 class FeaturesTrunk(TorchvisionTrunk):
@@ -172,26 +177,38 @@ class FeaturesTrunk(TorchvisionTrunk):
 
 @register_trunk("resnet18")
 def resnet18(
-    weights: str | None = None, in_channels: int = 3, small_input: bool = False, download: bool = True
+    weights: str | None = None,
+    in_channels: int = 3,
+    small_input: bool = False,
+    download: bool = True,
+    pool: bool = True,
 ) -> Trunk:
-    """ResNet-18 (torchvision), 512 pooled features; weights e.g. IMAGENET1K_V1, small_input for 32x32."""
-    return ResNetTrunk("resnet18", weights, in_channels, small_input, download)
+    """ResNet-18 (torchvision), 512 features (pooled; pool=false keeps the map); weights e.g. IMAGENET1K_V1, small_input for 32x32."""
+    return ResNetTrunk("resnet18", weights, in_channels, small_input, download, pool)
 
 
 @register_trunk("resnet34")
 def resnet34(
-    weights: str | None = None, in_channels: int = 3, small_input: bool = False, download: bool = True
+    weights: str | None = None,
+    in_channels: int = 3,
+    small_input: bool = False,
+    download: bool = True,
+    pool: bool = True,
 ) -> Trunk:
-    """ResNet-34 (torchvision), 512 pooled features; weights e.g. IMAGENET1K_V1, small_input for 32x32."""
-    return ResNetTrunk("resnet34", weights, in_channels, small_input, download)
+    """ResNet-34 (torchvision), 512 features (pooled; pool=false keeps the map); weights e.g. IMAGENET1K_V1, small_input for 32x32."""
+    return ResNetTrunk("resnet34", weights, in_channels, small_input, download, pool)
 
 
 @register_trunk("resnet50")
 def resnet50(
-    weights: str | None = None, in_channels: int = 3, small_input: bool = False, download: bool = True
+    weights: str | None = None,
+    in_channels: int = 3,
+    small_input: bool = False,
+    download: bool = True,
+    pool: bool = True,
 ) -> Trunk:
-    """ResNet-50 (torchvision), 2048 pooled features; weights e.g. IMAGENET1K_V2, small_input for 32x32."""
-    return ResNetTrunk("resnet50", weights, in_channels, small_input, download)
+    """ResNet-50 (torchvision), 2048 features (pooled; pool=false keeps the map); weights e.g. IMAGENET1K_V2, small_input for 32x32."""
+    return ResNetTrunk("resnet50", weights, in_channels, small_input, download, pool)
 
 
 @register_trunk("mobilenet_v3_small")
