@@ -143,7 +143,7 @@ def build_components(cfg: DictConfig) -> Components:
     model = MultiTaskModel(trunk, heads)
     if cfg.init_from:
         init_from(model, cfg.init_from)
-    weighting = _component(build, WEIGHTINGS, _plain(cfg.weighting), "weighting", where="weighting")
+    weighting = _component(build, WEIGHTINGS, _plain(cfg.weighting), "weighting", list(tasks), where="weighting")
     return Components(tasks, splits, model, weighting)
 
 

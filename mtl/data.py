@@ -62,7 +62,8 @@ def _tensors(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
 
 class SharedInputs(Dataset):
     """Tasks that share inputs as one dataset: item i is ``(x, y_task1, y_task2, ...)``,
-    reading the input once (from the first task's dataset)."""
+    reading the input once (from the first task's dataset). A dataset that reads files
+    should define ``target(i)`` so the other tasks' targets come without a second read."""
 
     def __init__(self, datasets: list[Dataset]):
         self.datasets = datasets
@@ -72,7 +73,7 @@ class SharedInputs(Dataset):
 
     def __getitem__(self, i: int) -> Batch:
         x, y = self.datasets[0][i]
-        return (x, y, *(d[i][1] for d in self.datasets[1:]))
+        return (x, y, *(d.target(i) if hasattr(d, "target") else d[i][1] for d in self.datasets[1:]))
 
 
 def shared_inputs(datasets: list[Dataset]) -> Dataset:

@@ -163,7 +163,10 @@ class Trainer:
             for n, batch in batches.items()
             for task, target in zip(self.groups[n], batch[1:])
         }
-        total = self.weighting(losses)
+        # Every task in weighting order; a task absent from this step (only with weightings
+        # that allow it, see Weighting.requires_all_tasks) contributes 0.
+        zero = next(iter(losses.values())).new_zeros(())
+        total = self.weighting(torch.stack([losses.get(t, zero) for t in self.weighting.tasks]))
         penalty = self.recipe.penalty(self.model)
         if penalty is not None:
             total = total + penalty

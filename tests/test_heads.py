@@ -4,7 +4,7 @@ import torch
 from mtl.heads import HEADS
 
 
-@pytest.mark.parametrize("name", HEADS.names())
+@pytest.mark.parametrize("name", [n for n in HEADS.names() if not HEADS.get(n).per_pixel])
 @pytest.mark.parametrize("in_shape", [(16,), (8, 4, 4)], ids=["vector", "feature_map"])
 @pytest.mark.parametrize("num_outputs", [1, 5])
 def test_every_head_forward_backward(name, in_shape, num_outputs):
@@ -16,6 +16,20 @@ def test_every_head_forward_backward(name, in_shape, num_outputs):
     out.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in head.parameters())
+
+
+@pytest.mark.parametrize("name", [n for n in HEADS.names() if HEADS.get(n).per_pixel])
+@pytest.mark.parametrize("num_outputs", [1, 5])
+def test_every_per_pixel_head_forward_backward(name, num_outputs):
+    head = HEADS.get(name)((8, 4, 4), num_outputs, out_size=[16, 12])
+    x = torch.randn(3, 8, 4, 4, requires_grad=True)
+    out = head(x)
+    assert out.shape == (3, num_outputs, 16, 12)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in head.parameters())
+    with pytest.raises(ValueError, match="feature maps"):
+        HEADS.get(name)((16,), num_outputs, out_size=[16, 12])
 
 
 def test_feature_maps_are_average_pooled():

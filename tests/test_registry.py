@@ -36,7 +36,7 @@ def test_unknown_name_lists_close_and_available_names():
     with pytest.raises(ComponentError) as e:
         HEADS.get("lineer")
     assert "Did you mean 'linear'" in str(e.value)
-    assert "Available: linear, mlp" in str(e.value)
+    assert "Available: dense, linear, mlp" in str(e.value)
 
 
 def test_import_path_resolves_both_spellings():
