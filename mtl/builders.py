@@ -6,6 +6,7 @@ and ``mtl train`` report bad input the same way and early.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ def _component(fn, *args: Any, where: str):
     except ConfigError:
         raise
     except ComponentError as e:
-        raise ConfigError(str(e)) from None
+        message = str(e)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -95,7 +97,7 @@ def load_datasets(tasks: dict[str, Task]) -> dict[str, Splits]:
     for key, task in tasks.items():
         try:
             splits[key] = task.build_datasets()
-        except (FileNotFoundError, ImportError, ValueError) as e:
+        except (FileNotFoundError, ImportError, ValueError, TypeError) as e:
             raise ConfigError(f"tasks.{key}: cannot load its data: {e}") from None
         for split, ds in splits[key].items():
             if len(ds) == 0:  # type: ignore[arg-type]
@@ -132,8 +134,18 @@ class Components:
     weighting: Weighting
 
 
+def import_plugins(cfg: DictConfig) -> None:
+    """The user's modules named in ``imports``: their ``@register_*`` calls run before anything is built."""
+    for i, module in enumerate(cfg.imports):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"imports[{i}]: cannot import {module!r} ({e}); it is looked up from the working directory and sys.path.") from None
+
+
 def build_components(cfg: DictConfig) -> Components:
     """Tasks and their data, trunk, heads (sized on the real inputs) and weighting."""
+    import_plugins(cfg)
     tasks, head_nodes = build_tasks(cfg)
     check_metrics(tasks)
     check_selection(cfg.trainer.select_on, tasks)

@@ -80,6 +80,7 @@ class CompareConfig:
 @dataclass
 class RunConfig:
     output_dir: str = MISSING  # run directory: config.yaml, metrics.jsonl, results.json, checkpoints/
+    imports: List[str] = field(default_factory=list)  # your modules to import first, so their @register_* names resolve
     tasks: Dict[str, Any] = MISSING  # {task_name: {name: registered name or import path, **kwargs}}
     trunk: Dict[str, Any] = MISSING  # {name: ..., checkpoint: PATH?, **kwargs}
     weighting: Dict[str, Any] = field(default_factory=lambda: {"name": "equal"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import typing
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
@@ -153,6 +154,29 @@ def bind_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], where: str,
         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             if p.name not in kwargs and p.name not in runtime:
                 raise ComponentError(f"{where}.{p.name}: required argument is missing.")
+    hints = _hints(builder)
+    for key, value in kwargs.items():
+        expected = _SCALARS.get(hints.get(key))
+        if expected and value is not None and not isinstance(value, expected):
+            names = " or ".join(t.__name__ for t in expected)
+            raise ComponentError(f"{where}.{key}: expected {names}, got {value!r} ({type(value).__name__}).")
+
+
+# Annotations checked against config values; anything richer is left to the component.
+_SCALARS: dict[Any, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+for _t in (int, float, str, bool):
+    _SCALARS[_t | None] = _SCALARS[_t]
+
+
+def _hints(builder: Callable[..., Any]) -> dict[str, Any]:
+    owners = [c for c in inspect.getmro(builder) if "__init__" in vars(c)] if inspect.isclass(builder) else [builder]
+    hints: dict[str, Any] = {}
+    for owner in reversed(owners):
+        try:
+            hints.update(typing.get_type_hints(owner.__init__ if inspect.isclass(owner) else owner))
+        except Exception:  # unresolvable annotations (third-party code): no check
+            continue
+    return hints
 
 
 def build(registry: Registry[T], node: dict[str, Any], where: str, *args: Any) -> T:

@@ -313,14 +313,22 @@ def test_checkpoint_unreadable_file_is_refused(tmp_path, content: str) -> None:
         load_trunk_checkpoint(seed_net(0), str(path))
 
 
-def test_checkpoint_partial_fit_warns(tmp_path) -> None:
+def test_checkpoint_lacking_trunk_weights_is_refused(tmp_path) -> None:
+    # A trunk left partly at its random init would silently change the experiment.
     state = seed_net(0).state_dict()
-    state["extra.weight"] = torch.zeros(3)
     del state["conv1.bias"]
     path = tmp_path / "partial.pt"
     torch.save(state, path)
+    with pytest.raises(ComponentError, match=r"trunk\.checkpoint: .*lacks 1 weights of the configured trunk .*conv1\.bias"):
+        load_trunk_checkpoint(seed_net(1), str(path))
+
+
+def test_checkpoint_extra_keys_warn(tmp_path) -> None:
+    state = seed_net(0).state_dict()
+    state["extra.weight"] = torch.zeros(3)
+    path = tmp_path / "extra.pt"
+    torch.save(state, path)
     target = seed_net(1)
-    expected = r"1 trunk keys not in the file .*conv1\.bias.*1 file keys unused: extra\.weight"
-    with pytest.warns(UserWarning, match=expected):
+    with pytest.warns(UserWarning, match=r"1 keys of .* are not used by .*extra\.weight"):
         load_trunk_checkpoint(target, str(path))
     assert torch.equal(target.fc.weight, state["fc.weight"])

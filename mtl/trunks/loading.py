@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from torch import nn
@@ -79,8 +79,13 @@ def _listing(items: list[str], sep: str = ", ") -> str:
     return sep.join(items[:_SHOW]) + more
 
 
-def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: str, where: str, target: str) -> None:
-    """Copy ``state`` into ``module``: errors for another architecture, a warning for partial fits.
+def load_state(
+    module: nn.Module, state: dict[str, torch.Tensor], path: str, where: str, target: str, may_lack: Collection[str] = ()
+) -> None:
+    """Copy ``state`` into ``module``: an error for another architecture or for trunk weights
+    the file lacks (a half-initialised trunk would silently change the experiment), except
+    the ``may_lack`` keys the caller leaves initialised on purpose; a warning for file keys
+    the trunk does not use (e.g. a classifier).
 
     ``target`` names the configured model in messages (e.g. the trunk class).
     """
@@ -101,13 +106,20 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], path: str, whe
             f"architecture?): {_listing(shapes, sep='; ')}. Point {where} at weights of this trunk, "
             "or set the trunk arguments the file was saved with."
         )
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and k not in may_lack]
+    if missing:
+        raise ComponentError(
+            f"{where}: {path} lacks {len(missing)} weights of the configured trunk {target} "
+            f"({_listing(missing)}): it was saved from another architecture. Point {where} at weights "
+            "of this trunk, or configure the trunk the file was saved from."
+        )
+    kept = [k for k in own if k not in state and k in may_lack]
+    if kept:
+        warnings.warn(f"{where}: {target} keeps its own initialisation of {_listing(kept)} (not loaded from {path}).", stacklevel=3)
     unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
+    if unexpected:
         warnings.warn(
-            f"{where}: {path} fits {target} only partly: {len(missing)} trunk keys not in the file (left as "
-            f"initialised): {_listing(missing) or '(none)'}; {len(unexpected)} file keys unused: "
-            f"{_listing(unexpected) or '(none)'}.",
+            f"{where}: {len(unexpected)} keys of {path} are not used by {target}: {_listing(unexpected)}.",
             stacklevel=3,
         )
     module.load_state_dict({k: state[k] for k in matched}, strict=False)

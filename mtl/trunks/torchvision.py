@@ -102,7 +102,7 @@ class TorchvisionTrunk(Trunk):
         conv_key = self.first_conv + ".weight"
         if in_channels != 3 and conv_key in state:
             state[conv_key] = adapt_input_conv(state[conv_key], in_channels)
-        load_state(self, state, path, "trunk.weights", self.arch)
+        load_state(self, state, path, "trunk.weights", self.arch, may_lack=skip)
         transform = chosen.transforms()
         self.pretrained_cfg = {
             "weights": f"{type(chosen).__name__}.{chosen.name}",
