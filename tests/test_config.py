@@ -134,7 +134,7 @@ def test_checkpoint_of_a_smaller_architecture_fails_before_training(tmp_path):
     path = tmp_path / "resnet18.pt"
     torch.save({"trunk": TRUNKS.get("resnet18")(in_channels=1).state_dict()}, path)
     raw = OmegaConf.to_container(OmegaConf.merge(BASE, {"trunk": {"name": "resnet34", "in_channels": 1, "checkpoint": str(path)}}))
-    with pytest.raises(ConfigError, match=r"trunk.checkpoint: .*lacks \\d+ weights of the configured trunk"):
+    with pytest.raises(ConfigError, match=r"trunk.checkpoint: .*lacks \d+ weights of the configured trunk"):
         build_components(resolve(raw))
 
 
@@ -146,12 +146,12 @@ def test_component_argument_types_are_checked():
 
 def test_imports_register_user_components(tmp_path, monkeypatch):
     (tmp_path / "my_plugin.py").write_text(
-        "from mtl import register_task\\nfrom tasks.digits import Digits\\n\\n"
-        "@register_task('my_digits')\\nclass MyDigits(Digits):\\n    '''Digits under another name.'''\\n"
+        "from mtl import register_task\nfrom tasks.digits import Digits\n\n"
+        "@register_task('my_digits')\nclass MyDigits(Digits):\n    '''Digits under another name.'''\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     raw = OmegaConf.to_container(OmegaConf.merge(BASE, {"imports": ["my_plugin"], "tasks": {"my_digits": {}}}))
     raw["tasks"] = {"my_digits": {}}
     assert set(build_components(resolve(raw)).model.heads) == {"my_digits"}
-    with pytest.raises(ConfigError, match=r"imports\\[0\\]: cannot import 'nope_xyz'"):
+    with pytest.raises(ConfigError, match=r"imports\[0\]: cannot import 'nope_xyz'"):
         build_components(resolve({**BASE, "imports": ["nope_xyz"]}))
