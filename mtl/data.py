@@ -27,13 +27,22 @@ def split_indices(
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
 
-def subsample(indices: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """A seeded ``fraction`` of ``indices`` (at least one)."""
+def subsample(indices: torch.Tensor, fraction: float, seed: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """A seeded ``fraction`` of ``indices``. With class ``labels`` (aligned with ``indices``)
+    the draw is stratified: round(n_c · fraction) of each class c, at least one, so a
+    labelled-data experiment at a few examples per class never drops a class."""
     if fraction >= 1:
         return indices
-    keep = max(1, round(len(indices) * fraction))
-    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + 1))
-    return indices[perm[:keep]]
+    generator = torch.Generator().manual_seed(seed + 1)
+    if labels is None:
+        keep = max(1, round(len(indices) * fraction))
+        return indices[torch.randperm(len(indices), generator=generator)[:keep]]
+    kept = []
+    for c in torch.unique(labels):
+        members = indices[labels == c]
+        keep = max(1, round(len(members) * fraction))
+        kept.append(members[torch.randperm(len(members), generator=generator)[:keep]])
+    return torch.cat(kept)
 
 
 def tensor_splits(x: torch.Tensor, y: torch.Tensor, task: Task) -> Splits:
@@ -41,7 +50,8 @@ def tensor_splits(x: torch.Tensor, y: torch.Tensor, task: Task) -> Splits:
     if len(x) != len(y):
         raise ValueError(f"task {task.name!r}: {len(x)} inputs but {len(y)} targets.")
     train, val, test = split_indices(len(x), task.val_fraction, task.test_fraction, task.split_seed)
-    train = subsample(train, task.train_fraction, task.subset_seed)
+    classes = y[train] if y.dim() == 1 and not y.is_floating_point() else None
+    train = subsample(train, task.train_fraction, task.subset_seed, classes)
     return Splits(*(TensorDataset(x[i], y[i]) for i in (train, val, test)))
 
 

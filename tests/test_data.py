@@ -73,3 +73,16 @@ def test_eval_batches_keep_order():
     ds = TensorDataset(torch.zeros(7, 1), torch.arange(7))
     assert torch.cat([y for _, y in eval_batches(ds, 3, torch.device("cpu"))]).tolist() == list(range(7))
     assert torch.cat([y for _, y in eval_batches(PlainDataset(7), 3, torch.device("cpu"))]).tolist() == list(range(7))
+
+
+def test_stratified_subsample_keeps_every_class():
+    idx = torch.arange(100, 200)
+    labels = torch.arange(100) % 10  # 10 per class
+    sub = subsample(idx, 0.1, seed=0, labels=labels)
+    assert len(sub) == 10
+    assert sorted(((sub - 100) % 10).tolist()) == list(range(10))
+    assert torch.equal(sub, subsample(idx, 0.1, seed=0, labels=labels))
+    assert not torch.equal(sub, subsample(idx, 0.1, seed=1, labels=labels))
+    # a class rarer than 1/fraction still keeps one example
+    labels[0] = 10
+    assert 100 in subsample(idx, 0.1, seed=0, labels=labels).tolist()

@@ -116,7 +116,9 @@ def test_train_fraction_keeps_a_seeded_share():
     tasks, _ = build_tasks(cfg)
     full = TASKS.get("digits")().build_datasets()
     part = tasks["digits"].build_datasets()
-    assert len(part.train) == round(len(full.train) * 0.1)
+    per_class = torch.bincount(full.train.tensors[1])
+    assert len(part.train) == sum(max(1, round(int(n) * 0.1)) for n in per_class)  # stratified
+    assert set(part.train.tensors[1].tolist()) == set(range(10))
     assert torch.equal(part.test.tensors[1], full.test.tensors[1])
 
 
