@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+import yaml
 from typing import Sequence
 
 from mtl.config import ConfigError, load_config
@@ -73,6 +75,12 @@ def cmd_validate(config: str, overrides: Sequence[str]) -> int:
     params = trainer.parameters
     print(f"  trunk {type(trainer.model.trunk).__name__}; recipe {cfg.recipe.name}: {params['trainable']:,} of {params['total']:,} parameters train")
     print(f"  {cfg.trainer.epochs} epochs of {trainer.steps_per_epoch} steps")
+    if "compare" in (yaml.safe_load(open(config)) or {}):
+        from mtl.compare import Grid
+
+        grid = Grid(cfg)
+        grid.preflight()
+        print(f"  compare: {len(grid.cells)} cells; every distinct stage builds")
     return 0
 
 

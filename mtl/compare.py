@@ -74,6 +74,9 @@ def roles(cfg: DictConfig) -> tuple[list[str], list[str]]:
     _check_tasks(targets, cfg, "compare.targets")
     sources = list(c.sources) if c.sources is not None else [t for t in cfg.tasks if t not in targets]
     _check_tasks(sources, cfg, "compare.sources")
+    both = [t for t in sources if t in targets]
+    if both:
+        raise ConfigError(f"compare.sources: {', '.join(both)} is also a target; a source stage is shared by every fraction, so its data cannot vary.")
     for i, f in enumerate(c.fractions):
         if not 0 < f <= 1:
             raise ConfigError(f"compare.fractions[{i}]: {f} is outside (0, 1]; a fraction is the share of the targets' training labels kept.")
@@ -220,9 +223,21 @@ class Grid:
         return {"init_from": str(previous / "checkpoints" / "best.pt")}
 
     def preflight(self) -> None:
-        """Build (not train) one stage config per distinct stage, so bad input fails first."""
-        from mtl.trainer import Trainer
+        """Build (not train) one stage config per distinct stage, so bad input fails first;
+        and check that stages run earlier in this output_dir ran with the same config."""
+        from mtl.trainer import Trainer, config_changes
 
+        for cell in self.cells:
+            for i in range(len(cell.stages)):
+                saved = cell.dirs[i] / "config.yaml"
+                if saved.exists():
+                    cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
+                    changed = config_changes(OmegaConf.to_container(OmegaConf.load(saved)), to_dict(cfg))
+                    if changed:
+                        raise ConfigError(
+                            f"output_dir: {saved.parent} was run with another config ({', '.join(changed[:5])} differ); "
+                            "rerun with the config it was run with, or use a new output_dir so results are not mixed."
+                        )
         seen = set()
         for cell in self.cells:
             for i, stage in enumerate(cell.stages):
@@ -230,8 +245,10 @@ class Grid:
                 if key in seen:
                     continue
                 seen.add(key)
-                # Later stages start from files that do not exist yet: check them without.
-                cfg = stage_config(self.cfg, cell, i, cell.dirs[i], {}, self.targets)
+                # A later stage starts from its previous stage's files; before those exist, check it without.
+                init = self._init(cell, i)
+                start = init.get("init_from") or init.get("trunk", {}).get("checkpoint")
+                cfg = stage_config(self.cfg, cell, i, cell.dirs[i], init if start and Path(start).exists() else {}, self.targets)
                 try:
                     Trainer(cfg)
                 except ConfigError as e:
@@ -253,12 +270,7 @@ class Grid:
                     continue
                 cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
                 Trainer(cfg).fit()
-            self._write_cell(cell)
             self.log(f"{what}: done in {time.perf_counter() - start:.1f}s")
-
-    def _write_cell(self, cell: Cell) -> None:
-        meta = {"regime": cell.regime, "recipe": cell.recipe, "seed": cell.seed, "fraction": cell.fraction, "method": cell.label}
-        (cell.dirs[-1] / "cell.json").write_text(json.dumps(meta))
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []

@@ -34,8 +34,14 @@ def _json_safe(value: Any) -> Any:
 class DiskLogger:
     """Appends one JSON line per event to ``metrics.jsonl``: ``{"step": ..., name: value}``."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Events after the checkpoint will be logged again by the resumed run.
+            kept = [line for line in self.path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
         self._file = open(self.path, "a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -108,8 +114,10 @@ class Loggers:
             logger.close()
 
 
-def build_loggers(cfg: WandbConfig, run_dir: str | os.PathLike, config: dict[str, Any], resume: bool) -> Loggers:
-    loggers: list[MetricLogger] = [DiskLogger(run_dir)]
+def build_loggers(
+    cfg: WandbConfig, run_dir: str | os.PathLike, config: dict[str, Any], resume: bool, resume_step: int | None = None
+) -> Loggers:
+    loggers: list[MetricLogger] = [DiskLogger(run_dir, resume_step)]
     mode = os.environ.get("WANDB_MODE") or cfg.mode
     if mode != "disabled":
         try:

@@ -32,13 +32,14 @@ def evaluate(
         labelled = torch.zeros((), device=device)
         for x, y in eval_batches(datasets[name], batch_size, device):
             out = model(x, [name])[name].float()
+            scores = task.metric_inputs(out)
             mask = task.valid_mask(y)
             n = mask.sum()
             loss_sum += task.masked_loss(out, y) * n
             labelled += n
             if n.item() > 0:  # metrics reject empty batches; evaluation may sync
                 for metric in metrics.values():
-                    metric.update(out[mask], y[mask])
+                    metric.update(scores[mask], y[mask])
         if labelled.item() == 0:
             results[name] = {k: math.nan for k in [*metrics, "loss"]}
         else:
@@ -68,7 +69,9 @@ def selection_score(metrics: TaskMetrics, select_on: str, tasks: dict[str, Task]
         return value if dirs[task][metric] == "max" else -value
 
     if select_on == "primary_mean":
-        return sum(signed(t, task.primary_metric) for t, task in tasks.items()) / len(tasks)
+        # A task without a labelled validation sample (NaN) must not freeze the selection.
+        values = [v for v in (signed(t, task.primary_metric) for t, task in tasks.items()) if math.isfinite(v)]
+        return sum(values) / len(values) if values else math.nan
     if select_on == "loss":
         return -sum(m["loss"] for m in metrics.values())
     task, _, metric = select_on.partition("/")

@@ -92,6 +92,10 @@ class Task:
     def head_config(self) -> dict[str, Any]:
         return {"name": self.default_head}
 
+    def metric_inputs(self, output: torch.Tensor) -> torch.Tensor:
+        """What the metrics are updated with: the head's output, or e.g. probabilities."""
+        return output
+
     def input_key(self) -> Hashable | None:
         """Tasks returning the same key (not None) promise identical inputs, split for split
         and in the same order (e.g. MultiMNIST left and right): the trainer then draws one
@@ -157,6 +161,11 @@ class MultiLabelTask(Task):
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(output.float(), target.float(), reduction="none").mean(dim=1)
+
+    def metric_inputs(self, output: torch.Tensor) -> torch.Tensor:
+        # torchmetrics applies a sigmoid only when a batch has values outside [0, 1]: logits
+        # that all fall inside would be thresholded at 0.5 instead of logit 0.
+        return torch.sigmoid(output)
 
     def metrics(self) -> dict[str, torchmetrics.Metric]:
         from torchmetrics.classification import MultilabelAccuracy, MultilabelF1Score

@@ -33,6 +33,24 @@ from mtl.scheduler import Sources
 from mtl.results import directions, evaluate, flatten, selection_score, write_json
 
 
+RESUMABLE_CHANGES = ("resume", "trainer.epochs", "device", "logging")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ between two resolved configs, except those a resume may change."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        if path in RESUMABLE_CHANGES:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, f"{path}.")
+        elif a != b:
+            changed.append(path)
+    return changed
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
@@ -56,6 +74,16 @@ class Trainer:
                 f"output_dir: {str(self.run_dir)!r} already holds a run ({self.last_path}); "
                 "pass resume=true to continue it, or choose another output_dir."
             )
+        self._resume_state = None
+        if cfg.resume and self.last_path.exists():
+            self._resume_state = checkpoint.load(self.last_path)
+            changed = config_changes(self._resume_state["config"], to_dict(cfg))
+            if changed:
+                raise ConfigError(
+                    f"resume: {self.last_path} was written with another config ({', '.join(changed)} differ); "
+                    "resume with the config in its run directory (only trainer.epochs, device and logging may change), "
+                    "or start a new output_dir."
+                )
         seed_everything(cfg.seed, cfg.deterministic)
 
         parts = build_components(cfg)
@@ -114,9 +142,12 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         except OSError as e:
             raise ConfigError(f"output_dir: cannot write to {str(self.run_dir)!r}: {e}") from None
-        if cfg.resume and self.last_path.exists():
-            self._load(self.last_path)
-        self.loggers = build_loggers(cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume)
+        if self._resume_state is not None:
+            self._load(self._resume_state)
+        self.loggers = build_loggers(
+            cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume,
+            resume_step=self.step if self._resume_state is not None else None,
+        )
 
     def fit(self) -> dict[str, Any]:
         """Train the stage and return its results (also written to results.json)."""
@@ -243,11 +274,12 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
-    def _load(self, path: Path) -> None:
-        state = checkpoint.load(path, map_location=self.device)
+    def _load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        # Only the step count: the schedule itself comes from the current config, so a run
+        # resumed with more epochs stretches its schedule instead of replaying the old one.
+        self.lr_schedule.load_state_dict({**state["lr_schedule"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
         self.weighting.load_state_dict(state["weighting"])
         self.scheduler.load_state_dict(state["scheduler"])
         for n, s in self.sources.items():

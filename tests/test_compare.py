@@ -192,3 +192,14 @@ def test_every_cell_is_a_wandb_run_in_one_group_and_the_table_is_logged(tmp_path
     # The reader flattens logged media into "<key>.<field>".
     assert logged["comparison._type"] == "table-file"
     assert logged["plots/generalization._type"] == logged["plots/parameters._type"] == "image-file"
+
+
+def test_rerun_with_another_config_is_refused_before_training(grid_dir, capsys):
+    assert main(["compare", QUICKSTART, *grid_args(grid_dir, "trainer.optimizer.lr=0.1")]) == 2
+    err = capsys.readouterr().err
+    assert "was run with another config" in err and "trainer.optimizer.lr" in err
+
+
+def test_a_source_that_is_also_a_target_is_refused(tmp_path, capsys):
+    assert main(["compare", QUICKSTART, f"output_dir={tmp_path / 'x'}", *SHORT, "compare.sources=[mnist,digits]"]) == 2
+    assert "compare.sources: digits is also a target" in capsys.readouterr().err

@@ -33,6 +33,10 @@ def test_every_shipped_config_validates(path):
     cfg = load_config(ROOT / path)
     parts = build_components(cfg)
     assert set(parts.model.heads) == set(cfg.tasks)
+    if "compare" in OmegaConf.load(ROOT / path):
+        from mtl.compare import Grid
+
+        Grid(cfg).preflight()
 
 
 def test_overrides_apply_and_types_are_converted():

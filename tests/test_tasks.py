@@ -132,3 +132,13 @@ def test_head_override_merges_into_the_default_head():
     splits = {n: t.build_datasets() for n, t in tasks.items()}
     built = build_heads(trunk, tasks, heads, splits)
     assert type(built["mnist"]).__name__ == "MLPHead"
+
+
+def test_multilabel_metrics_see_probabilities():
+    from mtl.task import MultiLabelTask
+
+    task = MultiLabelTask(num_labels=2)
+    metric = task.metrics()["accuracy"]
+    logits = torch.tensor([[0.2, 0.9], [0.1, 0.3]])  # all inside [0, 1]: still logits, all positive
+    metric.update(task.metric_inputs(logits), torch.tensor([[1, 1], [1, 1]]))
+    assert metric.compute() == 1.0

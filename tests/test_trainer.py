@@ -87,19 +87,53 @@ def test_existing_run_is_never_overwritten(run_dir, capsys):
     assert (run_dir / "results.json").read_bytes() == before
 
 
-def test_model_selection_never_uses_test(run_dir, monkeypatch):
-    from mtl import results as results_module
+def test_resume_refuses_a_changed_config_but_allows_more_epochs(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", QUICKSTART, *quick(run, 1, 4)]) == 0
+    assert main(["train", QUICKSTART, *quick(run, 1, 4, "resume=true", "trainer.optimizer.lr=0.5")]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.optimizer.lr differ" in err and "new output_dir" in err
+    # More epochs on the cosine schedule: the schedule stretches; the LR is not stuck at its old end (0).
+    assert main(["train", QUICKSTART, *quick(run, 2, 4, "resume=true", "logging.log_every=1")]) == 0
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = [l["lr"] for l in lines if "lr" in l and l["step"] > 4]
+    assert lrs and all(lr > 0 for lr in lrs[:-1])
+
+
+def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", QUICKSTART, *quick(run, 1, 4, "logging.log_every=1")]) == 0
+    with open(run / "metrics.jsonl", "a") as f:  # as if the run had gone on past its checkpoint, then died
+        f.write(json.dumps({"step": 5, "train/batch_loss": 1.0}) + "\n")
+    assert main(["train", QUICKSTART, *quick(run, 2, 4, "logging.log_every=1", "resume=true")]) == 0
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if "train/batch_loss" in l]
+    assert steps == list(range(1, 9))
+
+
+def test_selection_evaluates_the_validation_sets_only(run_dir, monkeypatch):
+    from mtl import trainer as trainer_module
 
     seen = []
-    original = results_module.selection_score
+    original = trainer_module.evaluate
 
-    def spy(metrics, select_on, tasks):
-        seen.append(metrics)
-        return original(metrics, select_on, tasks)
+    def spy(model, tasks, datasets, batch_size, device):
+        seen.append(datasets)
+        return original(model, tasks, datasets, batch_size, device)
 
-    monkeypatch.setattr("mtl.trainer.selection_score", spy)
-    assert main(["train", QUICKSTART, *quick(run_dir, 2, 3)]) == 0
-    val_by_epoch = [l for l in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "epoch" in l]
-    assert len(seen) == 2
-    for metrics, line in zip(seen, val_by_epoch):
-        assert metrics["mnist"]["accuracy"] == pytest.approx(line["val/mnist/accuracy"])
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
+    t = trainer_module.Trainer(load_config(QUICKSTART, quick(run_dir, 2, 2)))
+    t.fit()
+    per_epoch = seen[:2]  # the rest is the final evaluation of the selected model on every split
+    for datasets in per_epoch:
+        assert all(datasets[n] is t.splits[n].val for n in t.tasks)
+
+
+def test_a_task_without_labelled_validation_samples_does_not_freeze_selection():
+    import math
+
+    from mtl.results import selection_score
+    from mtl.task import TASKS
+
+    tasks = {"mnist": TASKS.get("mnist")(), "digits": TASKS.get("digits")()}
+    metrics = {"mnist": {"accuracy": math.nan}, "digits": {"accuracy": 0.7}}
+    assert selection_score(metrics, "primary_mean", tasks) == 0.7
