@@ -29,7 +29,9 @@ from mtl.builders import (
 from mtl.config import ConfigError, save_config, to_dict
 from mtl.data import BatchSource, shared_inputs
 from mtl.loggers import build_loggers
-from mtl.scheduler import Sources
+from mtl.engine import GradientEngine
+from mtl.scheduler import AllTasks, Sources
+from mtl.weighting import GradientWeighting, LossWeighting
 from mtl.results import directions, evaluate, flatten, selection_score, write_json
 
 
@@ -95,7 +97,8 @@ class Trainer:
         groups = self.recipe.param_groups(self.model)
         weighting_params = list(self.weighting.parameters())
         if weighting_params:
-            groups.append({"params": weighting_params, "lr_scale": 1.0, "name": "weighting"})
+            # Learned loss scales (uncertainty, IMTL-L) must not be decayed towards 0.
+            groups.append({"params": weighting_params, "lr_scale": 1.0, "weight_decay": 0.0, "name": "weighting"})
         self.optimizer = build_optimizer(cfg, groups)
 
         self.groups = input_groups(self.tasks, self.splits)
@@ -113,6 +116,7 @@ class Trainer:
         )
         self.scheduler = build_scheduler(cfg, sizes)
         self.steps_per_epoch = self.scheduler.steps_per_epoch
+        self.engine = self._check_weighting()
         self.lr_schedule = build_lr_schedule(cfg, self.optimizer, t.epochs * self.steps_per_epoch)
 
         self.epoch = 0
@@ -121,6 +125,25 @@ class Trainer:
         self.wall_time = 0.0
         self._loss_sums = {n: torch.zeros((), device=self.device) for n in self.tasks}
         self._loss_counts = dict.fromkeys(self.tasks, 0)
+        self._epoch_sums = {n: torch.zeros((), device=self.device) for n in self.tasks}
+        self._epoch_counts = dict.fromkeys(self.tasks, 0)
+
+    def _check_weighting(self) -> GradientEngine | None:
+        w = self.weighting
+        if w.requires_all_tasks and not isinstance(self.scheduler, AllTasks):
+            raise ConfigError(
+                f"weighting: {self.cfg.weighting.name!r} needs every task's loss at every step; use scheduler.name=all "
+                "(or weighting.name=equal with a sampling scheduler)."
+            )
+        if not isinstance(w, GradientWeighting):
+            return None
+        if w.mode == "representation" and len(self.groups) > 1:
+            raise ConfigError(
+                f"weighting.mode: representation needs one shared representation, i.e. every task fed by one input batch "
+                f"(tasks with one input_key, e.g. MultiMNIST left/right); here the tasks have separate inputs "
+                f"({', '.join(self.groups)}). Use weighting.mode=parameters."
+            )
+        return GradientEngine(self.model, w, every=self.cfg.trainer.weighting_every)
 
     def _count_parameters(self) -> dict[str, int]:
         """Total parameters, and those the recipe trains in at least one epoch of the stage."""
@@ -171,6 +194,7 @@ class Trainer:
                     self._log_train(bar, rate)
                     tick, samples = time.perf_counter(), 0
             bar.close()
+            self._end_epoch_losses()
             val = evaluate(self.model, self.tasks, {n: s.val for n, s in self.splits.items()}, t.eval_batch_size, self.device)
             score = selection_score(val, t.select_on, self.tasks)
             self.loggers.log({**flatten("val", val), "epoch": epoch + 1}, self.step)
@@ -185,33 +209,71 @@ class Trainer:
             checkpoint.save(self._state(), self.last_path)
         return self._finish()
 
+    def _losses(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = self.model.forward_groups(inputs, self.groups)
+        return {t: self.tasks[t].masked_loss(outputs[t], y) for t, y in targets.items()}
+
     def _train_step(self) -> int:
         names = self.scheduler.tasks_for_step(self.step)
         batches = {n: self.sources[n].next() for n in names}
-        outputs = self.model.forward_groups({n: b[0] for n, b in batches.items()}, self.groups)
-        losses = {
-            task: self.tasks[task].masked_loss(outputs[task], target)
-            for n, batch in batches.items()
-            for task, target in zip(self.groups[n], batch[1:])
-        }
-        # Every task in weighting order; a task absent from this step (only with weightings
-        # that allow it, see Weighting.requires_all_tasks) contributes 0.
-        zero = next(iter(losses.values())).new_zeros(())
-        total = self.weighting(torch.stack([losses.get(t, zero) for t in self.weighting.tasks]))
-        penalty = self.recipe.penalty(self.model)
-        if penalty is not None:
-            total = total + penalty
+        inputs = {n: b[0] for n, b in batches.items()}
+        targets = {task: y for n, b in batches.items() for task, y in zip(self.groups[n], b[1:])}
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        if self.engine is not None:
+            loss_fns = {t: self.tasks[t].masked_loss for t in targets}
+            losses = self.engine.backward(
+                inputs, {n: self.groups[n] for n in names}, targets, loss_fns, self.step, lambda: self.recipe.penalty(self.model)
+            )
+        else:
+            losses = self._losses(inputs, targets)
+            # Every task in weighting order; a task absent from this step (only with weightings
+            # that allow it, see Weighting.requires_all_tasks) contributes 0.
+            zero = next(iter(losses.values())).new_zeros(())
+            vector = torch.stack([losses.get(t, zero) for t in self.weighting.tasks])
+            total = self.weighting(vector)
+            penalty = self.recipe.penalty(self.model)
+            (total if penalty is None else total + penalty).backward()
         if self.cfg.trainer.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
         self.optimizer.step()
         self.lr_schedule.step()
+        if self.engine is None:
+            after = None
+            if self.weighting.wants_losses_after_step:
+                with torch.no_grad():
+                    after_losses = self._losses(inputs, targets)
+                after = torch.stack([after_losses.get(t, zero) for t in self.weighting.tasks])
+            self.weighting.update(vector.detach(), after)
         self.step += 1
         for n, loss in losses.items():
             self._loss_sums[n] += loss.detach()
             self._loss_counts[n] += 1
+            self._epoch_sums[n] += loss.detach()
+            self._epoch_counts[n] += 1
         return sum(len(b[0]) for b in batches.values())
+
+    def _end_epoch_losses(self) -> None:
+        """Each task's mean training loss of the epoch, for weightings with a loss history (DWA)."""
+        if isinstance(self.weighting, LossWeighting):
+            means = torch.stack([self._epoch_sums[t] / max(self._epoch_counts[t], 1) for t in self.weighting.tasks])
+            self.weighting.on_epoch_end(means)
+        for n in self._epoch_sums:
+            self._epoch_sums[n].zero_()
+            self._epoch_counts[n] = 0
+
+    def _diagnostics(self) -> dict[str, float]:
+        """Task weights, and for gradient methods per-task gradient norms and pairwise cosines."""
+        out: dict[str, float] = {}
+        tasks = self.weighting.tasks
+        found = self.engine.diagnostics if self.engine is not None else {}
+        weights = found.get("weights") if self.engine is not None else self.weighting.weights()
+        if weights is not None:
+            out.update({f"weights/{t}": float(v) for t, v in zip(tasks, weights.tolist())})
+        if "norms" in found:
+            out.update({f"grad_norm/{t}": v for t, v in zip(tasks, found["norms"].tolist())})
+            cos = found["cosines"].tolist()
+            out.update({f"grad_cos/{a}/{b}": cos[i][j] for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j})
+        return out
 
     def _log_train(self, bar: tqdm, rate: float) -> None:
         # The only host sync of the training loop, once every log_every steps.
@@ -220,6 +282,7 @@ class Trainer:
         # train split at the end is logged as train/<task>/loss like the other splits.
         metrics = {f"train/{n}/batch_loss": v for n, v in means.items()}
         metrics.update({"train/batch_loss": sum(means.values()), "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
+        metrics.update(self._diagnostics())
         self.loggers.log(metrics, self.step)
         bar.set_postfix({"step": self.step, **{n: f"{v:.3f}" for n, v in means.items()}, "samples/s": f"{rate:.0f}"}, refresh=False)
         for n in self._loss_sums:

@@ -97,6 +97,6 @@ class GradientWeighting(Weighting):
 
 
 WEIGHTINGS: Registry[Weighting] = Registry(
-    "weighting", Weighting, builtins=("mtl.weighting.loss_level",)
+    "weighting", Weighting, builtins=("mtl.weighting.loss_level", "mtl.weighting.surgery", "mtl.weighting.projection")
 )
 register_weighting = WEIGHTINGS.register

@@ -1,0 +1,130 @@
+"""The gradient engine: per-task gradients for gradient-level weightings, and the update.
+
+For a ``GradientWeighting`` the engine forms ``J`` ``[T, D]``, the gradients of the task
+objectives (``weighting.transform_losses``) w.r.t. what the method's ``mode`` names:
+
+- ``parameters``: the trainable trunk parameters (the Jacobian);
+- ``last_shared``: the parameters of the trunk's last layer group (GradNorm's W);
+- ``representation``: the trunk's output features, when one input batch feeds every task
+  (MGDA-UB's upper bound; Sener & Koltun 2018); the trunk then back-propagates once.
+
+J is computed with one batched backward (``is_grads_batched``) where autograd can vmap
+the graph, else one backward per task. The method's ``Aggregation`` becomes the update:
+task weights alone → one backward of Σ_t w_t o_t (exact for every parameter); a combined
+gradient → written into the shared parameters, while the heads get the gradient of their
+own objectives. Weights can be recomputed every ``every`` steps and reused in between.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtl.model import MultiTaskModel
+from mtl.weighting import GradientWeighting
+
+
+def jacobian(objectives: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``[T, D]``: row t is the gradient of ``objectives[t]`` w.r.t. ``inputs``, flattened."""
+    T = len(objectives)
+    try:
+        eye = torch.eye(T, dtype=objectives.dtype, device=objectives.device)
+        rows = torch.autograd.grad(objectives, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True)
+        parts = [torch.zeros(T, x.numel(), dtype=x.dtype, device=x.device) if g is None else g.reshape(T, -1) for g, x in zip(rows, inputs)]
+        return torch.cat(parts, dim=1)
+    except RuntimeError:  # an op autograd cannot vmap: one backward per task
+        rows = []
+        for t in range(T):
+            grads = torch.autograd.grad(objectives[t], inputs, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([torch.zeros_like(x).flatten() if g is None else g.flatten() for g, x in zip(grads, inputs)]))
+        return torch.stack(rows)
+
+
+class GradientEngine:
+    def __init__(self, model: MultiTaskModel, weighting: GradientWeighting, every: int = 1):
+        self.model = model
+        self.weighting = weighting
+        self.every = every
+        self._weights: torch.Tensor | None = None
+        self.diagnostics: dict[str, torch.Tensor] = {}  # last J's weights, norms, cosines
+
+    def _shared(self) -> list[nn.Parameter]:
+        trunk = self.model.trunk
+        module = trunk.layer_groups()[-1][1] if self.weighting.mode == "last_shared" else trunk
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def backward(
+        self,
+        inputs: dict[str, torch.Tensor],
+        members: dict[str, list[str]],
+        targets: dict[str, torch.Tensor],
+        loss_fns: dict,
+        step: int,
+        penalty_fn,
+    ) -> dict[str, torch.Tensor]:
+        """Forward, per-task gradients, aggregation and the backward; returns the task losses."""
+        w = self.weighting
+        if w.mode == "representation":
+            (source,) = inputs
+            features = self.model.trunk(inputs[source])
+            leaf = features.detach().requires_grad_()
+            outputs = {t: self.model.heads[t](leaf) for t in members[source]}
+        else:
+            outputs = self.model.forward_groups(inputs, members)
+        losses = {t: loss_fns[t](outputs[t], targets[t]) for t in w.tasks}
+        L = torch.stack([losses[t] for t in w.tasks])
+        if hasattr(w, "observe"):
+            w.observe(L.detach())
+        objectives = w.transform_losses(L)
+        penalty = penalty_fn()
+        shared = [leaf] if w.mode == "representation" else self._shared()
+        reuse = self._weights is not None and step % self.every != 0
+        if not shared or reuse:
+            # Frozen trunk (a probe): heads have their own losses, no weighting to compute.
+            coef = self._weights if reuse else torch.ones_like(objectives)
+            total = (coef.to(objectives.dtype) * objectives).sum()
+            self._backward(total, penalty, features if w.mode == "representation" else None, leaf if w.mode == "representation" else None)
+            return losses
+        J = jacobian(objectives, shared)
+        result = w.aggregate(J)
+        self._record(J, result)
+        if result.gradient is None:
+            self._weights = result.weights.detach()
+            total = (self._weights.to(objectives.dtype) * objectives).sum()
+            self._backward(total, penalty, features if w.mode == "representation" else None, leaf if w.mode == "representation" else None)
+            return losses
+        if w.mode == "representation":
+            heads = [p for p in self.model.heads.parameters() if p.requires_grad]
+            torch.autograd.backward(objectives.sum(), inputs=heads)
+            if features.requires_grad:
+                features.backward(result.gradient.view_as(features).to(features.dtype))
+            if penalty is not None:
+                penalty.backward()
+            return losses
+        shared_ids = {id(p) for p in shared}
+        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        head_total = objectives.sum() if penalty is None else objectives.sum() + penalty
+        if others:
+            torch.autograd.backward(head_total, inputs=others, retain_graph=penalty is not None)
+        extra = torch.autograd.grad(penalty, shared, allow_unused=True) if penalty is not None else [None] * len(shared)
+        offset = 0
+        for p, g_pen in zip(shared, extra):
+            g = result.gradient[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+            p.grad = g if g_pen is None else g + g_pen
+        return losses
+
+    def _backward(self, total, penalty, features, leaf) -> None:
+        if penalty is not None:
+            total = total + penalty
+        total.backward()
+        if features is not None and features.requires_grad:
+            features.backward(leaf.grad)
+
+    def _record(self, J: torch.Tensor, result) -> None:
+        J = J.float()
+        norms = J.norm(dim=1)
+        unit = J / norms.clamp(min=1e-12)[:, None]
+        self.diagnostics = {"norms": norms.detach(), "cosines": (unit @ unit.T).detach()}
+        if result.weights is not None:
+            self.diagnostics["weights"] = result.weights.detach().float()

@@ -1,0 +1,267 @@
+"""Gradient surgery and balancing: PCGrad, GradVac, GradDrop, IMTL-G, Aligned-MTL, DB-MTL.
+
+Each method maps the per-task gradients ``J [T, D]`` to a combined gradient (PCGrad, GradVac,
+GradDrop, DB-MTL: their results are not a weighted sum of this step's raw gradients) or to
+task weights (IMTL-G, Aligned-MTL). Half-precision ``J`` is processed in float32 and the
+result is returned in J's dtype. Random draws come from the module's own seeded generator,
+whose state is checkpointed with the module (``get_extra_state``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mtl.weighting.base import Aggregation, GradientWeighting, register_weighting
+
+
+def _compute_dtype(J: torch.Tensor) -> torch.dtype:
+    return torch.float32 if J.dtype in (torch.float16, torch.bfloat16) else J.dtype
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).tiny
+
+
+def _check_beta(name: str, value: float, low_open: bool) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value < 1.0)
+    if not ok:
+        bounds = "in (0, 1]" if low_open else "in [0, 1)"
+        raise ValueError(f"weighting.{name} must be {bounds}, got {value!r}.")
+
+
+class _SeededWeighting(GradientWeighting):
+    """A gradient method with random draws from its own seeded, checkpointed generator.
+
+    The state of a CPU generator is kept (a small byte tensor, not a buffer, so ``.to()``
+    leaves it on the host); each step draws one seed from it for a generator on J's device,
+    so large draws happen on the device without a host round trip. Draws are reproducible
+    for a given seed and device type.
+    """
+
+    def __init__(self, tasks: Sequence[str], mode: str | None, seed: int):
+        super().__init__(tasks, mode)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"weighting.seed must be an int, got {seed!r}.")
+        self._rng_state = torch.Generator().manual_seed(seed).get_state()
+
+    def _device_generator(self, device: torch.device) -> torch.Generator:
+        host = torch.Generator()
+        host.set_state(self._rng_state)
+        seed = int(torch.randint(2**62, (), generator=host))
+        self._rng_state = host.get_state()
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _random_orders(self, num_tasks: int, device: torch.device) -> torch.Tensor:
+        """``[T, T-1]``: row i is a random order of the tasks other than i."""
+        keys = torch.rand(num_tasks, num_tasks, generator=self._device_generator(device), device=device)
+        keys.fill_diagonal_(2.0)  # above every draw, so task i sorts last and is cut off
+        return keys.argsort(dim=1)[:, : num_tasks - 1]
+
+    def get_extra_state(self) -> dict:
+        return {"generator": self._rng_state.clone()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._rng_state = state["generator"].clone()
+
+
+@register_weighting("pcgrad")
+class PCGrad(_SeededWeighting):
+    """PCGrad: project each task gradient off the others it conflicts with, then sum.
+
+    Yu et al. 2020, "Gradient Surgery for Multi-Task Learning". For each task i, over the
+    other tasks j in a random order: if g_iᵀg_j < 0, g_i ← g_i − (g_iᵀg_j / ||g_j||²) g_j,
+    with g_i the running projection and g_j the original gradient. The update is the **sum**
+    Σ_i g_i of the projected gradients, as in the official code (some ports take the mean).
+    """
+
+    def __init__(self, tasks: Sequence[str], mode: str | None = None, seed: int = 0):
+        super().__init__(tasks, mode, seed)
+
+    def project(self, J: torch.Tensor) -> torch.Tensor:
+        """The projected per-task gradients ``[T, D]`` (in the compute dtype)."""
+        G = J.to(_compute_dtype(J))
+        squared_norms = (G * G).sum(dim=1).clamp_min(_tiny(G.dtype))
+        order = self._random_orders(G.shape[0], G.device)
+        projected = G.clone()
+        # Step k pairs every task i with its k-th other task at once: the g_j are the
+        # originals, so this equals the per-task loop, without data-dependent branches.
+        for k in range(order.shape[1]):
+            j = order[:, k]
+            conflict = (projected * G[j]).sum(dim=1).clamp(max=0.0)
+            projected = projected - (conflict / squared_norms[j]).unsqueeze(1) * G[j]
+        return projected
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        return Aggregation(gradient=self.project(J).sum(dim=0).to(J.dtype))
+
+
+@register_weighting("gradvac")
+class GradVac(_SeededWeighting):
+    """GradVac: raise each pair's gradient cosine to an EMA target similarity, then sum.
+
+    Wang et al. 2021, "Gradient Vaccine: Investigating and Improving Multi-task Optimization
+    in Massively Multilingual Models". For each task i, over the other tasks j in a random
+    order, with φ_ij = cos(g_i, g_j) (g_i running, g_j original) and the target φ̂_ij (an EMA,
+    initially 0): if φ_ij < φ̂_ij,
+    g_i ← g_i + ||g_i|| (φ̂_ij √(1−φ_ij²) − φ_ij √(1−φ̂_ij²)) / (||g_j|| √(1−φ̂_ij²)) · g_j,
+    which makes cos(g_i, g_j) = φ̂_ij; then φ̂_ij ← (1−β) φ̂_ij + β φ_ij. The update is Σ_i g_i.
+    The paper applies this per layer; here it acts on the whole gradient vector (J carries
+    no layer boundaries).
+    """
+
+    def __init__(self, tasks: Sequence[str], mode: str | None = None, beta: float = 0.01, seed: int = 0):
+        super().__init__(tasks, mode, seed)
+        _check_beta("beta", beta, low_open=True)
+        self.beta = beta
+        self.register_buffer("target", torch.zeros(self.num_tasks, self.num_tasks))
+
+    def vaccinate(self, J: torch.Tensor) -> torch.Tensor:
+        """The adjusted per-task gradients ``[T, D]`` (in the compute dtype); updates the targets."""
+        G = J.to(_compute_dtype(J))
+        if self.target.device != G.device:
+            self.target = self.target.to(G.device)  # once: the statistics live with the gradients
+        tiny = _tiny(G.dtype)
+        norms = G.norm(dim=1)
+        targets = self.target.to(G.dtype, copy=True)
+        rows = torch.arange(G.shape[0], device=G.device)
+        order = self._random_orders(G.shape[0], G.device)
+        adjusted = G.clone()
+        for k in range(order.shape[1]):  # all tasks at once, as in PCGrad
+            j = order[:, k]
+            norms_i = adjusted.norm(dim=1)
+            cos = ((adjusted * G[j]).sum(dim=1) / (norms_i * norms[j]).clamp_min(tiny)).clamp(-1.0, 1.0)
+            goal = targets[rows, j]
+            sin, goal_sin = (1 - cos**2).sqrt(), (1 - goal**2).sqrt()
+            denominator = norms[j] * goal_sin
+            # A zero g_j, or a target of ±1 (reachable only in the limit), leaves g_i as it is.
+            apply = (cos < goal) & (denominator > 0)
+            scale = norms_i * (goal * sin - cos * goal_sin) / denominator.clamp_min(tiny)
+            adjusted = adjusted + torch.where(apply, scale, 0.0).unsqueeze(1) * G[j]
+            targets[rows, j] = (1 - self.beta) * goal + self.beta * cos
+        self.target.copy_(targets)
+        return adjusted
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        return Aggregation(gradient=self.vaccinate(J).sum(dim=0).to(J.dtype))
+
+
+@register_weighting("graddrop")
+class GradDrop(_SeededWeighting):
+    """GradDrop: keep, element by element, only one sign of the task gradients, drawn by purity.
+
+    Chen et al. 2020, "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
+    Dropout". Element-wise purity P = ½(1 + Σ_i g_i / Σ_i |g_i|), U ~ Uniform(0, 1) per
+    element (shared by the tasks), masks M_i = I[g_i > 0]·I[U < P] + I[g_i < 0]·I[U > P],
+    update Σ_i M_i g_i. The paper applies it at the shared representation (the default mode).
+    Not included: the paper's optional sign(activation) factor and batch-dimension sum (J
+    carries no activations) and its leak parameter (paper default 0).
+    """
+
+    modes = ("representation", "parameters")
+
+    def __init__(self, tasks: Sequence[str], mode: str | None = None, seed: int = 0):
+        super().__init__(tasks, mode, seed)
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = J.to(_compute_dtype(J))
+        purity = 0.5 * (1 + G.sum(dim=0) / G.abs().sum(dim=0).clamp_min(_tiny(G.dtype)))
+        draw = torch.rand(G.shape[1], generator=self._device_generator(G.device), device=G.device, dtype=G.dtype)
+        keep = ((G > 0) & (draw < purity)) | ((G < 0) & (draw > purity))
+        return Aggregation(gradient=(G * keep).sum(dim=0).to(J.dtype))
+
+
+@register_weighting("imtl_g")
+class IMTLG(GradientWeighting):
+    """IMTL-G: weights whose combined gradient has equal projections on every task direction.
+
+    Liu et al. 2021, "Towards Impartial Multi-task Learning" (gradient part). With
+    u_t = g_t / ||g_t||, D = [g_1 − g_t]_{t=2..T}, U = [u_1 − u_t]_{t=2..T}:
+    α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹, α_1 = 1 − Σ_{t≥2} α_t, so (Σ_t α_t g_t)ᵀ u_t is the same for
+    every t and Σ_t α_t = 1. Computed from the Gramian JJᵀ (no [T, D] copies); a pseudo-inverse
+    replaces the inverse so that parallel task gradients give finite weights. The paper takes
+    the gradients at the shared representation (the default mode).
+    """
+
+    modes = ("representation", "parameters")
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = J.to(_compute_dtype(J))
+        gram = G @ G.T
+        norms = gram.diagonal().sqrt().clamp_min(_tiny(G.dtype))
+        M = gram / norms  # M[a, b] = g_aᵀ u_b
+        b = M[0, 0] - M[0, 1:]  # g_1 Uᵀ
+        A = M[0, 0] - M[0, 1:] - M[1:, :1] + M[1:, 1:]  # D Uᵀ
+        rest = b @ torch.linalg.pinv(A)
+        weights = torch.cat([(1 - rest.sum()).unsqueeze(0), rest])
+        return Aggregation(weights=weights.to(J.dtype))
+
+
+@register_weighting("aligned_mtl")
+class AlignedMTL(GradientWeighting):
+    """Aligned-MTL: align the principal components of the task gradients to equal strength.
+
+    Senushkin et al. 2023, "Independent Component Alignment for Multi-Task Learning". With the
+    Gramian JJᵀ = V Λ Vᵀ and σ_min the smallest singular value of J above a rank tolerance
+    (λ > λ_max · T · eps, as in the official code), B = σ_min V Λ^{-1/2} Vᵀ (over the kept
+    components) and the aligned gradients are BJ, whose singular values all equal σ_min. The
+    update sums them, as the official code does (task importances w = 1, no 1/T):
+    Jᵀ B 1, i.e. task weights w = B 1.
+    """
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = J.to(_compute_dtype(J))
+        eigenvalues, V = torch.linalg.eigh(G @ G.T)
+        tolerance = eigenvalues.max() * G.shape[0] * torch.finfo(G.dtype).eps
+        kept = eigenvalues > tolerance
+        # Masks rather than slicing off the null space: the rank stays on the device.
+        inverse_sqrt = torch.where(kept, eigenvalues.clamp_min(_tiny(G.dtype)).rsqrt(), 0.0)
+        sigma_min = torch.where(kept, eigenvalues, torch.inf).min().sqrt()
+        sigma_min = torch.where(kept.any(), sigma_min, 0.0)
+        B = sigma_min * (V * inverse_sqrt) @ V.T
+        return Aggregation(weights=B.sum(dim=1).to(J.dtype))
+
+
+@register_weighting("db_mtl")
+class DBMTL(GradientWeighting):
+    """DB-MTL: log losses, EMA task gradients rescaled to the largest norm, then summed.
+
+    Lin et al. 2023, "Dual-Balancing Multi-Task Learning". Loss balancing: the task objectives
+    are log(L_t + ε). Gradient balancing: ĝ_t ← β ĝ_t + (1−β) g_t (ĝ_t = g_t at the first step,
+    as in the authors' LibMTL code), update Σ_t (max_k ||ĝ_k|| / ||ĝ_t||) ĝ_t. The paper's
+    step-dependent β_k = β / k^σ is simplified to a constant β (LibMTL's default σ = 0).
+    The EMA buffer ``[T, D]`` is allocated at the first call with J's shape and device (in
+    float32 for half-precision J); it restarts if J's shape changes.
+    """
+
+    modes = ("parameters", "last_shared")
+
+    def __init__(self, tasks: Sequence[str], mode: str | None = None, beta: float = 0.9, eps: float = 1e-8):
+        super().__init__(tasks, mode)
+        _check_beta("beta", beta, low_open=False)
+        if not eps > 0:
+            raise ValueError(f"weighting.eps must be > 0, got {eps!r}.")
+        self.beta = beta
+        self.eps = eps
+        self.register_buffer("grad_ema", torch.zeros(0))
+
+    def transform_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        return torch.log(losses + self.eps)
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = J.to(_compute_dtype(J))
+        if self.grad_ema.shape != G.shape:
+            self.grad_ema = G.clone()
+        else:
+            self.grad_ema = torch.lerp(G, self.grad_ema.to(G.device, G.dtype), self.beta)
+        norms = self.grad_ema.norm(dim=1)
+        scales = torch.where(norms > 0, norms.max() / norms.clamp_min(_tiny(G.dtype)), 0.0)
+        return Aggregation(gradient=(scales @ self.grad_ema).to(J.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The buffer's size is only known once gradients have been seen: take the saved one's.
+        saved = state_dict.get(prefix + "grad_ema")
+        if saved is not None:
+            self.grad_ema = torch.empty_like(saved, device=self.grad_ema.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -1,0 +1,279 @@
+"""PCGrad, GradVac, GradDrop, IMTL-G, Aligned-MTL and DB-MTL against their formulas on hand-made gradients."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from mtl.weighting.surgery import DBMTL, IMTLG, AlignedMTL, GradDrop, GradVac, PCGrad
+
+TASKS2 = ["a", "b"]
+TASKS3 = ["a", "b", "c"]
+DTYPES = [torch.float32, torch.float64]
+
+
+def t(rows, dtype=torch.float64):
+    return torch.tensor(rows, dtype=dtype)
+
+
+def roundtrip(module, fresh):
+    """Save ``module``'s state through bytes (as a checkpoint would) into ``fresh``."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    return fresh
+
+
+def close(actual, expected, dtype):
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=tol, atol=tol)
+
+
+# PCGrad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pcgrad_removes_the_conflict_of_two_tasks(dtype):
+    g1, g2 = t([1.0, 0.0], dtype), t([-1.0, 2.0], dtype)
+    projected = PCGrad(TASKS2).project(torch.stack([g1, g2]))
+    # Each projected gradient is orthogonal to the other original (no conflict left).
+    assert projected[0] @ g2 >= -1e-6 and projected[1] @ g1 >= -1e-6
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    close(projected, torch.stack([p1, p2]), dtype)
+    close(PCGrad(TASKS2).aggregate(torch.stack([g1, g2])).gradient, p1 + p2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pcgrad_without_conflict_is_the_plain_sum(dtype):
+    J = t([[1.0, 0.5, 0.0], [0.2, 1.0, 0.0], [0.0, 0.3, 2.0]], dtype)
+    close(PCGrad(TASKS3).aggregate(J).gradient, J.sum(0), dtype)
+
+
+def test_pcgrad_order_is_seeded_and_survives_a_checkpoint():
+    J = t([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.0], [-0.5, -1.0, 1.0]])
+    # With three conflicting tasks the result depends on the order of the projections.
+    results = {tuple(PCGrad(TASKS3, seed=s).aggregate(J).gradient.tolist()) for s in range(20)}
+    assert len(results) > 1
+    assert torch.equal(PCGrad(TASKS3, seed=3).aggregate(J).gradient, PCGrad(TASKS3, seed=3).aggregate(J).gradient)
+    used = PCGrad(TASKS3, seed=3)
+    used.aggregate(J)
+    resumed = roundtrip(used, PCGrad(TASKS3, seed=99))
+    for _ in range(5):
+        assert torch.equal(used.aggregate(J).gradient, resumed.aggregate(J).gradient)
+
+
+# GradVac
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradvac_raises_the_cosine_to_the_target(dtype):
+    g1, g2 = t([1.0, 0.0], dtype), t([-1.0, 1.0], dtype)
+    J = torch.stack([g1, g2])
+    method = GradVac(TASKS2)
+    # Targets start at 0: g1 + ½ g2 = (½, ½) and g2 + 1·g1 = (0, 1), both orthogonal to the other.
+    close(method.vaccinate(J), t([[0.5, 0.5], [0.0, 1.0]]), dtype)
+    cos = -1 / math.sqrt(2)
+    close(method.target, torch.full((2, 2), 0.01 * cos).fill_diagonal_(0.0), dtype)
+
+    method.target.fill_(0.5)
+    adjusted = method.vaccinate(J)
+    cosine = torch.nn.functional.cosine_similarity
+    close(cosine(adjusted[0], g2, dim=0), torch.tensor(0.5), dtype)
+    close(cosine(adjusted[1], g1, dim=0), torch.tensor(0.5), dtype)
+    close(method.target[0, 1], torch.tensor(0.99 * 0.5 + 0.01 * cos), dtype)
+
+
+def test_gradvac_leaves_gradients_above_the_target_and_sums():
+    J = t([[1.0, 0.2], [0.3, 1.0]])
+    close(GradVac(TASKS2).aggregate(J).gradient, J.sum(0), torch.float64)
+
+
+def test_gradvac_targets_survive_a_checkpoint():
+    J = t([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.0], [-0.5, -1.0, 1.0]])
+    used = GradVac(TASKS3, seed=1)
+    used.aggregate(J)
+    resumed = roundtrip(used, GradVac(TASKS3, seed=5))
+    assert torch.equal(resumed.target, used.target)
+    assert torch.equal(used.aggregate(J).gradient, resumed.aggregate(J).gradient)
+
+
+# GradDrop
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_graddrop_purity_zero_or_one_is_deterministic(dtype):
+    # Column 0 all positive (P = 1): kept; column 1 all negative (P = 0): kept; column 2 zero.
+    J = t([[2.0, -1.0, 0.0], [3.0, -4.0, 0.0]], dtype)
+    for seed in range(5):
+        close(GradDrop(TASKS2, seed=seed).aggregate(J).gradient, t([5.0, -5.0, 0.0]), dtype)
+
+
+def test_graddrop_keeps_one_sign_per_element():
+    J = torch.randn(3, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = GradDrop(TASKS3).aggregate(J).gradient
+    positive, negative = J.clamp(min=0).sum(0), J.clamp(max=0).sum(0)
+    # Each element is either all its positive parts or all its negative parts.
+    assert torch.all(torch.isclose(result, positive) | torch.isclose(result, negative))
+    assert torch.isclose(result, positive).any() and torch.isclose(result, negative).any()
+
+
+def test_graddrop_follows_the_purity_on_average():
+    # One element with P = ¾: the positive side is kept about 3 times in 4.
+    J = t([[3.0], [-1.0]])
+    method = GradDrop(TASKS2)
+    kept = torch.stack([method.aggregate(J).gradient for _ in range(4000)])
+    assert set(kept.flatten().tolist()) <= {3.0, -1.0}
+    assert abs((kept == 3.0).double().mean().item() - 0.75) < 0.03
+
+
+def test_graddrop_draws_are_seeded_and_survive_a_checkpoint():
+    J = torch.randn(2, 100, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(GradDrop(TASKS2, seed=4).aggregate(J).gradient, GradDrop(TASKS2, seed=4).aggregate(J).gradient)
+    assert not torch.equal(GradDrop(TASKS2, seed=4).aggregate(J).gradient, GradDrop(TASKS2, seed=5).aggregate(J).gradient)
+    used = GradDrop(TASKS2, seed=4)
+    first = used.aggregate(J).gradient
+    resumed = roundtrip(used, GradDrop(TASKS2, seed=0))
+    second = used.aggregate(J).gradient
+    assert torch.equal(resumed.aggregate(J).gradient, second)
+    assert not torch.equal(first, second)
+    assert GradDrop(TASKS2).mode == "representation"
+
+
+# IMTL-G
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_imtl_g_orthogonal_hand_case(dtype):
+    # g = α1 (3, 0) + α2 (0, 1) with equal projections 3α1 = α2 and α1 + α2 = 1.
+    weights = IMTLG(TASKS2).aggregate(t([[3.0, 0.0], [0.0, 1.0]], dtype)).weights
+    close(weights, t([0.25, 0.75]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_imtl_g_equal_projections_and_weights_sum_to_one(dtype):
+    J = t([[1.0, 2.0, 0.0, -1.0], [-3.0, 0.5, 1.0, 0.0], [0.2, -0.1, 4.0, 1.0]], dtype)
+    weights = IMTLG(TASKS3).aggregate(J).weights
+    assert weights.dtype == dtype
+    close(weights.sum(), torch.tensor(1.0), dtype)
+    combined = weights @ J
+    projections = (J / J.norm(dim=1, keepdim=True)) @ combined
+    close(projections, projections[0].expand(3), dtype)
+
+
+def test_imtl_g_parallel_gradients_give_finite_weights():
+    weights = IMTLG(TASKS2).aggregate(t([[1.0, 0.0], [2.0, 0.0]])).weights
+    assert torch.isfinite(weights).all() and torch.isclose(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+# Aligned-MTL
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aligned_mtl_balances_orthogonal_gradients(dtype):
+    J = t([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.5]], dtype)
+    weights = AlignedMTL(TASKS3).aggregate(J).weights
+    # B = σ_min V Λ^{-1/2} Vᵀ with V = I: w_t = σ_min / ||g_t||, σ_min = 0.5.
+    close(weights, t([0.5 / 3, 0.5, 1.0]), dtype)
+    update = weights @ J
+    projections = (J / J.norm(dim=1, keepdim=True)) @ update
+    close(projections, torch.full((3,), 0.5), dtype)  # every task gets σ_min
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aligned_mtl_on_balanced_orthogonal_gradients_is_the_sum(dtype):
+    J = t([[2.0, 0.0], [0.0, 2.0]], dtype)
+    weights = AlignedMTL(TASKS2).aggregate(J).weights
+    close(weights, t([1.0, 1.0]), dtype)
+
+
+def test_aligned_mtl_aligns_singular_values():
+    J = t([[1.0, 2.0, 0.0, -1.0], [-3.0, 0.5, 1.0, 0.0], [0.2, -0.1, 4.0, 1.0]])
+    gram = J @ J.T
+    eigenvalues, V = torch.linalg.eigh(gram)
+    B = eigenvalues.min().sqrt() * (V * eigenvalues.rsqrt()) @ V.T
+    close(torch.linalg.svdvals(B @ J), eigenvalues.min().sqrt().expand(3), torch.float64)
+    close(AlignedMTL(TASKS3).aggregate(J).weights, B.sum(1), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_aligned_mtl_rank_deficient(dtype):
+    # Two identical gradients: Gramian [[1, 1], [1, 1]] has rank 1, kept eigenvalue 2, B = vvᵀ.
+    weights = AlignedMTL(TASKS2).aggregate(t([[1.0, 0.0], [1.0, 0.0]], dtype)).weights
+    close(weights, t([1.0, 1.0]), dtype)
+    weights = AlignedMTL(TASKS3).aggregate(t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype)).weights
+    assert torch.isfinite(weights).all()
+
+
+# DB-MTL
+
+
+def test_db_mtl_log_transform():
+    losses = t([1.0, math.e, 0.0])
+    close(DBMTL(TASKS3).transform_losses(losses), torch.log(losses + 1e-8), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_db_mtl_max_norm_balancing_with_ema(dtype):
+    method = DBMTL(TASKS2)
+    # First step: ĝ = g, norms (3, 1): scales (1, 3), update (3, 0) + 3 (0, 1).
+    close(method.aggregate(t([[3.0, 0.0], [0.0, 1.0]], dtype)).gradient, t([3.0, 3.0]), dtype)
+    # Second step: ĝ = 0.9 ĝ + 0.1 g.
+    ema = t([[2.7, 0.3], [0.1, 0.9]])
+    norms = ema.norm(dim=1)
+    expected = (norms.max() / norms) @ ema
+    close(method.aggregate(t([[0.0, 3.0], [1.0, 0.0]], dtype)).gradient, expected, dtype)
+    close(method.grad_ema, ema, dtype)
+
+
+def test_db_mtl_lazy_ema_survives_a_checkpoint():
+    J1, J2 = t([[3.0, 0.0, 1.0], [0.0, 1.0, -1.0]]), t([[1.0, 2.0, 0.0], [-1.0, 0.0, 1.0]])
+    used = DBMTL(TASKS2)
+    used.aggregate(J1)
+    resumed = roundtrip(used, DBMTL(TASKS2))
+    assert resumed.grad_ema.shape == (2, 3)
+    assert torch.equal(used.aggregate(J2).gradient, resumed.aggregate(J2).gradient)
+    # A state saved before any step restores the empty buffer.
+    assert roundtrip(DBMTL(TASKS2), DBMTL(TASKS2)).grad_ema.numel() == 0
+    assert DBMTL(TASKS2).mode == "parameters"
+
+
+# All methods
+
+
+ALL = [PCGrad, GradVac, GradDrop, IMTLG, AlignedMTL, DBMTL]
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_bf16_in_bf16_out(method):
+    J = torch.randn(3, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    result = method(TASKS3).aggregate(J)
+    out = result.gradient if result.gradient is not None else result.weights
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_zero_gradients_give_finite_results(method):
+    result = method(TASKS3).aggregate(torch.zeros(3, 4))
+    out = result.gradient if result.gradient is not None else result.weights
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, message",
+    [
+        (GradVac, {"beta": 0.0}, "weighting.beta"),
+        (GradVac, {"beta": 1.5}, "weighting.beta"),
+        (DBMTL, {"beta": 1.0}, "weighting.beta"),
+        (DBMTL, {"eps": 0.0}, "weighting.eps"),
+        (PCGrad, {"seed": 1.5}, "weighting.seed"),
+        (GradDrop, {"seed": "x"}, "weighting.seed"),
+        (IMTLG, {"mode": "last_shared"}, "weighting.mode"),
+        (DBMTL, {"mode": "representation"}, "weighting.mode"),
+    ],
+)
+def test_bad_hyper_parameters_raise(method, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        method(TASKS2, **kwargs)
