@@ -51,6 +51,8 @@ class TrainerConfig:
     lr_schedule: Dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
     weighting_every: int = 1  # gradient-level weightings: recompute task weights every k steps, reuse between
+    precision: str = "fp32"  # fp32 | bf16 (autocast in the training forward; evaluation stays fp32)
+    channels_last: bool = False  # NHWC memory format for 4-D inputs and the model (faster convs on GPU)
     select_on: str = "primary_mean"  # best epoch by: primary_mean | loss | <task>/<metric> (validation only)
     data_on_device: bool = True  # tensor datasets under device_data_limit_mb live on the device, batched there
     device_data_limit_mb: float = 1024.0  # larger tensor datasets stay on the host; each batch is copied over
@@ -199,6 +201,7 @@ def check_values(cfg: DictConfig) -> None:
     _must(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}.")
     _must(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", f"must be > 0 or null, got {t.grad_clip}.")
     _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", "must be >= 1 or null.")
+    _must(t.precision in ("fp32", "bf16"), "trainer.precision", f"must be fp32 or bf16, got {t.precision!r}.")
     _must(t.weighting_every >= 1, "trainer.weighting_every", f"must be >= 1, got {t.weighting_every}.")
     _must(t.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {t.num_workers}.")
     _must(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}.")

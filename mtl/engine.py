@@ -68,7 +68,7 @@ class GradientEngine:
             (source,) = inputs
             features = self.model.trunk(inputs[source])
             leaf = features.detach().requires_grad_()
-            outputs = {t: self.model.heads[t](leaf) for t in members[source]}
+            outputs = self.model.apply_heads(leaf, members[source])
         else:
             outputs = self.model.forward_groups(inputs, members)
         losses = {t: loss_fns[t](outputs[t], targets[t]) for t in w.tasks}

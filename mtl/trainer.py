@@ -7,6 +7,7 @@ validation (never test), and evaluates the best model on train/val/test at the e
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ class Trainer:
         parts = build_components(cfg)
         self.tasks, self.splits = parts.tasks, parts.splits
         self.model, self.weighting = parts.model.to(self.device), parts.weighting.to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.recipe = build_recipe(cfg)
         self.recipe.setup(self.model)
         self.parameters = self._count_parameters()
@@ -213,26 +216,37 @@ class Trainer:
         outputs = self.model.forward_groups(inputs, self.groups)
         return {t: self.tasks[t].masked_loss(outputs[t], y) for t, y in targets.items()}
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.trainer.channels_last and x.dim() == 4 else x
+
+    def _loss_vector(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every task in weighting order; a task absent from this step (only with weightings
+        that allow it, see Weighting.requires_all_tasks) contributes 0."""
+        zero = next(iter(losses.values())).new_zeros(())
+        return torch.stack([losses.get(t, zero) for t in self.weighting.tasks])
+
+    def _backward(self, names, inputs, targets) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Forward, weighting and backward of one step; the task losses (and their vector)."""
+        penalty = functools.partial(self.recipe.penalty, self.model)
+        if self.engine is not None:
+            loss_fns = {t: self.tasks[t].masked_loss for t in targets}
+            members = {n: self.groups[n] for n in names}
+            return self.engine.backward(inputs, members, targets, loss_fns, self.step, penalty), None
+        losses = self._losses(inputs, targets)
+        vector = self._loss_vector(losses)
+        total = self.weighting(vector)
+        extra = penalty()
+        (total if extra is None else total + extra).backward()
+        return losses, vector
+
     def _train_step(self) -> int:
         names = self.scheduler.tasks_for_step(self.step)
         batches = {n: self.sources[n].next() for n in names}
-        inputs = {n: b[0] for n, b in batches.items()}
+        inputs = {n: self._layout(b[0]) for n, b in batches.items()}
         targets = {task: y for n, b in batches.items() for task, y in zip(self.groups[n], b[1:])}
         self.optimizer.zero_grad(set_to_none=True)
-        if self.engine is not None:
-            loss_fns = {t: self.tasks[t].masked_loss for t in targets}
-            losses = self.engine.backward(
-                inputs, {n: self.groups[n] for n in names}, targets, loss_fns, self.step, lambda: self.recipe.penalty(self.model)
-            )
-        else:
-            losses = self._losses(inputs, targets)
-            # Every task in weighting order; a task absent from this step (only with weightings
-            # that allow it, see Weighting.requires_all_tasks) contributes 0.
-            zero = next(iter(losses.values())).new_zeros(())
-            vector = torch.stack([losses.get(t, zero) for t in self.weighting.tasks])
-            total = self.weighting(vector)
-            penalty = self.recipe.penalty(self.model)
-            (total if penalty is None else total + penalty).backward()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == "bf16"):
+            losses, vector = self._backward(names, inputs, targets)
         if self.cfg.trainer.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
         self.optimizer.step()
@@ -241,8 +255,7 @@ class Trainer:
             after = None
             if self.weighting.wants_losses_after_step:
                 with torch.no_grad():
-                    after_losses = self._losses(inputs, targets)
-                after = torch.stack([after_losses.get(t, zero) for t in self.weighting.tasks])
+                    after = self._loss_vector(self._losses(inputs, targets))
             self.weighting.update(vector.detach(), after)
         self.step += 1
         for n, loss in losses.items():

@@ -48,3 +48,26 @@ def test_mlp_head_layers():
 def test_zero_outputs_is_rejected():
     with pytest.raises(ValueError, match="num_outputs >= 1"):
         HEADS.get("linear")((4,), 0)
+
+
+def test_fused_linear_heads_match_separate_heads_in_outputs_and_gradients():
+    from mtl.model import MultiTaskModel
+    from mtl.trunks import TRUNKS
+
+    torch.manual_seed(0)
+    heads = {f"t{i}": HEADS.get("linear")((50,), 10) for i in range(3)}
+    heads["reg"] = HEADS.get("regression")((50,), 1)  # not fusable: runs on its own
+    model = MultiTaskModel(TRUNKS.get("seed_net")(dropout=0.0), heads)
+    x = torch.randn(4, 1, 28, 28)
+    fused = model(x)
+    sum(o.square().sum() for o in fused.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    features = model.trunk(x)
+    separate = {t: model.heads[t](features) for t in heads}
+    sum(o.square().sum() for o in separate.values()).backward()
+    for t in heads:
+        assert torch.allclose(fused[t], separate[t], atol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-5), n
+    assert {k for k in model.state_dict() if k.startswith("heads.t0.")} == {"heads.t0.fc.weight", "heads.t0.fc.bias"}

@@ -140,3 +140,12 @@ def test_learned_weighting_state_resumes_exactly(tmp_path):
     full = json.loads((tmp_path / "full" / "results.json").read_text())
     part = json.loads((tmp_path / "part" / "results.json").read_text())
     assert part["splits"] == full["splits"]
+
+
+@pytest.mark.parametrize("name", ["equal", "mgda", "pcgrad", "upgrad", "nash_mtl", "famo"])
+def test_methods_run_under_bf16_autocast_and_channels_last(name, tmp_path):
+    run = tmp_path / "run"
+    args = [f"weighting.name={name}", "trainer.precision=bf16", "trainer.channels_last=true"]
+    assert main(["train", QUICKSTART, *quick(run, 1, 3, *args)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert all(math.isfinite(m["loss"]) for m in results["splits"]["test"].values())
