@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/mtl compare configs/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -35,6 +35,7 @@ def grid_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_results_csv_is_long_form_with_every_cell(grid_dir):
     df = pd.read_csv(grid_dir / "results.csv")
     assert {"regime", "recipe", "seed", "fraction", "task", "split", "metric", "value"} <= set(df.columns)
@@ -54,6 +55,7 @@ def test_results_csv_is_long_form_with_every_cell(grid_dir):
     assert df.value.between(0, 10).all()
 
 
+@pytest.mark.slow
 def test_source_stage_trains_once_per_seed_and_transfers_its_trunk(grid_dir):
     assert sorted(p.name for p in (grid_dir / "sources").iterdir()) == ["seed0", "seed1"]
     source = checkpoint.load(grid_dir / "sources" / "seed0" / "trunk.pt")["trunk"]
@@ -69,6 +71,7 @@ def test_source_stage_trains_once_per_seed_and_transfers_its_trunk(grid_dir):
     assert list(cfg.tasks) == ["digits"]
 
 
+@pytest.mark.slow
 def test_report_and_plots_are_written(grid_dir):
     report = (grid_dir / "report.md").read_text()
     assert "Δm%" in report and "validation" in report
@@ -76,6 +79,7 @@ def test_report_and_plots_are_written(grid_dir):
         assert (grid_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_cells_and_restarts_an_interrupted_one(grid_dir, capsys):
     cell = grid_dir / "cells" / "joint" / "f0.05" / "seed1"
     stamps = {p: p.stat().st_mtime_ns for p in grid_dir.glob("cells/**/results.json") if p.parent != cell}
@@ -90,6 +94,7 @@ def test_rerun_skips_finished_cells_and_restarts_an_interrupted_one(grid_dir, ca
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+@pytest.mark.slow
 def test_custom_stages_chain_trunk_and_continuing_heads(tmp_path):
     regime = "compare.regimes={curriculum: {kind: stages, stages: [{name: pre, tasks: [mnist, digits]}, {name: probe, tasks: [digits], recipe: {name: linear_probe}}]}}"
     out = tmp_path / "run"
@@ -161,6 +166,7 @@ def test_plan_counts_cells():
     assert len(cells) == 3 * (5 + 12 + 4)
 
 
+@pytest.mark.slow
 def test_every_cell_is_a_wandb_run_in_one_group_and_the_table_is_logged(tmp_path):
     from test_wandb import read_records
 
@@ -194,6 +200,7 @@ def test_every_cell_is_a_wandb_run_in_one_group_and_the_table_is_logged(tmp_path
     assert logged["plots/generalization._type"] == logged["plots/parameters._type"] == "image-file"
 
 
+@pytest.mark.slow
 def test_rerun_with_another_config_is_refused_before_training(grid_dir, capsys):
     assert main(["compare", QUICKSTART, *grid_args(grid_dir, "trainer.optimizer.lr=0.1")]) == 2
     err = capsys.readouterr().err

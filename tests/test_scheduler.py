@@ -124,6 +124,7 @@ def test_bad_scheduler_parameters_fail_before_training(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler", ["temperature", "annealed"])
 def test_sampling_schedulers_train_and_resume_exactly(tmp_path, scheduler):
     args = [f"scheduler.name={scheduler}", "trainer.lr_schedule.name=constant", "trainer.lr_schedule.warmup_steps=0"]

@@ -48,6 +48,7 @@ def test_train_writes_config_metrics_results_and_prints_the_table(run_dir, capsy
     assert set(trunk["trunk"]) == {k.removeprefix("trunk.") for k in last["model"] if k.startswith("trunk.")}
 
 
+@pytest.mark.slow
 def test_joint_training_learns_both_tasks(run_dir):
     assert main(["train", QUICKSTART, *quick(run_dir, epochs=2, steps=54)]) == 0
     test = _results(run_dir)["splits"]["test"]
@@ -56,6 +57,7 @@ def test_joint_training_learns_both_tasks(run_dir):
     assert test["digits"]["accuracy"] > 0.85
 
 
+@pytest.mark.slow
 def test_same_seed_same_results_other_seed_differs(tmp_path):
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
@@ -65,6 +67,7 @@ def test_same_seed_same_results_other_seed_differs(tmp_path):
     assert runs["a"] != runs["c"]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     args = ["trainer.lr_schedule.name=constant", "trainer.lr_schedule.warmup_steps=0"]
     assert main(["train", QUICKSTART, *quick(tmp_path / "full", 3, 4, *args)]) == 0

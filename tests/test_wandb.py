@@ -1,5 +1,7 @@
 """W&B offline logging, read back with wandb's own reader of the run's .wandb log."""
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -17,6 +19,7 @@ def read_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_offline_run_holds_metrics_config_and_summary(tmp_path):
     run_dir = tmp_path / "run"
     args = [

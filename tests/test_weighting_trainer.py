@@ -132,6 +132,7 @@ def test_weights_recomputed_every_k_steps(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.slow
 def test_learned_weighting_state_resumes_exactly(tmp_path):
     args = ["weighting.name=uncertainty", "trainer.lr_schedule.name=constant", "trainer.lr_schedule.warmup_steps=0"]
     assert main(["train", QUICKSTART, *quick(tmp_path / "full", 2, 4, *args)]) == 0
