@@ -1,0 +1,160 @@
+"""Gradient methods solved in the space of task weights: MGDA, CAGrad, Nash-MTL, UPGrad, DualProj.
+
+Each maps the per-task gradients ``J [T, D]`` through their Gramian ``G = J Jᵀ`` to a small
+problem (``mtl.weighting.solvers``) whose answer is a combination ``d = Σ_t w_t g_t`` of the
+rows of J. All but CAGrad return the weights only, so the engine back-propagates
+Σ_t w_t L_t; CAGrad returns its gradient d and the same w. Half-precision J is multiplied
+in float32, the weights are solved in float64, and results come back in J's dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mtl.weighting import solvers
+from mtl.weighting.base import Aggregation, GradientWeighting, register_weighting
+
+
+def _weights(J: torch.Tensor, w: torch.Tensor) -> Aggregation:
+    return Aggregation(weights=w.to(J.dtype))
+
+
+@register_weighting("mgda")
+class MGDA(GradientWeighting):
+    """MGDA: weights of the min-norm point in the convex hull of the task gradients.
+
+    Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization" (after
+    Désidéri 2012). α = argmin_{α ∈ Δ} ||Σ_t α_t g_t||², Δ the probability simplex; the update
+    Σ_t α_t g_t decreases every task's loss unless the point is Pareto-stationary (then 0).
+    Returns the weights α (the engine back-propagates Σ_t α_t L_t).
+
+    ``mode="parameters"`` (default) is MGDA on the shared parameters' gradients;
+    ``mode="representation"`` is MGDA-UB, the paper's upper bound, on the gradients w.r.t.
+    the shared representation (also registered as ``mgda_ub``).
+
+    ``normalization`` as in the paper's code, applied to the g_t before the solve while α
+    weighs the raw losses (as there): ``"none"`` (default) or ``"l2"`` (g_t / ||g_t||). The
+    code's ``"loss"`` and ``"loss+"`` divide by the loss values, which ``aggregate(J)`` does
+    not receive: they are not offered.
+    """
+
+    modes = ("parameters", "representation")
+
+    def __init__(self, tasks: Sequence[str], mode: str | None = None, normalization: str = "none"):
+        super().__init__(tasks, mode)
+        if normalization not in ("none", "l2"):
+            hint = " ('loss' and 'loss+' need the loss values, which aggregate(J) does not receive)" if normalization in ("loss", "loss+") else ""
+            raise ValueError(f"weighting.normalization must be 'none' or 'l2', got {normalization!r}{hint}.")
+        self.normalization = normalization
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = solvers.gramian(J)
+        if self.normalization == "l2":
+            d = solvers.inverse_norms(G)  # G of the rows g_t / ||g_t||
+            G = d[:, None] * G * d[None, :]
+        return _weights(J, solvers.min_norm_weights(G))
+
+
+@register_weighting("mgda_ub")
+class MGDAUB(MGDA):
+    """MGDA-UB: MGDA on the gradients w.r.t. the shared representation (Sener & Koltun's upper bound).
+
+    Sener & Koltun 2018: ||Σ_t α_t ∇_θ L_t|| ≤ ||∂Z/∂θ||·||Σ_t α_t ∇_Z L_t||, so minimizing the
+    right-hand side needs only the cheap gradients w.r.t. the representation Z. ``mgda`` with
+    ``mode="representation"``; the same ``normalization``.
+    """
+
+    modes = ("representation",)
+
+
+@register_weighting("cagrad")
+class CAGrad(GradientWeighting):
+    """CAGrad: the mean gradient moved, within a ball around it, to help the worst-off task.
+
+    Liu, Liu, Jin, Stone & Liu 2021, "Conflict-Averse Gradient Descent for Multi-task
+    Learning". With g_0 = (1/T) Σ_t g_t and φ = c²||g_0||²:
+    w* = argmin_{w ∈ Δ} g_wᵀg_0 + √φ·||g_w||, g_w = Σ_t w_t g_t, and
+    d = (g_0 + √φ / ||g_w*|| · g_w*) / s, s = 1 + c² (``rescale=1``, the official code's
+    default), 1 + c (``rescale=2``) or 1 (``rescale=0``).
+
+    The inner problem is solved to a tolerance by an interior-point method
+    (``solvers.cagrad_weights``) where the official code calls scipy's SLSQP. d is the
+    weighted sum of the task gradients with weights (1/T + √φ/||g_w*||·w*) / s: both the
+    gradient and the weights are returned.
+    """
+
+    def __init__(self, tasks: Sequence[str], mode: str | None = None, c: float = 0.5, rescale: int = 1):
+        super().__init__(tasks, mode)
+        if not c >= 0:
+            raise ValueError(f"weighting.c must be >= 0, got {c!r}.")
+        if rescale not in (0, 1, 2):
+            raise ValueError(f"weighting.rescale must be 0, 1 or 2, got {rescale!r}.")
+        self.c = float(c)
+        self.rescale = rescale
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = solvers.gramian(J)
+        w = solvers.cagrad_weights(G, self.c)
+        radius = self.c * G.mean().clamp_min(0).sqrt()  # √φ = c·||g_0||
+        norm_w = (w @ G @ w).clamp_min(0).sqrt()
+        lam = torch.where(norm_w > 0, radius / norm_w, torch.zeros_like(norm_w))
+        divisor = (1.0, 1.0 + self.c**2, 1.0 + self.c)[self.rescale]
+        weights = (1.0 / J.shape[0] + lam * w) / divisor
+        compute = J.float() if J.dtype in (torch.float16, torch.bfloat16) else J
+        gradient = weights.to(compute.dtype) @ compute
+        return Aggregation(gradient=gradient.to(J.dtype), weights=weights.to(J.dtype))
+
+
+@register_weighting("nash_mtl")
+class NashMTL(GradientWeighting):
+    """Nash-MTL: weights of the Nash bargaining solution, Gα = 1/α.
+
+    Navon et al. 2022, "Multi-Task Learning as a Bargaining Game". The update d = Σ_t α_t g_t
+    with α > 0 solving g_tᵀd = 1/α_t for every t, i.e. Gα = 1/α element-wise (G = J Jᵀ).
+    Returns the weights α (not normalized, as in the paper: they scale as 1/||g||).
+
+    The official code approximates α by up to 20 convex-concave iterations of cvxpy; here a
+    damped Newton solve to a tolerance (``solvers.nash_weights``). Its other options are
+    elsewhere: ``update_weights_every`` is the engine's every-k-steps option, and its
+    gradient clipping (``max_norm=1``) the trainer's.
+    """
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        return _weights(J, solvers.nash_weights(solvers.gramian(J)))
+
+
+@register_weighting("upgrad")
+class UPGrad(GradientWeighting):
+    """UPGrad: the mean of the task gradients, each projected onto the dual cone of all of them.
+
+    Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization":
+    d = (1/T) Σ_i π(g_i), π(g) = argmin_{x: Jx ≥ 0} ||x − g||², where Jx ≥ 0 says that x
+    conflicts with no task. The Lagrangian ½||x − g||² − λᵀJx (λ ≥ 0) gives x = g + Jᵀλ and
+    the dual min_{λ ≥ 0} ½λᵀGλ + (Jg)ᵀλ; for g = g_i = Jᵀe_i, Jg = Ge_i. So
+    π(g_i) = Jᵀ(e_i + λ_i) with λ_i = argmin_{λ ≥ 0} ½λᵀGλ + (Ge_i)ᵀλ, and d is the weighted
+    sum of the rows Σ_t w_t g_t with w = (1/T) Σ_i (e_i + λ_i). Returns w.
+    Gw = Jd ≥ 0: d has a non-negative inner product with every task gradient.
+    """
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = solvers.gramian(J)
+        lam = solvers.nonneg_qp(G, -G)  # column i: λ_i
+        return _weights(J, (1.0 + lam.sum(dim=1)) / J.shape[0])
+
+
+@register_weighting("dualproj")
+class DualProj(GradientWeighting):
+    """DualProj: the mean gradient projected onto the dual cone of the task gradients.
+
+    Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization":
+    d = π(g_0), g_0 = (1/T) Σ_t g_t, π(g) = argmin_{x: Jx ≥ 0} ||x − g||². As for UPGrad,
+    π(g_0) = Jᵀ(1/T + λ) with λ = argmin_{λ ≥ 0} ½λᵀGλ + (G1/T)ᵀλ: a weighted sum of the
+    rows with w = 1/T + λ. Returns w; Gw = Jd ≥ 0.
+    """
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = solvers.gramian(J)
+        lam = solvers.nonneg_qp(G, -G.mean(dim=1, keepdim=True)).squeeze(1)
+        return _weights(J, 1.0 / J.shape[0] + lam)
