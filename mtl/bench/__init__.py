@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m mtl.bench.step`` times one training step per weighting."""

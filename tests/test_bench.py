@@ -1,0 +1,67 @@
+"""The step benchmark (``python -m mtl.bench.step``) on CPU with tiny settings: every requested
+row is timed, and the ratio columns are the row's time over the reference rows' times."""
+
+import json
+import math
+
+import pytest
+
+from mtl.bench import step as bench
+
+
+def test_bench_step_tiny_cpu_run(tmp_path, capsys):
+    # One thread: on a shared 2-core machine, two OpenMP threads slow down several-fold when
+    # another process holds a core.
+    out = tmp_path / "bench.json"
+    rows = bench.main(
+        [
+            "--device", "cpu", "--tasks", "2", "--batch", "4", "--size", "32",
+            "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--methods", "equal", "mgda_ub", "naive", "--out", str(out),
+        ]
+    )  # fmt: skip
+    expected = [("single", "-", 1), ("naive", "loop", 2), ("equal", "loss", 2), ("mgda_ub", "representation", 2)]
+    assert [(r["method"], r["mode"], r["tasks"]) for r in rows] == expected
+    for r in rows:
+        assert r["error"] is None, r
+        assert math.isfinite(r["ms"]) and r["ms"] > 0
+    single = rows[0]["ms"]
+    assert rows[0]["ratio_single"] == pytest.approx(1.0)
+    for r in rows:
+        assert r["ratio_single"] == pytest.approx(r["ms"] / single)
+    naive = rows[1]["ms"]
+    assert rows[3]["ratio_naive"] == pytest.approx(rows[3]["ms"] / naive)
+    assert rows[2]["ratio_naive"] is None  # loss-level rows have no naive ratio
+    assert all(r["peak_mib"] is None for r in rows)  # peak memory is CUDA-only
+
+    printed = capsys.readouterr().out
+    table = [line.split() for line in printed.splitlines()]
+    for r in rows:
+        line = next(cells for cells in table if cells[:3] == [r["method"], r["mode"], str(r["tasks"])])
+        assert float(line[3]) == pytest.approx(r["ms"], abs=0.051)
+        assert float(line[4]) == pytest.approx(r["ratio_single"], abs=0.0051)
+        assert float(line[4]) == pytest.approx(float(line[3]) / single, rel=0.01, abs=0.01)
+
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows
+    assert saved["settings"]["batch"] == 4
+
+
+def test_bench_step_unknown_method_lists_the_available_ones(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--methods", "pcgard"])
+    err = capsys.readouterr().err
+    assert "pcgard" in err and "pcgrad" in err and "naive" in err
+
+
+def test_bench_step_plan_adds_representation_rows_where_the_method_allows_it():
+    rows = bench.plan(["mgda", "gradnorm", "graddrop", "equal", "naive"], [2, 10])
+    assert rows[:5] == [
+        ("naive", "loop", 2),
+        ("mgda", "parameters", 2),
+        ("mgda", "representation", 2),
+        ("gradnorm", "last_shared", 2),
+        ("graddrop", "representation", 2),
+    ]
+    assert rows[5] == ("equal", "loss", 2)
+    assert len(rows) == 12
