@@ -15,7 +15,8 @@ valid). Rows, all in one run:
 - every gradient-level weighting through ``GradientEngine`` in its default mode, and again
   in ``representation`` mode where the method allows it (a separate row).
 
-Each row builds the model from the same initial weights, runs ``--warmup`` steps, then
+A few untimed single-task steps warm the process up first. Each row then builds the model
+from the same initial weights, runs ``--warmup`` steps, then
 ``--repeats`` timed steps (``time.perf_counter``, with ``torch.cuda.synchronize`` on CUDA);
 ms/step is their median. ``x single`` is ms/step over the single-task step of this run,
 ``x naive`` (gradient-level rows) over the naive loop at the same T. On CUDA, ``peak MiB``
@@ -34,6 +35,10 @@ Defaults depend on the device:
     python -m mtl.bench.step --device cuda --out bench_fp32.json
     python -m mtl.bench.step --device cuda --dtype bf16 --channels-last --out bench_bf16.json
     # = --batch 256 --size 32 --tasks 2 10 40 --warmup 3 --repeats 10
+
+CPU timings are only as good as the machine is idle: with two OpenMP threads on two cores,
+another busy process slows steps several-fold at random (the header and footer print the
+load average). On a shared machine, ``--threads 1`` is slower but far steadier.
 
 A subset: ``--methods equal pcgrad upgrad naive`` (registered weighting names and
 ``naive``; the single-task reference always runs). ``--out FILE.json`` writes the rows and
@@ -276,6 +281,16 @@ class Bench:
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else None
         return statistics.median(times) * 1000.0, peak
 
+    def warm_up(self) -> None:
+        """Untimed single-task steps first, so that the process's one-off costs (thread pools,
+        allocator growth, kernel selection) do not land on the reference row."""
+        step = self.single_step()
+        for _ in range(max(self.args.warmup, 1) + 1):
+            step()
+        self.sync()
+        del step
+        self.cleanup()
+
     def cleanup(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -334,6 +349,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(threads)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def _load() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -343,7 +369,7 @@ def _load() -> float | None:
 
 def _run(args: argparse.Namespace) -> list[dict]:
     bench = Bench(args)
-    device_name = torch.cuda.get_device_name(bench.device) if args.device == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name(bench.device) if args.device == "cuda" else _cpu_name()
     print(
         f"mtl.bench.step: ResNet-18 (small_input) + T linear heads, batch {args.batch}, {args.size}x{args.size}, "
         f"{args.dtype}{', channels_last' if args.channels_last else ''}, {args.device} ({device_name}), "
@@ -356,6 +382,10 @@ def _run(args: argparse.Namespace) -> list[dict]:
         print(f"1-min load average before the run: {load_before:.2f} on {os.cpu_count()} CPUs")
     print(COLUMNS)
     print("-" * len(COLUMNS), flush=True)
+    try:
+        bench.warm_up()
+    except Exception as e:  # the single row below reports it
+        print(f"warm-up failed: {_error(e)}", flush=True)
     rows: list[Row] = []
     single: float | None = None
     naive: dict[int, float] = {}
