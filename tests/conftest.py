@@ -25,6 +25,18 @@ def quick(output_dir, epochs=1, steps=3, *extra):
     ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny models: as fast on one thread, and two threads stall badly when
+    another process holds one of the two cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def run_dir(tmp_path):
     return tmp_path / "run"

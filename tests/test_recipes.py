@@ -35,14 +35,7 @@ SMALL = [
 CONSTANT_LR = ["trainer.lr_schedule.name=constant", "trainer.lr_schedule.warmup_steps=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Torch's intra-op threads cost these tiny models far more than they bring (measured:
-    a small conv 15x slower with 2 threads than with 1 on the 2-core test machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(run_dir, epochs, steps, *extra):

@@ -30,13 +30,7 @@ N_TRAIN, N_TEST = 6, 3
 TASK_CLASSES = {"nyuv2_semantic": NYUv2Semantic, "nyuv2_depth": NYUv2Depth, "nyuv2_normal": NYUv2Normal}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run as fast on one thread, and two stall when another process holds a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_tree(root: Path) -> Path:

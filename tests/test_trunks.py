@@ -31,13 +31,7 @@ SPECS: dict[str, tuple[dict, tuple[int, ...]]] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models run as fast on one thread, and two stall when another process holds a core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def first_call_order(trunk: nn.Module, groups: list[tuple[str, nn.Module]], x: torch.Tensor) -> list[int]:
