@@ -30,6 +30,7 @@ MAX_ITER = 50
 CHECK_EVERY = 5
 _RIDGE = 1e-13  # keeps Newton systems positive definite where G is singular (T > rank J)
 _NNQP_RIDGE = 1e-8  # see nonneg_qp
+_SMOOTH = 1e-16  # see cagrad_weights
 _TO_BOUNDARY = 0.99  # fraction of the step to the boundary of the positive orthant
 
 # x [K, T] -> (gradient [K, T], Hessian [T, T] or [K, T, T]) of a convex objective.
@@ -44,9 +45,12 @@ def gramian(J: torch.Tensor) -> torch.Tensor:
 
 def _psd(G: torch.Tensor) -> torch.Tensor:
     """G in float64 with the negative eigenvalues that rounding gives a singular Gramian
-    (T > rank J, a float32 product) set to 0: the problems below need it convex."""
-    values, vectors = torch.linalg.eigh(G.to(DTYPE))
-    return (vectors * values.clamp_min(0)) @ vectors.T
+    (T > rank J, a float32 product) set to 0: the problems below need it convex. Done on
+    DGD, D = diag(G)^-½, so that small gradients keep their relative precision."""
+    G = G.to(DTYPE)
+    d = inverse_norms(G)
+    values, vectors = torch.linalg.eigh(d[:, None] * G * d[None, :])
+    return (vectors * values.clamp_min(0)) @ vectors.T / (d[:, None] * d[None, :])
 
 
 def _scale(G: torch.Tensor) -> torch.Tensor:
@@ -71,13 +75,23 @@ def _step_to_boundary(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
     return ratio.amin(dim=-1, keepdim=True).clamp(max=1.0)
 
 
-def _interior_point(objective: Objective, x: torch.Tensor, simplex: bool, tol: float, max_iter: int) -> torch.Tensor:
+def _interior_point(
+    objective: Objective,
+    x: torch.Tensor,
+    simplex: bool,
+    tol: float,
+    max_iter: int,
+    value: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Rows x ``[K, T]`` minimizing K convex objectives f_k(x) s.t. x ≥ 0 (and 1ᵀx = 1 if
     ``simplex``), from the strictly positive start ``x``.
 
     KKT: ∇f(x) − ζ1 − s = 0, s ≥ 0, x∘s = 0 (ζ only with the simplex constraint). Each
-    iteration takes Newton steps on these equations with x∘s relaxed towards σ·mean(x∘s),
-    solving (∇²f + diag(s/x)) dx = r by Cholesky, batched over the K problems.
+    iteration takes a Newton step on these equations with x∘s relaxed towards σ·mean(x∘s),
+    solving (∇²f + diag(s/x)) dx = r by Cholesky, batched over the K problems. For a
+    quadratic f, Mehrotra's predictor-corrector sets σ. Otherwise ``value`` (f itself) is
+    given: σ = 0.1 and the step is shortened by backtracking on the barrier merit
+    f(x) − μ·Σ log x, without which Newton's model of a non-quadratic f can cycle.
     """
     K, T = x.shape
     eye = torch.eye(T, dtype=x.dtype, device=x.device)
@@ -104,16 +118,34 @@ def _interior_point(objective: Objective, x: torch.Tensor, simplex: bool, tol: f
                 dx = dx + d_zeta * unit
             return dx, (r_center - s * dx) / x, d_zeta
 
-        # Predictor: the pure Newton step; its gap after the step to the boundary sets σ.
-        dx, ds, _ = direction(-x * s)
-        step = torch.minimum(_step_to_boundary(x, dx), _step_to_boundary(s, ds))
-        gap_affine = ((x + step * dx) * (s + step * ds)).mean(dim=1, keepdim=True)
-        sigma = (gap_affine / gap.clamp_min(torch.finfo(x.dtype).tiny)).clamp(max=1.0) ** 3
-        # Corrector: centred, with the predictor's second-order term.
-        dx, ds, d_zeta = direction(sigma * gap - x * s - dx * ds)
-        step = _TO_BOUNDARY * torch.minimum(_step_to_boundary(x, dx), _step_to_boundary(s, ds))
+        if value is None:
+            # Predictor: the pure Newton step; its gap after the step to the boundary sets σ.
+            dx, ds, _ = direction(-x * s)
+            step = torch.minimum(_step_to_boundary(x, dx), _step_to_boundary(s, ds))
+            gap_affine = ((x + step * dx) * (s + step * ds)).mean(dim=1, keepdim=True)
+            sigma = (gap_affine / gap.clamp_min(torch.finfo(x.dtype).tiny)).clamp(max=1.0) ** 3
+            # Corrector: centred, with the predictor's second-order term.
+            dx, ds, d_zeta = direction(sigma * gap - x * s - dx * ds)
+            step = _TO_BOUNDARY * torch.minimum(_step_to_boundary(x, dx), _step_to_boundary(s, ds))
+        else:
+            mu = 0.1 * gap
+            dx, ds, d_zeta = direction(mu - x * s)
+            step = _TO_BOUNDARY * torch.minimum(_step_to_boundary(x, dx), _step_to_boundary(s, ds))
+            step = _backtrack(value, x, dx, ((gradient - mu / x) * dx).sum(dim=1, keepdim=True), mu, step)
         x, s, zeta = x + step * dx, s + step * ds, zeta + step * d_zeta
     return x
+
+
+def _backtrack(value, x: torch.Tensor, dx: torch.Tensor, slope: torch.Tensor, mu: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Per row, the longest of step·2^-j (j < 6) meeting Armijo's condition on the barrier merit
+    f(x) − μ·Σ log x (slope: its derivative along dx), tried all at once so that nothing syncs.
+    When none does, the full step: only rounding hides the decrease then, near the solution."""
+    steps = step * 0.5 ** torch.arange(6, dtype=x.dtype, device=x.device)  # [K, J]
+    candidates = x.unsqueeze(1) + steps.unsqueeze(-1) * dx.unsqueeze(1)  # [K, J, T]
+    merit = value(candidates) - mu * candidates.log().sum(dim=-1)
+    current = value(x.unsqueeze(1)) - mu * x.log().sum(dim=-1, keepdim=True)
+    accepted = merit <= current + 1e-4 * steps * slope
+    return steps.gather(1, accepted.to(torch.uint8).argmax(dim=1, keepdim=True))
 
 
 def nonneg_qp(G: torch.Tensor, B: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER) -> torch.Tensor:
@@ -165,9 +197,10 @@ def min_norm_weights(G: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER
 def cagrad_weights(G: torch.Tensor, c: float, tol: float = TOL, max_iter: int = MAX_ITER) -> torch.Tensor:
     """w = argmin_{w ∈ Δ} g_wᵀg_0 + c·||g_0||·||g_w||, g_w = Σ_t w_t g_t, g_0 = mean_t g_t.
 
-    In Gramian terms: f(w) = aᵀw + c_0·√(wᵀGw) with a = G1/T and c_0 = c·√(1ᵀG1)/T.
-    ∇f = a + c_0·Gw/r and ∇²f = c_0·(G/r − Gw(Gw)ᵀ/r³), r = √(wᵀGw + ε): ε = 1e-12·max ||g_t||²
-    smooths the root where 0 is in the hull, as the official code adds 1e-8.
+    In Gramian terms: f(w) = aᵀw + c_0·r with a = G1/T, c_0 = c·√(1ᵀG1)/T and
+    r = √(wᵀGw + ε): ∇f = a + c_0·Gw/r, ∇²f = c_0·(G/r − Gw(Gw)ᵀ/r³). ε = 1e-16·max ||g_t||²
+    smooths the root where 0 is in the hull (the official code adds 1e-8), at a cost of at
+    most c_0·1e-8·max ||g_t|| in f.
     """
     G = _psd(G)
     T = G.shape[0]
@@ -175,13 +208,16 @@ def cagrad_weights(G: torch.Tensor, c: float, tol: float = TOL, max_iter: int = 
     linear = G_scaled.mean(dim=1)
     c0 = c * G_scaled.mean().clamp_min(0).sqrt()
 
+    def value(w: torch.Tensor) -> torch.Tensor:
+        return w @ linear + c0 * (((w @ G_scaled) * w).sum(dim=-1) + _SMOOTH).sqrt()
+
     def objective(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         Gw = w @ G_scaled
-        r = ((Gw * w).sum() + 1e-12).sqrt()
+        r = ((Gw * w).sum() + _SMOOTH).sqrt()
         return linear + c0 * Gw / r, c0 * (G_scaled / r - Gw.T @ Gw / r**3)
 
     start = torch.full((1, T), 1.0 / T, dtype=DTYPE, device=G.device)
-    return _interior_point(objective, start, True, tol, max_iter).squeeze(0)
+    return _interior_point(objective, start, True, tol, max_iter, value).squeeze(0)
 
 
 def nash_weights(G: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER) -> torch.Tensor:
