@@ -9,6 +9,8 @@ import torch
 from mtl.weighting import WEIGHTINGS, solvers
 from mtl.weighting.projection import MGDA, MGDAUB, CAGrad, DualProj, NashMTL, UPGrad
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # T × T solves: launch-bound
+
 METHODS = {"mgda": MGDA, "mgda_ub": MGDAUB, "cagrad": CAGrad, "nash_mtl": NashMTL, "upgrad": UPGrad, "dualproj": DualProj}
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-9}  # relative to max ||g_t||²
@@ -113,6 +115,15 @@ def test_mgda_is_the_min_norm_point_of_the_hull(seed, T, D, dtype):
     assert (J.double() @ d - d @ d).min() >= -TOL[dtype] * scale
 
 
+def test_mgda_zero_in_the_hull():
+    # ½g_1 + ½g_2 = 0: the min-norm point is 0 (Pareto-stationary), g_3 gets no weight.
+    # The solver's tolerance (1e-12) bounds ||d||², so ||d|| and α_3 come out near 1e-6.
+    J = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    weights = MGDA(tasks(3)).aggregate(J).weights
+    assert torch.allclose(weights, torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64), atol=1e-5)
+    assert combine(J, weights).square().sum() < 1e-11
+
+
 def test_mgda_l2_normalization_balances_the_norms():
     J = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     weights = MGDA(tasks(2), normalization="l2").aggregate(J).weights
@@ -155,6 +166,12 @@ def test_cagrad_opposite_gradients_of_different_norms():
     # so d = (g_0 + ¼·g_2) = (¼, 0), and (0.2, 0) after rescaling.
     result = CAGrad(tasks(2)).aggregate(torch.tensor([[2.0, 0.0], [-1.0, 0.0]], dtype=torch.float64))
     assert torch.allclose(result.gradient, torch.tensor([0.2, 0.0], dtype=torch.float64), atol=1e-7)
+
+
+def test_cagrad_opposite_gradients_of_equal_norm():
+    # g_0 = 0, so φ = 0 and d = g_0 = 0.
+    result = CAGrad(tasks(2)).aggregate(torch.tensor([[1.0, 2.0], [-1.0, -2.0]]))
+    assert torch.allclose(result.gradient, torch.zeros(2), atol=1e-7)
 
 
 def test_cagrad_rescale_and_c():

@@ -79,8 +79,8 @@ class CAGrad(GradientWeighting):
     d = (g_0 + √φ / ||g_w*|| · g_w*) / s, s = 1 + c² (``rescale=1``, the official code's
     default), 1 + c (``rescale=2``) or 1 (``rescale=0``).
 
-    The inner problem is solved to a tolerance by an interior-point method
-    (``solvers.cagrad_weights``) where the official code calls scipy's SLSQP. d is the
+    The inner problem is solved to a tolerance by an interior-point method with a line
+    search (``solvers.cagrad_weights``) where the official code calls scipy's SLSQP. d is the
     weighted sum of the task gradients with weights (1/T + √φ/||g_w*||·w*) / s: both the
     gradient and the weights are returned.
     """
@@ -135,7 +135,8 @@ class UPGrad(GradientWeighting):
     the dual min_{λ ≥ 0} ½λᵀGλ + (Jg)ᵀλ; for g = g_i = Jᵀe_i, Jg = Ge_i. So
     π(g_i) = Jᵀ(e_i + λ_i) with λ_i = argmin_{λ ≥ 0} ½λᵀGλ + (Ge_i)ᵀλ, and d is the weighted
     sum of the rows Σ_t w_t g_t with w = (1/T) Σ_i (e_i + λ_i). Returns w.
-    Gw = Jd ≥ 0: d has a non-negative inner product with every task gradient.
+    Gw = Jd ≥ 0: d has a non-negative inner product with every task gradient, up to the
+    solver's ridge (``solvers.nonneg_qp``): g_tᵀd ≥ −1e-8·w_t·||g_t||².
     """
 
     def aggregate(self, J: torch.Tensor) -> Aggregation:
@@ -151,7 +152,7 @@ class DualProj(GradientWeighting):
     Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization":
     d = π(g_0), g_0 = (1/T) Σ_t g_t, π(g) = argmin_{x: Jx ≥ 0} ||x − g||². As for UPGrad,
     π(g_0) = Jᵀ(1/T + λ) with λ = argmin_{λ ≥ 0} ½λᵀGλ + (G1/T)ᵀλ: a weighted sum of the
-    rows with w = 1/T + λ. Returns w; Gw = Jd ≥ 0.
+    rows with w = 1/T + λ. Returns w; Gw = Jd ≥ 0 (g_tᵀd ≥ −1e-8·w_t·||g_t||², as for UPGrad).
     """
 
     def aggregate(self, J: torch.Tensor) -> Aggregation:
