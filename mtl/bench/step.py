@@ -25,10 +25,11 @@ is ``torch.cuda.max_memory_allocated`` over the row (reset before it). A row tha
 
 Defaults depend on the device:
 
-- CPU (a full run in about 3 minutes on 2 cores; ResNet-18 steps cost ~0.1-1 s there)::
+- CPU (a full run took 2 min 40 s on 2 idle cores; one ResNet-18 step costs 0.15-9 s there)::
 
     python -m mtl.bench.step --device cpu
-    # = --batch 8 --size 32 --tasks 2 10 --warmup 1 --repeats 3 --dtype fp32
+    # = --batch 8 --size 32 --tasks 2 10 --warmup 0 --repeats 3 --dtype fp32
+    # (the process warm-up covers one-off costs on CPU; the median drops a slow first step)
 
 - CUDA (the issue's T in {2, 10, 40}), fp32 and then bf16 autocast with channels_last::
 
@@ -74,7 +75,7 @@ NAIVE = "naive"
 SINGLE = "single"
 NUM_CLASSES = 10
 DEFAULTS = {
-    "cpu": {"batch": 8, "tasks": [2, 10], "warmup": 1, "repeats": 3},
+    "cpu": {"batch": 8, "tasks": [2, 10], "warmup": 0, "repeats": 3},
     "cuda": {"batch": 256, "tasks": [2, 10, 40], "warmup": 3, "repeats": 10},
 }
 
@@ -98,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=None, help="batch size (CPU: 8; CUDA: 256)")
     p.add_argument("--size", type=int, default=32, help="input height and width (default 32)")
     p.add_argument("--repeats", type=int, default=None, help="timed steps per row (CPU: 3; CUDA: 10)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (CPU: 1; CUDA: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (CPU: 0; CUDA: 3)")
     p.add_argument("--methods", nargs="+", default=None, help=f"weighting names and/or {NAIVE!r} (default: all)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: torch.autocast(bfloat16)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
