@@ -65,6 +65,31 @@ def test_pcgrad_order_is_seeded_and_survives_a_checkpoint():
         assert torch.equal(used.aggregate(J).gradient, resumed.aggregate(J).gradient)
 
 
+def _orders(method, T):
+    """The order a fresh copy of ``method`` will draw next (its generator state, cloned)."""
+    twin = type(method)([f"t{i}" for i in range(T)])
+    twin.set_extra_state(method.get_extra_state())
+    return twin._random_orders(T, torch.device("cpu"))
+
+
+def test_pcgrad_gramian_form_equals_the_papers_loop():
+    # The paper's algorithm on explicit [D] vectors, task by task, with the method's own order.
+    J = torch.randn(6, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    J[1:] -= 0.8 * J[0]  # many conflicts
+    method = PCGrad([f"t{i}" for i in range(6)], seed=5)
+    order = _orders(method, 6)
+    expected = []
+    for i in range(6):
+        g = J[i].clone()
+        for j in order[i].tolist():
+            if g @ J[j] < 0:
+                g = g - (g @ J[j]) / (J[j] @ J[j]) * J[j]
+        expected.append(g)
+    result = method.aggregate(J)
+    close(result.gradient, torch.stack(expected).sum(0), torch.float64)
+    close(result.weights @ J, result.gradient, torch.float64)
+
+
 # GradVac
 
 
@@ -84,6 +109,27 @@ def test_gradvac_raises_the_cosine_to_the_target(dtype):
     close(cosine(adjusted[0], g2, dim=0), torch.tensor(0.5), dtype)
     close(cosine(adjusted[1], g1, dim=0), torch.tensor(0.5), dtype)
     close(method.target[0, 1], torch.tensor(0.99 * 0.5 + 0.01 * cos), dtype)
+
+
+def test_gradvac_gramian_form_equals_the_papers_loop():
+    J = torch.randn(5, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    J[1:] -= 0.5 * J[0]
+    method = GradVac([f"t{i}" for i in range(5)], beta=0.5, seed=2)
+    method.target.fill_(0.3)
+    order, targets = _orders(method, 5), method.target.clone()
+    expected = []
+    for i in range(5):
+        g = J[i].clone()
+        for j in order[i].tolist():
+            cos = (g @ J[j]) / (g.norm() * J[j].norm())
+            goal = targets[i, j]
+            if cos < goal:
+                g = g + g.norm() * (goal * (1 - cos**2).sqrt() - cos * (1 - goal**2).sqrt()) / (J[j].norm() * (1 - goal**2).sqrt()) * J[j]
+            targets[i, j] = 0.5 * goal + 0.5 * cos
+        expected.append(g)
+    # The Gramian form takes ||g_i|| from CJJᵀCᵀ, which rounds differently from the loop's norms.
+    torch.testing.assert_close(method.aggregate(J).gradient, torch.stack(expected).sum(0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(method.target, targets, rtol=1e-6, atol=1e-7)
 
 
 def test_gradvac_leaves_gradients_above_the_target_and_sums():

@@ -74,27 +74,40 @@ class PCGrad(_SeededWeighting):
     other tasks j in a random order: if g_iᵀg_j < 0, g_i ← g_i − (g_iᵀg_j / ||g_j||²) g_j,
     with g_i the running projection and g_j the original gradient. The update is the **sum**
     Σ_i g_i of the projected gradients, as in the official code (some ports take the mean).
+
+    Every projected g_i stays a combination Σ_k C_ik g_k of the originals, and every inner
+    product the projections need is (C JJᵀ)_ij, so the loop runs on ``[T, T]`` matrices
+    (O(T³)) after one Gramian (O(T²D)), never on ``[T, D]`` copies. The update is wᵀJ with
+    w = Σ_i C_i, reported as the task weights.
     """
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None, seed: int = 0):
         super().__init__(tasks, mode, seed)
 
-    def project(self, J: torch.Tensor) -> torch.Tensor:
-        """The projected per-task gradients ``[T, D]`` (in the compute dtype)."""
-        G = J.to(_compute_dtype(J))
-        squared_norms = (G * G).sum(dim=1).clamp_min(_tiny(G.dtype))
-        order = self._random_orders(G.shape[0], G.device)
-        projected = G.clone()
+    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
+        """``C [T, T]`` with projected g_i = Σ_k C_ik g_k, from the Gramian ``JJᵀ``."""
+        T = gram.shape[0]
+        squared_norms = gram.diagonal().clamp_min(_tiny(gram.dtype))
+        order = self._random_orders(T, gram.device)
+        rows = torch.arange(T, device=gram.device)
+        C = torch.eye(T, dtype=gram.dtype, device=gram.device)
         # Step k pairs every task i with its k-th other task at once: the g_j are the
         # originals, so this equals the per-task loop, without data-dependent branches.
         for k in range(order.shape[1]):
             j = order[:, k]
-            conflict = (projected * G[j]).sum(dim=1).clamp(max=0.0)
-            projected = projected - (conflict / squared_norms[j]).unsqueeze(1) * G[j]
-        return projected
+            conflict = (C @ gram)[rows, j].clamp(max=0.0)
+            C = C.index_put((rows, j), -conflict / squared_norms[j], accumulate=True)
+        return C
+
+    def project(self, J: torch.Tensor) -> torch.Tensor:
+        """The projected per-task gradients ``[T, D]`` (in the compute dtype)."""
+        G = J.to(_compute_dtype(J))
+        return self.coefficients(G @ G.T) @ G
 
     def aggregate(self, J: torch.Tensor) -> Aggregation:
-        return Aggregation(gradient=self.project(J).sum(dim=0).to(J.dtype))
+        G = J.to(_compute_dtype(J))
+        weights = self.coefficients(G @ G.T).sum(dim=0)
+        return Aggregation(gradient=(weights @ G).to(J.dtype), weights=weights.to(J.dtype))
 
 
 @register_weighting("gradvac")
@@ -108,7 +121,8 @@ class GradVac(_SeededWeighting):
     g_i ← g_i + ||g_i|| (φ̂_ij √(1−φ_ij²) − φ_ij √(1−φ̂_ij²)) / (||g_j|| √(1−φ̂_ij²)) · g_j,
     which makes cos(g_i, g_j) = φ̂_ij; then φ̂_ij ← (1−β) φ̂_ij + β φ_ij. The update is Σ_i g_i.
     The paper applies this per layer; here it acts on the whole gradient vector (J carries
-    no layer boundaries).
+    no layer boundaries). As in PCGrad, the running g_i = Σ_k C_ik g_k are kept as
+    coefficients on the Gramian (||g_i||² = (C JJᵀ Cᵀ)_ii), and the update is wᵀJ, w = Σ_i C_i.
     """
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None, beta: float = 0.01, seed: int = 0):
@@ -117,34 +131,42 @@ class GradVac(_SeededWeighting):
         self.beta = beta
         self.register_buffer("target", torch.zeros(self.num_tasks, self.num_tasks))
 
-    def vaccinate(self, J: torch.Tensor) -> torch.Tensor:
-        """The adjusted per-task gradients ``[T, D]`` (in the compute dtype); updates the targets."""
-        G = J.to(_compute_dtype(J))
-        if self.target.device != G.device:
-            self.target = self.target.to(G.device)  # once: the statistics live with the gradients
-        tiny = _tiny(G.dtype)
-        norms = G.norm(dim=1)
-        targets = self.target.to(G.dtype, copy=True)
-        rows = torch.arange(G.shape[0], device=G.device)
-        order = self._random_orders(G.shape[0], G.device)
-        adjusted = G.clone()
+    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
+        """``C [T, T]`` with adjusted g_i = Σ_k C_ik g_k, from the Gramian; updates the targets."""
+        if self.target.device != gram.device:
+            self.target = self.target.to(gram.device)  # once: the statistics live with the gradients
+        T = gram.shape[0]
+        tiny = _tiny(gram.dtype)
+        norms = gram.diagonal().clamp_min(0.0).sqrt()
+        targets = self.target.to(gram.dtype, copy=True)
+        rows = torch.arange(T, device=gram.device)
+        order = self._random_orders(T, gram.device)
+        C = torch.eye(T, dtype=gram.dtype, device=gram.device)
         for k in range(order.shape[1]):  # all tasks at once, as in PCGrad
             j = order[:, k]
-            norms_i = adjusted.norm(dim=1)
-            cos = ((adjusted * G[j]).sum(dim=1) / (norms_i * norms[j]).clamp_min(tiny)).clamp(-1.0, 1.0)
+            CG = C @ gram
+            norms_i = (CG * C).sum(dim=1).clamp_min(0.0).sqrt()
+            cos = (CG[rows, j] / (norms_i * norms[j]).clamp_min(tiny)).clamp(-1.0, 1.0)
             goal = targets[rows, j]
             sin, goal_sin = (1 - cos**2).sqrt(), (1 - goal**2).sqrt()
             denominator = norms[j] * goal_sin
             # A zero g_j, or a target of ±1 (reachable only in the limit), leaves g_i as it is.
             apply = (cos < goal) & (denominator > 0)
             scale = norms_i * (goal * sin - cos * goal_sin) / denominator.clamp_min(tiny)
-            adjusted = adjusted + torch.where(apply, scale, 0.0).unsqueeze(1) * G[j]
+            C = C.index_put((rows, j), torch.where(apply, scale, 0.0), accumulate=True)
             targets[rows, j] = (1 - self.beta) * goal + self.beta * cos
         self.target.copy_(targets)
-        return adjusted
+        return C
+
+    def vaccinate(self, J: torch.Tensor) -> torch.Tensor:
+        """The adjusted per-task gradients ``[T, D]`` (in the compute dtype); updates the targets."""
+        G = J.to(_compute_dtype(J))
+        return self.coefficients(G @ G.T) @ G
 
     def aggregate(self, J: torch.Tensor) -> Aggregation:
-        return Aggregation(gradient=self.vaccinate(J).sum(dim=0).to(J.dtype))
+        G = J.to(_compute_dtype(J))
+        weights = self.coefficients(G @ G.T).sum(dim=0)
+        return Aggregation(gradient=(weights @ G).to(J.dtype), weights=weights.to(J.dtype))
 
 
 @register_weighting("graddrop")
