@@ -51,6 +51,7 @@ class TrainerConfig:
     lr_schedule: Dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
     weighting_every: int = 1  # gradient-level weightings: recompute task weights every k steps, reuse between
+    jacobian_chunk: int = 0  # gradient-level weightings: tasks per batched backward (0: all at once; smaller bounds memory)
     precision: str = "fp32"  # fp32 | bf16 (autocast in the training forward; evaluation stays fp32)
     channels_last: bool = False  # NHWC memory format for 4-D inputs and the model (faster convs on GPU)
     select_on: str = "primary_mean"  # best epoch by: primary_mean | loss | <task>/<metric> (validation only)
@@ -203,6 +204,7 @@ def check_values(cfg: DictConfig) -> None:
     _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", "must be >= 1 or null.")
     _must(t.precision in ("fp32", "bf16"), "trainer.precision", f"must be fp32 or bf16, got {t.precision!r}.")
     _must(t.weighting_every >= 1, "trainer.weighting_every", f"must be >= 1, got {t.weighting_every}.")
+    _must(t.jacobian_chunk >= 0, "trainer.jacobian_chunk", f"must be >= 0 (0: all tasks at once), got {t.jacobian_chunk}.")
     _must(t.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {t.num_workers}.")
     _must(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}.")
     modes = ("online", "offline", "disabled")
