@@ -24,27 +24,46 @@ from mtl.model import MultiTaskModel
 from mtl.weighting import GradientWeighting
 
 
-def jacobian(objectives: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
-    """``[T, D]``: row t is the gradient of ``objectives[t]`` w.r.t. ``inputs``, flattened."""
+def jacobian(objectives: torch.Tensor, inputs: list[torch.Tensor], chunk: int = 0) -> torch.Tensor:
+    """``[T, D]``: row t is the gradient of ``objectives[t]`` w.r.t. ``inputs``, flattened.
+
+    One vectorized backward per ``chunk`` tasks (0: all T at once): its transient memory
+    (the batched activation gradients) grows with the chunk, not with T; the rows are
+    written into one preallocated J.
+    """
     T = len(objectives)
+    size = chunk or T
+    D = sum(x.numel() for x in inputs)
+    J = torch.zeros(T, D, dtype=inputs[0].dtype, device=objectives.device)
+    eye = torch.eye(T, dtype=objectives.dtype, device=objectives.device)
     try:
-        eye = torch.eye(T, dtype=objectives.dtype, device=objectives.device)
-        rows = torch.autograd.grad(objectives, inputs, grad_outputs=eye, is_grads_batched=True, retain_graph=True, allow_unused=True)
-        parts = [torch.zeros(T, x.numel(), dtype=x.dtype, device=x.device) if g is None else g.reshape(T, -1) for g, x in zip(rows, inputs)]
-        return torch.cat(parts, dim=1)
+        for start in range(0, T, size):
+            rows = torch.autograd.grad(
+                objectives, inputs, grad_outputs=eye[start : start + size], is_grads_batched=True, retain_graph=True, allow_unused=True
+            )
+            _write(J[start : start + size], rows, inputs)
     except RuntimeError:  # an op autograd cannot vmap: one backward per task
-        rows = []
         for t in range(T):
             grads = torch.autograd.grad(objectives[t], inputs, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([torch.zeros_like(x).flatten() if g is None else g.flatten() for g, x in zip(grads, inputs)]))
-        return torch.stack(rows)
+            _write(J[t : t + 1], [None if g is None else g.unsqueeze(0) for g in grads], inputs)
+    return J
+
+
+def _write(block: torch.Tensor, grads, inputs: list[torch.Tensor]) -> None:
+    """Copy per-input gradients ``[rows, *shape]`` into the columns of a J block (unused inputs stay 0)."""
+    offset = 0
+    for g, x in zip(grads, inputs):
+        if g is not None:
+            block[:, offset : offset + x.numel()] = g.reshape(len(block), -1)
+        offset += x.numel()
 
 
 class GradientEngine:
-    def __init__(self, model: MultiTaskModel, weighting: GradientWeighting, every: int = 1):
+    def __init__(self, model: MultiTaskModel, weighting: GradientWeighting, every: int = 1, chunk: int = 0):
         self.model = model
         self.weighting = weighting
         self.every = every
+        self.chunk = chunk
         self._weights: torch.Tensor | None = None
         self.diagnostics: dict[str, torch.Tensor] = {}  # last J's weights, norms, cosines
 
@@ -58,11 +77,13 @@ class GradientEngine:
         inputs: dict[str, torch.Tensor],
         members: dict[str, list[str]],
         targets: dict[str, torch.Tensor],
-        loss_fns: dict,
+        loss_fn,
         step: int,
         penalty_fn,
     ) -> dict[str, torch.Tensor]:
-        """Forward, per-task gradients, aggregation and the backward; returns the task losses."""
+        """Forward, per-task gradients, aggregation and the backward; returns the task losses.
+
+        ``loss_fn(outputs, targets)`` returns each task's loss (``mtl.losses.task_losses``)."""
         w = self.weighting
         if w.mode == "representation":
             (source,) = inputs
@@ -71,7 +92,7 @@ class GradientEngine:
             outputs = self.model.apply_heads(leaf, members[source])
         else:
             outputs = self.model.forward_groups(inputs, members)
-        losses = {t: loss_fns[t](outputs[t], targets[t]) for t in w.tasks}
+        losses = loss_fn(outputs, targets)
         L = torch.stack([losses[t] for t in w.tasks])
         if hasattr(w, "observe"):
             w.observe(L.detach())
@@ -85,7 +106,7 @@ class GradientEngine:
             total = (coef.to(objectives.dtype) * objectives).sum()
             self._backward(total, penalty, features if w.mode == "representation" else None, leaf if w.mode == "representation" else None)
             return losses
-        J = jacobian(objectives, shared)
+        J = jacobian(objectives, shared, self.chunk)
         result = w.aggregate(J)
         self._record(J, result)
         if result.gradient is None:

@@ -30,6 +30,7 @@ from mtl.builders import (
 from mtl.config import ConfigError, save_config, to_dict
 from mtl.data import BatchSource, shared_inputs
 from mtl.loggers import build_loggers
+from mtl.losses import task_losses
 from mtl.engine import GradientEngine
 from mtl.scheduler import AllTasks, Sources
 from mtl.weighting import GradientWeighting, LossWeighting
@@ -146,7 +147,7 @@ class Trainer:
                 f"(tasks with one input_key, e.g. MultiMNIST left/right); here the tasks have separate inputs "
                 f"({', '.join(self.groups)}). Use weighting.mode=parameters."
             )
-        return GradientEngine(self.model, w, every=self.cfg.trainer.weighting_every)
+        return GradientEngine(self.model, w, every=self.cfg.trainer.weighting_every, chunk=self.cfg.trainer.jacobian_chunk)
 
     def _count_parameters(self) -> dict[str, int]:
         """Total parameters, and those the recipe trains in at least one epoch of the stage."""
@@ -213,8 +214,7 @@ class Trainer:
         return self._finish()
 
     def _losses(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self.model.forward_groups(inputs, self.groups)
-        return {t: self.tasks[t].masked_loss(outputs[t], y) for t, y in targets.items()}
+        return task_losses(self.tasks, self.model.forward_groups(inputs, self.groups), targets)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.trainer.channels_last and x.dim() == 4 else x
@@ -229,9 +229,9 @@ class Trainer:
         """Forward, weighting and backward of one step; the task losses (and their vector)."""
         penalty = functools.partial(self.recipe.penalty, self.model)
         if self.engine is not None:
-            loss_fns = {t: self.tasks[t].masked_loss for t in targets}
             members = {n: self.groups[n] for n in names}
-            return self.engine.backward(inputs, members, targets, loss_fns, self.step, penalty), None
+            loss_fn = functools.partial(task_losses, self.tasks)
+            return self.engine.backward(inputs, members, targets, loss_fn, self.step, penalty), None
         losses = self._losses(inputs, targets)
         vector = self._loss_vector(losses)
         total = self.weighting(vector)

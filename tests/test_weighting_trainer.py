@@ -1,5 +1,6 @@
 """Every weighting in the trainer, and the gradient engine against plain backward."""
 
+import functools
 import json
 import math
 
@@ -9,6 +10,7 @@ import torch
 from mtl.cli import main
 from mtl.config import ConfigError, load_config
 from mtl.engine import GradientEngine, jacobian
+from mtl.losses import task_losses
 from mtl.weighting import WEIGHTINGS, Aggregation, GradientWeighting
 
 from conftest import QUICKSTART, quick
@@ -96,8 +98,7 @@ def test_engine_equals_the_plain_summed_backward(method):
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     engine = GradientEngine(model, method(list(t.tasks)), every=1)
-    loss_fns = {k: t.tasks[k].masked_loss for k in targets}
-    engine.backward(inputs, t.groups, targets, loss_fns, 0, lambda: None)
+    engine.backward(inputs, t.groups, targets, functools.partial(task_losses, t.tasks), 0, lambda: None)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, expected[n], atol=1e-6), n
 
@@ -107,6 +108,20 @@ def test_jacobian_rows_are_the_task_gradients():
     objectives = torch.stack([(w**2).sum(), 3 * w[0]])
     J = jacobian(objectives, [w])
     assert torch.equal(J, torch.tensor([[2.0, 4.0], [3.0, 0.0]]))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_jacobian_in_chunks_equals_all_at_once(chunk):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5))
+    unused = torch.nn.Parameter(torch.ones(3))  # no task depends on it: its columns are 0
+    params = [*net.parameters(), unused]
+    objectives = net(torch.randn(7, 4)).pow(2).mean(dim=0)  # 5 task objectives
+    J = jacobian(objectives, params)
+    expected = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(o, params[:-1], retain_graph=True)]) for o in objectives])
+    torch.testing.assert_close(J[:, :-3], expected)
+    assert torch.equal(J[:, -3:], torch.zeros(5, 3))
+    torch.testing.assert_close(jacobian(objectives, params, chunk), J)
 
 
 def test_gradient_diagnostics_are_logged(tmp_path):

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import math
@@ -67,6 +68,7 @@ from torch import nn
 from mtl.engine import GradientEngine
 from mtl.heads import LinearHead
 from mtl.model import MultiTaskModel
+from mtl.losses import task_losses
 from mtl.task import ClassificationTask
 from mtl.trunks import TRUNKS
 from mtl.weighting import WEIGHTINGS, GradientWeighting, LossWeighting
@@ -103,6 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, help=f"weighting names and/or {NAIVE!r} (default: all)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: torch.autocast(bfloat16)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    p.add_argument("--chunk", type=int, default=0, help="tasks per batched backward of the gradient engine (default 0: all)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
     p.add_argument("--out", default=None, help="write the rows and settings to this JSON file")
     args = p.parse_args(argv)
@@ -118,6 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{key} must be >= 1.")
     if args.warmup < 0:
         p.error("--warmup must be >= 0.")
+    if args.chunk < 0:
+        p.error("--chunk must be >= 0 (0: all tasks at once).")
     if min(args.tasks) < 1:
         p.error("--tasks must be >= 1.")
     available = [*WEIGHTINGS.names(), NAIVE]
@@ -137,7 +142,8 @@ class Bench:
         self.args = args
         self.device = torch.device(args.device)
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.loss_fn = ClassificationTask(NUM_CLASSES).masked_loss
+        self.tasks = {t: ClassificationTask(NUM_CLASSES) for t in self.task_names(max(args.tasks))}
+        self.loss_fn = functools.partial(task_losses, self.tasks)  # the trainer's: one op for T tasks
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(args.batch, 3, args.size, args.size, generator=gen)
         self.x = x.to(self.device).contiguous(memory_format=self.memory_format)
@@ -185,8 +191,7 @@ class Bench:
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             with self.autocast():
-                out = model.forward_groups(inputs, members)
-                loss = self.loss_fn(out[task], targets[task])
+                loss = self.loss_fn(model.forward_groups(inputs, members), targets)[task]
             loss.backward()
             opt.step()
 
@@ -199,8 +204,7 @@ class Bench:
         opt = self.optimizer([*model.parameters(), *weighting.parameters()])
 
         def losses() -> torch.Tensor:
-            out = model.forward_groups(inputs, members)
-            return torch.stack([self.loss_fn(out[t], targets[t]) for t in weighting.tasks])
+            return torch.stack(list(self.loss_fn(model.forward_groups(inputs, members), targets).values()))
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
@@ -222,14 +226,13 @@ class Bench:
         inputs, members, targets = self.batch(T)
         weighting: GradientWeighting = WEIGHTINGS.get(name)(members["x"], mode=mode).to(self.device)
         opt = self.optimizer([*model.parameters(), *weighting.parameters()])
-        engine = GradientEngine(model, weighting)
-        loss_fns = {t: self.loss_fn for t in members["x"]}
+        engine = GradientEngine(model, weighting, chunk=self.args.chunk)
         count = [0]
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             with self.autocast():
-                engine.backward(inputs, members, targets, loss_fns, count[0], lambda: None)
+                engine.backward(inputs, members, targets, self.loss_fn, count[0], lambda: None)
             opt.step()
             count[0] += 1
 
@@ -243,13 +246,13 @@ class Bench:
         opt = self.optimizer([*trunk.parameters(), *heads.parameters()])
         shared = [p for p in trunk.parameters() if p.requires_grad]
         head_params = list(heads.parameters())
-        targets = self.targets
+        _, _, targets = self.batch(T)
 
         def step() -> None:
             opt.zero_grad(set_to_none=True)
             with self.autocast():
                 features = trunk(self.x)
-                losses = [self.loss_fn(head(features), targets[t]) for t, head in enumerate(heads)]
+                losses = [self.tasks[t].masked_loss(head(features), targets[t]) for t, head in zip(self.task_names(T), heads)]
             rows = []
             for loss in losses:
                 grads = torch.autograd.grad(loss, shared, retain_graph=True)
