@@ -1,0 +1,58 @@
+"""The same code on CUDA: every weighting under bf16 autocast and channels_last, solvers on
+the device of the gradients, and the engine's chunked Jacobian. Skipped without a GPU
+(CI has none); run on a GPU machine with ``pytest tests/test_cuda.py``."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mtl.cli import main
+from mtl.engine import jacobian
+from mtl.weighting import WEIGHTINGS, GradientWeighting
+
+from conftest import QUICKSTART, quick
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+MULTI_MNIST = ["~tasks.mnist", "~tasks.digits", "tasks.left.name=multi_mnist_left", "tasks.right.name=multi_mnist_right"]
+GRADIENT_METHODS = [n for n in WEIGHTINGS.names() if issubclass(WEIGHTINGS.get(n), GradientWeighting)]
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_every_weighting_trains_on_cuda_in_bf16_channels_last(name, tmp_path):
+    cls = WEIGHTINGS.get(name)
+    # MultiMNIST's two tasks share one input batch, so every mode is valid on them.
+    extra = MULTI_MNIST + (["weighting.mode=representation"] if "representation" in getattr(cls, "modes", ()) else [])
+    run = tmp_path / "run"
+    args = quick(run, 2, 3, f"weighting.name={name}", "device=cuda", "trainer.precision=bf16", "trainer.channels_last=true", *extra)
+    assert main(["train", QUICKSTART, *args]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["device"].startswith("cuda") and results["steps"] == 6
+    assert all(math.isfinite(m["loss"]) for m in results["splits"]["test"].values())
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_aggregation_runs_on_the_gradients_device_and_matches_cpu(name):
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(5, 64, generator=g, dtype=torch.float64)
+    J[1:] -= 0.5 * J[0]  # conflicts, so the solvers do real work
+    on_cpu = WEIGHTINGS.get(name)([f"t{i}" for i in range(5)]).aggregate(J)
+    on_gpu = WEIGHTINGS.get(name)([f"t{i}" for i in range(5)]).to("cuda").aggregate(J.cuda())
+    for field in ("gradient", "weights"):
+        a, b = getattr(on_cpu, field), getattr(on_gpu, field)
+        if a is None or name == "graddrop":  # its random draws differ between devices
+            continue
+        assert b.device.type == "cuda"
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_chunked_jacobian_on_cuda_equals_cpu(chunk):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 7))
+    x = torch.randn(4, 3, 8, 8)
+    expected = jacobian(net(x).pow(2).mean(dim=0), list(net.parameters()))
+    net = net.cuda()
+    J = jacobian(net(x.cuda()).pow(2).mean(dim=0), list(net.parameters()), chunk)
+    torch.testing.assert_close(J.cpu(), expected, rtol=1e-4, atol=1e-5)
