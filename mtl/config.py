@@ -112,7 +112,16 @@ def _check_keys(node: Any, schema: type, path: str) -> None:
         ftype = fields[key].type
         sub = globals().get(ftype) if isinstance(ftype, str) else ftype
         if dataclasses.is_dataclass(sub):
+            if value is not None and not isinstance(value, dict):
+                keys = ", ".join(f.name for f in dataclasses.fields(sub))
+                raise ConfigError(f"{where}: must be a mapping of settings ({keys}), got {value!r}; e.g. {where}.{keys.split(',')[0]}=VALUE.")
             _check_keys(value, sub, where)
+        elif str(ftype).startswith(("Dict", "typing.Dict")) and value is not None and not isinstance(value, dict):
+            # OmegaConf's own "Cannot assign str to Dict[str, Any]" names no fix.
+            example = f"{where}: {{name: {value}}} (or {where}.name={value})" if isinstance(value, str) else f"{where}: {{name: ..., ...}}"
+            raise ConfigError(f"{where}: must be a mapping, got {value!r}; write {example}.")
+        elif str(ftype).startswith(("List", "typing.List")) and value is not None and not isinstance(value, list):
+            raise ConfigError(f"{where}: must be a list, got {value!r}; write {where}=[{value}] for one item.")
 
 
 def parse_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -128,15 +137,70 @@ def parse_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return sets, deletes
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's loaders keep the last of two equal keys in a mapping; in a config that silently
+    drops a task (two ``mnist:`` entries) or a whole section, so it is an error here."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key, line = loader.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(
+                f"line {line}: duplicate key {key!r} (also on line {seen[key]}); YAML would keep only the last one. "
+                "Merge the two entries, or rename one (two tasks of one kind need two keys, each with name: <task>)."
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _parse_override(item: str) -> DictConfig:
+    """One ``key=value`` override; a value that is not YAML, or a flow mapping written without
+    the space YAML needs after ':' (``{name:sgd}`` is one key 'name:sgd'), names the override."""
+    try:
+        parsed = OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", None) or e).strip()
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem}). Put a space after each ':' in a mapping "
+            "and quote the whole override for the shell, e.g. 'trainer.optimizer={name: sgd, lr: 0.1}'."
+        ) from None
+    glued = [k for k in _keys(OmegaConf.to_container(parsed)) if ":" in k]
+    if glued:
+        key, _, value = glued[0].partition(":")
+        raise ConfigError(
+            f"override {item!r}: {glued[0]!r} reads as one key with no value; YAML needs a space after ':' "
+            f"({{{key}: {value}}}). Quote the whole override for the shell."
+        )
+    return parsed
+
+
+def _keys(node: Any) -> list[str]:
+    """Every mapping key in a nested container."""
+    if isinstance(node, dict):
+        return [str(k) for k in node] + [k for v in node.values() for k in _keys(v)]
+    if isinstance(node, list):
+        return [k for v in node for k in _keys(v)]
+    return []
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
     """Read a YAML config, apply overrides, check it against the schema; raise ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
     try:
@@ -148,7 +212,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfi
 def resolve(raw: dict, overrides: list[str] = ()) -> DictConfig:
     sets, deletes = parse_overrides(list(overrides))
     try:
-        cfg = OmegaConf.merge(OmegaConf.create(raw), OmegaConf.from_dotlist(sets))
+        cfg = OmegaConf.merge(OmegaConf.create(raw), *(_parse_override(item) for item in sets))
         for key in deletes:
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
@@ -176,7 +240,8 @@ def resolve(raw: dict, overrides: list[str] = ()) -> DictConfig:
 def _replace_component_nodes(typed: DictConfig, plain: dict, schema: type, path: str) -> None:
     """A mapping the user wrote replaces the schema's default mapping instead of merging into
     it: ``trainer.optimizer: {name: sgd}`` must not inherit the default Adam's ``lr``, and
-    ``compare.regimes`` lists exactly the regimes the user named."""
+    ``compare.regimes`` lists exactly the regimes the user named. A component mapping without
+    a ``name`` merges: it sets arguments of the default component."""
     for f in dataclasses.fields(schema):
         if f.name not in plain:
             continue
@@ -186,6 +251,10 @@ def _replace_component_nodes(typed: DictConfig, plain: dict, schema: type, path:
             if isinstance(plain[f.name], dict):
                 _replace_component_nodes(typed, plain[f.name], ftype, key)
         elif str(f.type).startswith(("Dict", "typing.Dict")) and isinstance(plain[f.name], dict):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            # Without a name the keys tune the default component (trainer.optimizer.lr=0.01 keeps Adam).
+            if isinstance(default, dict) and "name" in default and "name" not in plain[f.name]:
+                continue
             OmegaConf.update(typed, key, plain[f.name], merge=False)
 
 
@@ -199,6 +268,8 @@ def check_values(cfg: DictConfig) -> None:
     t = cfg.trainer
     _must(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}.")
     _must(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}.")
+    lr = t.optimizer.get("lr")
+    _must(not isinstance(lr, (int, float)) or lr > 0, "trainer.optimizer.lr", f"must be > 0, got {lr}; e.g. trainer.optimizer.lr=0.001.")
     _must(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}.")
     _must(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", f"must be > 0 or null, got {t.grad_clip}.")
     _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", "must be >= 1 or null.")
