@@ -60,6 +60,9 @@ class TrainerConfig:
     num_workers: int = 0  # DataLoader workers for datasets that read files
     # Fixed epoch length in steps (small sets cycle, large ones are cut); None = the scheduler's epoch.
     steps_per_epoch: Optional[int] = None
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of each epoch only)
+    keep_checkpoints: int = 2  # the newest N step checkpoints are kept (plus best.pt); older ones are deleted
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (with task, step, value) | skip the step (counted)
 
 
 @dataclass
@@ -275,6 +278,9 @@ def check_values(cfg: DictConfig) -> None:
     _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", "must be >= 1 or null.")
     _must(t.precision in ("fp32", "bf16"), "trainer.precision", f"must be fp32 or bf16, got {t.precision!r}.")
     _must(t.weighting_every >= 1, "trainer.weighting_every", f"must be >= 1, got {t.weighting_every}.")
+    _must(t.checkpoint_every >= 0, "trainer.checkpoint_every", f"must be >= 0 (0: at epoch ends only), got {t.checkpoint_every}.")
+    _must(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1 (resuming needs one), got {t.keep_checkpoints}.")
+    _must(t.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}.")
     _must(t.jacobian_chunk >= 0, "trainer.jacobian_chunk", f"must be >= 0 (0: all tasks at once), got {t.jacobian_chunk}.")
     _must(t.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {t.num_workers}.")
     _must(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}.")
