@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl import optim
 from mtl.config import ConfigError
+from mtl.data import dataset_targets
 from mtl.heads import HEADS, Head
 from mtl.checkpoint import CheckpointError
 from mtl.checkpoint import load as load_checkpoint
@@ -101,7 +102,10 @@ def load_datasets(tasks: dict[str, Task]) -> dict[str, Splits]:
             raise ConfigError(f"tasks.{key}: cannot load its data: {e}") from None
         for split, ds in splits[key].items():
             if len(ds) == 0:  # type: ignore[arg-type]
-                raise ConfigError(f"tasks.{key}: the {split} split is empty.")
+                raise ConfigError(
+                    f"tasks.{key}: the {split} split is empty; {type(task).__name__}.build_datasets must give every "
+                    "split at least one sample (check its data source, val_fraction and test_fraction)."
+                )
     return splits
 
 
@@ -124,6 +128,30 @@ def build_heads(
         where = f"tasks.{key}.head"
         heads[key] = _component(build, HEADS, head_nodes[key], where, features, task.num_outputs, where=where)
     return heads
+
+
+@torch.no_grad()
+def _output_shape(head: Head) -> tuple[int, ...]:
+    """A head's output shape per sample, from a dry run on one zero feature (eval mode, no grad)."""
+    was_training = head.training
+    head.eval()
+    try:
+        return tuple(head(torch.zeros(1, *head.in_shape)).shape[1:])
+    finally:
+        head.train(was_training)
+
+
+def check_targets(tasks: dict[str, Task], heads: dict[str, Head], splits: dict[str, Splits]) -> None:
+    """Each task's targets against its head and loss, before training (see ``Task.check_targets``)."""
+    for key, task in tasks.items():
+        if type(task).check_targets is Task.check_targets:
+            continue  # nothing to check: no file is read for it
+        shape = _output_shape(heads[key])
+        for split, ds in splits[key].items():
+            try:
+                task.check_targets(dataset_targets(ds), shape)
+            except ValueError as e:
+                raise ConfigError(f"tasks.{key}: {split} split: {e}") from None
 
 
 @dataclass
@@ -152,6 +180,7 @@ def build_components(cfg: DictConfig) -> Components:
     splits = load_datasets(tasks)
     trunk = _component(build_trunk, _plain(cfg.trunk), where="trunk")
     heads = build_heads(trunk, tasks, head_nodes, splits)
+    check_targets(tasks, heads, splits)
     model = MultiTaskModel(trunk, heads)
     if cfg.init_from:
         init_from(model, cfg.init_from)

@@ -22,7 +22,11 @@ def split_indices(
     """Disjoint train/val/test indices of ``range(n)``, a fixed function of ``seed``."""
     n_val, n_test = round(n * val_fraction), round(n * test_fraction)
     if min(n_val, n_test, n - n_val - n_test) < 1:
-        raise ValueError(f"{n} samples cannot be split into non-empty train/val/test.")
+        raise ValueError(
+            f"{n} samples cannot be split into non-empty train/val/test: val_fraction {val_fraction} and "
+            f"test_fraction {test_fraction} give {n - n_val - n_test}/{n_val}/{n_test} samples. Choose fractions "
+            "that leave each split at least one sample."
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
@@ -68,6 +72,15 @@ def _tensors(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
             idx = torch.as_tensor(dataset.indices)
             return tuple(t[idx] for t in inner)
     return None
+
+
+def dataset_targets(dataset: Dataset) -> torch.Tensor:
+    """``[N, ...]``: every target of an in-memory dataset; of another, the first sample's as
+    ``[1, ...]`` (reading every file would cost a pass over the data before training)."""
+    tensors = _tensors(dataset)
+    if tensors is not None:
+        return tensors[1]
+    return torch.as_tensor(dataset[0][1]).unsqueeze(0)
 
 
 class SharedInputs(Dataset):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import re
 import typing
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
@@ -190,7 +191,15 @@ def build(registry: Registry[T], node: dict[str, Any], where: str, *args: Any) -
         )
     builder = registry.get(str(name))
     bind_kwargs(builder, node, where, skip=len(args))
-    obj = builder(*args, **node)
+    try:
+        obj = builder(*args, **node)
+    except TypeError as e:
+        # A base-class argument that the subclass passes itself (Wine's num_classes) looks
+        # accepted to bind_kwargs; Python's message names neither the config key nor the fix.
+        twice = re.search(r"got multiple values for (?:keyword )?argument '(\w+)'", str(e))
+        if twice and twice.group(1) in node:
+            raise ComponentError(f"{where}.{twice.group(1)}: {name!r} sets {twice.group(1)} itself; remove this key.") from None
+        raise
     if not isinstance(obj, registry.base):
         raise ComponentError(f"{where}: {name!r} built a {type(obj).__name__}, not a {registry.base.__name__}.")
     return obj

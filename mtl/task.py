@@ -102,6 +102,12 @@ class Task:
         batch for all of them and runs the trunk once on it."""
         return None
 
+    def check_targets(self, targets: torch.Tensor, output_shape: tuple[int, ...]) -> None:
+        """Raise ValueError, naming the fix, when ``targets`` (``[N, ...]``, one split's) cannot
+        meet a head output of ``output_shape`` per sample in this task's loss. Run before
+        training: the loss would otherwise fail mid-run, or on a GPU as a device-side assert
+        that names nothing. The base class knows no loss; the subclasses below check theirs."""
+
     def valid_mask(self, target: torch.Tensor) -> torch.Tensor:
         """``[B]`` bool: True where the sample has a label for this task."""
         flat = target.reshape(len(target), -1)
@@ -128,6 +134,14 @@ class Task:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def _labelled(targets: torch.Tensor) -> torch.Tensor:
+    """The target values that are labels, i.e. neither MISSING_LABEL nor NaN, flattened."""
+    keep = targets != MISSING_LABEL
+    if targets.is_floating_point():
+        keep &= ~torch.isnan(targets)
+    return targets[keep]
+
+
 class ClassificationTask(Task):
     """Single-label classification: cross-entropy; accuracy (higher is better)."""
 
@@ -136,6 +150,31 @@ class ClassificationTask(Task):
     def __init__(self, num_classes: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.num_outputs = num_classes
+
+    def check_targets(self, targets: torch.Tensor, output_shape: tuple[int, ...]) -> None:
+        if type(self).loss is not ClassificationTask.loss:
+            return  # a loss of the task's own: its own contract
+        classes, per_sample = output_shape[0], tuple(targets.shape[1:])
+        if per_sample != tuple(output_shape[1:]):
+            raise ValueError(
+                f"targets have shape {per_sample} per sample, but cross-entropy on the head's {classes} class "
+                f"scores needs one class index per sample (shape {tuple(output_shape[1:])}): give class indices, "
+                "not one-hot vectors; several binary labels per sample are a MultiLabelTask."
+            )
+        labels = _labelled(targets)
+        fractional = labels[labels != labels.round()] if labels.is_floating_point() else labels[:0]
+        if len(fractional):
+            raise ValueError(f"class labels must be whole numbers (class indices 0..{classes - 1}), got {fractional[0].item()}.")
+        outside = labels[(labels < 0) | (labels >= classes)]
+        if len(outside):
+            if outside.min() < 0:
+                fix = f"labels are 0..{classes - 1}, and a missing label is MISSING_LABEL ({MISSING_LABEL})"
+            else:
+                fix = f"set num_classes to at least {int(labels.max()) + 1}, or fix the labels"
+            raise ValueError(
+                f"label {int(outside[0])} is outside the head's {classes} classes 0..{classes - 1} "
+                f"({len(outside)} of {len(labels)} labels); {fix}."
+            )
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output.float(), target.long(), reduction="none")
@@ -158,6 +197,24 @@ class MultiLabelTask(Task):
     def __init__(self, num_labels: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.num_outputs = num_labels
+
+    def check_targets(self, targets: torch.Tensor, output_shape: tuple[int, ...]) -> None:
+        if type(self).loss is not MultiLabelTask.loss:
+            return
+        per_sample = tuple(targets.shape[1:])
+        if per_sample != tuple(output_shape):
+            raise ValueError(
+                f"targets have shape {per_sample} per sample, but the head's output has shape {tuple(output_shape)}: a multi-label "
+                f"target holds one 0/1 per label, shape [N, num_labels] with num_labels={self.num_outputs}; set "
+                "num_labels to the targets' label count, or fix the targets."
+            )
+        labels = _labelled(targets)
+        outside = labels[(labels < 0) | (labels > 1)]
+        if len(outside):
+            raise ValueError(
+                f"multi-label targets must lie in [0, 1] (1 = the label applies; NaN or {MISSING_LABEL} = missing), "
+                f"got {outside[0].item()} ({len(outside)} of {len(labels)} values)."
+            )
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(output.float(), target.float(), reduction="none").mean(dim=1)
@@ -185,6 +242,18 @@ class RegressionTask(Task):
     def __init__(self, num_outputs: int = 1, **kwargs: Any):
         super().__init__(**kwargs)
         self.num_outputs = num_outputs
+
+    def check_targets(self, targets: torch.Tensor, output_shape: tuple[int, ...]) -> None:
+        if type(self).loss is not RegressionTask.loss:
+            return
+        per_sample = tuple(targets.shape[1:])
+        if per_sample != tuple(output_shape):
+            # mse_loss would broadcast [B] against [B, 1] into [B, B] with only a warning.
+            raise ValueError(
+                f"targets have shape {per_sample} per sample, but the head's output has shape {tuple(output_shape)} "
+                f"(num_outputs={self.num_outputs}); they must match: targets [N] for one output, [N, k] for "
+                "num_outputs=k. Set num_outputs to the targets' size, or reshape the targets."
+            )
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         err = F.mse_loss(output.float(), target.float(), reduction="none")
