@@ -1,15 +1,25 @@
-"""Checkpoint files: written atomically, read with ``weights_only=True``.
+"""Checkpoint files: written atomically with a checksum, read with ``weights_only=True``.
 
 A checkpoint is a dict of tensors and plain Python values only, so the safe loader can
-read it (a pickle from an untrusted file would run code).
+read it (a pickle from an untrusted file would run code). Beside each file, ``<name>.sha256``
+holds its digest: a truncated or bit-flipped checkpoint is reported, never loaded.
+
+A run keeps its training state as ``checkpoints/step-<step>.pt`` (the newest
+``keep`` of them) and the selected model as ``best.pt``; ``latest`` resumes from the newest
+one that reads back intact, reporting the ones it had to pass over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -17,23 +27,49 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def save(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # disk full, interrupted: the previous file stays, no half one is left
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
+def save(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Temporary file, flush, fsync, rename; then the checksum beside it. A crash leaves the
+    previous file (or none), never a half one; a file without its checksum is still read."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda f: torch.save(state, f))
+    digest = _digest(path)
+    _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(digest.encode()))
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found.")
+    checksum = path.with_name(path.name + ".sha256")
+    if checksum.is_file() and checksum.read_text().strip() != _digest(path):
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its contents do not match {checksum.name}.")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {str(path)!r} not found.") from None
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}).") from None
     if not isinstance(state, dict):
@@ -41,8 +77,55 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     return state
 
 
+def step_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The ``step-<n>.pt`` files of a run's checkpoint directory, newest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_step(state: dict[str, Any], directory: str | os.PathLike, step: int, keep: int) -> Path:
+    """Write ``step-<step>.pt``, then delete all but the newest ``keep`` step checkpoints."""
+    path = Path(directory) / f"step-{step:09d}.pt"
+    save(state, path)
+    for old in step_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    return path
+
+
+def latest(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest step checkpoint that reads back intact, or None when there is none.
+    Unreadable ones are reported and left on disk (for inspection); all unreadable is an error."""
+    problems = []
+    for path in step_checkpoints(directory):
+        try:
+            state = load(path, map_location)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            warnings.warn(f"{'; '.join(problems)} Resuming from the previous checkpoint, {path.name}.", stacklevel=2)
+        return path, state
+    if problems:
+        raise CheckpointError(
+            f"{'; '.join(problems)} No intact checkpoint is left in {str(directory)!r}: "
+            "start a new output_dir (or delete the checkpoints to retrain there)."
+        )
+    return None
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    """Every global generator a step may draw from: torch (CPU, CUDA), Python's, NumPy's
+    (user datasets and augmentations use them); NumPy's key as a tensor for the safe loader."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -50,5 +133,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -24,6 +24,10 @@ from mtl.model import MultiTaskModel
 from mtl.weighting import GradientWeighting
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or infinite loss or gradient in a training step."""
+
+
 def jacobian(objectives: torch.Tensor, inputs: list[torch.Tensor], chunk: int = 0) -> torch.Tensor:
     """``[T, D]``: row t is the gradient of ``objectives[t]`` w.r.t. ``inputs``, flattened.
 
@@ -107,6 +111,12 @@ class GradientEngine:
             self._backward(total, penalty, features if w.mode == "representation" else None, leaf if w.mode == "representation" else None)
             return losses
         J = jacobian(objectives, shared, self.chunk)
+        finite = torch.isfinite(J).all(dim=1)
+        # One host sync: a solver fed NaNs fails obscurely or carries them in its state.
+        if not bool(finite.all()):
+            bad = [t for t, ok in zip(w.tasks, finite.tolist()) if not ok]
+            values = ", ".join(f"task {t!r} loss {losses[t].item()}" for t in bad)
+            raise NonFiniteError(f"non-finite gradient of {values}")
         result = w.aggregate(J)
         self._record(J, result)
         if result.gradient is None:

@@ -31,6 +31,14 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _step_of(line: str) -> float:
+    """A line's step; a line cut short by a kill (only ever the last) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 class DiskLogger:
     """Appends one JSON line per event to ``metrics.jsonl``: ``{"step": ..., name: value}``."""
 
@@ -38,7 +46,7 @@ class DiskLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Events after the checkpoint will be logged again by the resumed run.
-            kept = [line for line in self.path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines(keepends=True) if _step_of(line) <= resume_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, self.path)
@@ -96,22 +104,30 @@ class WandbLogger:
 
 
 class Loggers:
-    """Fans events out to every logger."""
+    """Fans events out to every logger. The disk log is the record: a remote logger that fails
+    (network gone, run deleted, quota) is dropped with one warning and training goes on."""
 
     def __init__(self, loggers: list[MetricLogger]):
         self.loggers = loggers
 
+    def _each(self, call: str, *args: Any) -> None:
+        for logger in list(self.loggers):
+            try:
+                getattr(logger, call)(*args)
+            except Exception as e:
+                if isinstance(logger, DiskLogger):
+                    raise
+                self.loggers.remove(logger)
+                warnings.warn(f"{type(logger).__name__} failed ({type(e).__name__}: {e}) and is off for the rest of the run; the local logs are complete.")
+
     def log(self, metrics: dict[str, float], step: int) -> None:
-        for logger in self.loggers:
-            logger.log(metrics, step)
+        self._each("log", metrics, step)
 
     def log_summary(self, summary: dict[str, Any]) -> None:
-        for logger in self.loggers:
-            logger.log_summary(summary)
+        self._each("log_summary", summary)
 
     def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()
+        self._each("close")
 
 
 def build_loggers(

@@ -114,7 +114,11 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     """Atomic write: a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:  # disk full, interrupted: no half-written file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from mtl.config import ConfigError, save_config, to_dict
 from mtl.data import BatchSource, shared_inputs
 from mtl.loggers import build_loggers
 from mtl.losses import task_losses
-from mtl.engine import GradientEngine
+from mtl.engine import GradientEngine, NonFiniteError
 from mtl.scheduler import AllTasks, Sources
 from mtl.weighting import GradientWeighting, LossWeighting
 from mtl.results import directions, evaluate, flatten, selection_score, write_json
@@ -71,20 +74,24 @@ class Trainer:
         t = cfg.trainer
         self.device = resolve_device(cfg.device)
         self.run_dir = Path(cfg.output_dir)
-        self.last_path = self.run_dir / "checkpoints" / "last.pt"
-        self.best_path = self.run_dir / "checkpoints" / "best.pt"
-        if self.last_path.exists() and not cfg.resume:
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.best_path = self.checkpoint_dir / "best.pt"
+        found = checkpoint.step_checkpoints(self.checkpoint_dir)
+        if found and not cfg.resume:
             raise ConfigError(
-                f"output_dir: {str(self.run_dir)!r} already holds a run ({self.last_path}); "
+                f"output_dir: {str(self.run_dir)!r} already holds a run ({found[0]}); "
                 "pass resume=true to continue it, or choose another output_dir."
             )
         self._resume_state = None
-        if cfg.resume and self.last_path.exists():
-            self._resume_state = checkpoint.load(self.last_path)
+        if cfg.resume and found:
+            try:
+                path, self._resume_state = checkpoint.latest(self.checkpoint_dir)
+            except checkpoint.CheckpointError as e:
+                raise ConfigError(f"resume: {e}") from None
             changed = config_changes(self._resume_state["config"], to_dict(cfg))
             if changed:
                 raise ConfigError(
-                    f"resume: {self.last_path} was written with another config ({', '.join(changed)} differ); "
+                    f"resume: {path} was written with another config ({', '.join(changed)} differ); "
                     "resume with the config in its run directory (only trainer.epochs, device and logging may change), "
                     "or start a new output_dir."
                 )
@@ -123,10 +130,14 @@ class Trainer:
         self.engine = self._check_weighting()
         self.lr_schedule = build_lr_schedule(cfg, self.optimizer, t.epochs * self.steps_per_epoch)
 
-        self.epoch = 0
-        self.step = 0
+        self._check_output_dir()
+
+        self.epoch = 0  # completed epochs
+        self.step = 0  # completed optimizer steps (skipped non-finite steps included)
+        self.skipped = 0
         self.best = {"score": -float("inf"), "epoch": 0}
         self.wall_time = 0.0
+        self._stop_signal: int | None = None
         self._loss_sums = {n: torch.zeros((), device=self.device) for n in self.tasks}
         self._loss_counts = dict.fromkeys(self.tasks, 0)
         self._epoch_sums = {n: torch.zeros((), device=self.device) for n in self.tasks}
@@ -148,6 +159,25 @@ class Trainer:
                 f"({', '.join(self.groups)}). Use weighting.mode=parameters."
             )
         return GradientEngine(self.model, w, every=self.cfg.trainer.weighting_every, chunk=self.cfg.trainer.jacobian_chunk)
+
+    def _check_output_dir(self) -> None:
+        """Unwritable or too full for the checkpoints: an error now, not hours into training."""
+        existing = self.run_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not os.access(existing, os.W_OK | os.X_OK) or (existing != self.run_dir and not existing.is_dir()):
+            raise ConfigError(f"output_dir: {str(self.run_dir)!r} cannot be written ({existing} is not a writable directory); choose another output_dir.")
+        tensors = [*self.model.state_dict().values(), *self.weighting.state_dict().values()]
+        model_bytes = sum(v.numel() * v.element_size() for v in tensors if isinstance(v, torch.Tensor))
+        # A step checkpoint holds the model and about two optimizer moments; keep + 1 of them
+        # exist while a new one is written, plus best.pt and trunk.pt.
+        needed = (self.cfg.trainer.keep_checkpoints + 1) * 3 * model_bytes + 2 * model_bytes
+        free = shutil.disk_usage(existing).free
+        if free < needed:
+            raise ConfigError(
+                f"output_dir: {str(existing)!r} has {free / 2**20:.0f} MiB free; this run's checkpoints need about "
+                f"{needed / 2**20:.0f} MiB. Free space, choose another output_dir, or lower trainer.keep_checkpoints."
+            )
 
     def _count_parameters(self) -> dict[str, int]:
         """Total parameters, and those the recipe trains in at least one epoch of the stage."""
@@ -177,41 +207,112 @@ class Trainer:
         )
 
     def fit(self) -> dict[str, Any]:
-        """Train the stage and return its results (also written to results.json)."""
-        t = self.cfg.trainer
+        """Train the stage and return its results (also written to results.json).
+
+        Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and raises
+        ``KeyboardInterrupt``; a second one stops at once. ``resume=true`` continues exactly."""
         self._open_run()
-        start = time.perf_counter()
-        for epoch in range(self.epoch, t.epochs):
-            self.model.train()
-            self.recipe.start_epoch(self.model, epoch)
-            bar = tqdm(
-                range(self.steps_per_epoch),
-                desc=f"epoch {epoch + 1}/{t.epochs}",
-                disable=not self.cfg.logging.progress_bar,
-                dynamic_ncols=True,
-            )
-            tick, samples = time.perf_counter(), 0
-            for _ in bar:
-                samples += self._train_step()
-                if self.step % self.cfg.logging.log_every == 0:
-                    rate = samples / (time.perf_counter() - tick)
-                    self._log_train(bar, rate)
-                    tick, samples = time.perf_counter(), 0
-            bar.close()
-            self._end_epoch_losses()
-            val = evaluate(self.model, self.tasks, {n: s.val for n, s in self.splits.items()}, t.eval_batch_size, self.device)
-            score = selection_score(val, t.select_on, self.tasks)
-            self.loggers.log({**flatten("val", val), "epoch": epoch + 1}, self.step)
-            self.epoch = epoch + 1
-            # A NaN score (no labelled validation sample) never beats another, so the first
-            # epoch's model is kept as the selection then.
-            if score > self.best["score"] or not self.best_path.exists():
-                self.best = {"score": score, "epoch": self.epoch}
-                checkpoint.save({"model": self.model.state_dict(), "epoch": self.epoch, "score": score}, self.best_path)
-            self.wall_time += time.perf_counter() - start
-            start = time.perf_counter()
-            checkpoint.save(self._state(), self.last_path)
+        try:
+            with self._stop_signals():
+                while self.epoch < self.cfg.trainer.epochs:
+                    self._train_epoch()
+        except BaseException:
+            self.loggers.close()  # the W&B run ends too; local files are already complete
+            raise
         return self._finish()
+
+    def _train_epoch(self) -> None:
+        t = self.cfg.trainer
+        start = time.perf_counter()
+        epoch = self.epoch
+        self.model.train()
+        self.recipe.start_epoch(self.model, epoch)
+        done = self.step - epoch * self.steps_per_epoch  # > 0 when resumed mid-epoch
+        bar = tqdm(
+            range(done, self.steps_per_epoch),
+            initial=done,
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{t.epochs}",
+            disable=not self.cfg.logging.progress_bar,
+            dynamic_ncols=True,
+        )
+        tick, samples = time.perf_counter(), 0
+        for _ in bar:
+            samples += self._train_step()
+            if self.step % self.cfg.logging.log_every == 0:
+                self._log_train(bar, samples / (time.perf_counter() - tick))
+                tick, samples = time.perf_counter(), 0
+            last_of_epoch = self.step == (epoch + 1) * self.steps_per_epoch
+            if not last_of_epoch and t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self._save_checkpoint(start)
+                start = time.perf_counter()
+            self._stop_if_signalled(start)
+        bar.close()
+        self._end_epoch_losses()
+        val = evaluate(self.model, self.tasks, {n: s.val for n, s in self.splits.items()}, t.eval_batch_size, self.device)
+        score = selection_score(val, t.select_on, self.tasks)
+        self.loggers.log({**flatten("val", val), "epoch": epoch + 1}, self.step)
+        self.epoch = epoch + 1
+        # A NaN score (no labelled validation sample) never beats another, so the first
+        # epoch's model is kept as the selection then.
+        if score > self.best["score"] or not self.best_path.exists():
+            self.best = {"score": score, "epoch": self.epoch}
+            self._write(self.best_path, {"model": self.model.state_dict(), "epoch": self.epoch, "score": score})
+        self._save_checkpoint(start)
+        self._stop_if_signalled(time.perf_counter())
+
+    def _save_checkpoint(self, since: float) -> None:
+        self.wall_time += time.perf_counter() - since
+        self._write(self.checkpoint_dir, self._state(), step=True)
+
+    def _write(self, path: Path, state: dict[str, Any], step: bool = False) -> None:
+        try:
+            if step:
+                checkpoint.save_step(state, path, self.step, self.cfg.trainer.keep_checkpoints)
+            else:
+                checkpoint.save(state, path)
+        except OSError as e:
+            previous = checkpoint.step_checkpoints(self.checkpoint_dir)
+            kept = f"the previous checkpoint {previous[0].name} is intact" if previous else "no earlier checkpoint exists"
+            raise ConfigError(
+                f"output_dir: writing a checkpoint into {str(self.checkpoint_dir)!r} failed at step {self.step} ({e}); "
+                f"{kept}. Free space (or fix the directory's permissions) and rerun with resume=true."
+            ) from None
+
+    # -- stop signals -----------------------------------------------------------------
+
+    def _stop_signals(self):
+        """SIGINT/SIGTERM set a flag checked between steps (a step is never cut in half)."""
+        trainer = self
+
+        class Handlers:
+            def __enter__(self):
+                self.previous = {}
+                if threading.current_thread() is not threading.main_thread():
+                    return  # signal handlers can only be set from the main thread
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    self.previous[sig] = signal.signal(sig, self.handle)
+
+            def handle(self, signum, frame):
+                trainer._stop_signal = signum
+                # A second signal is not deferred: the user can always stop at once.
+                signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
+
+            def __exit__(self, *exc):
+                for sig, handler in self.previous.items():
+                    signal.signal(sig, handler)
+
+        return Handlers()
+
+    def _stop_if_signalled(self, since: float) -> None:
+        if self._stop_signal is None:
+            return
+        self._save_checkpoint(since)
+        name = signal.Signals(self._stop_signal).name
+        raise KeyboardInterrupt(
+            f"{name} at step {self.step}: checkpoint written to {self.checkpoint_dir}; "
+            "rerun the same command with resume=true to continue exactly where it stopped."
+        )
 
     def _losses(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return task_losses(self.tasks, self.model.forward_groups(inputs, self.groups), targets)
@@ -245,25 +346,62 @@ class Trainer:
         inputs = {n: self._layout(b[0]) for n, b in batches.items()}
         targets = {task: y for n, b in batches.items() for task, y in zip(self.groups[n], b[1:])}
         self.optimizer.zero_grad(set_to_none=True)
+        problem = None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == "bf16"):
-            losses, vector = self._backward(names, inputs, targets)
-        if self.cfg.trainer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
-        self.optimizer.step()
+            try:
+                losses, vector = self._backward(names, inputs, targets)
+            except NonFiniteError as e:  # the engine's check, before a method sees the gradients
+                losses, vector, problem = None, None, str(e)
+        problem = problem or self._nonfinite(losses)
+        if problem is not None:
+            self._skip_or_stop(problem)
+        else:
+            self.optimizer.step()
         self.lr_schedule.step()
-        if self.engine is None:
-            after = None
-            if self.weighting.wants_losses_after_step:
-                with torch.no_grad():
-                    after = self._loss_vector(self._losses(inputs, targets))
-            self.weighting.update(vector.detach(), after)
+        if problem is None:
+            if self.engine is None:
+                after = None
+                if self.weighting.wants_losses_after_step:
+                    with torch.no_grad():
+                        after = self._loss_vector(self._losses(inputs, targets))
+                self.weighting.update(vector.detach(), after)
+            for n, loss in losses.items():
+                self._loss_sums[n] += loss.detach()
+                self._loss_counts[n] += 1
+                self._epoch_sums[n] += loss.detach()
+                self._epoch_counts[n] += 1
         self.step += 1
-        for n, loss in losses.items():
-            self._loss_sums[n] += loss.detach()
-            self._loss_counts[n] += 1
-            self._epoch_sums[n] += loss.detach()
-            self._epoch_counts[n] += 1
         return sum(len(b[0]) for b in batches.values())
+
+    def _nonfinite(self, losses: dict[str, torch.Tensor]) -> str | None:
+        """What is not finite in this step's losses or gradients (clipping them first), else None.
+        One host sync per step: a NaN update must never reach the weights."""
+        model_params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(model_params, self.cfg.trainer.grad_clip or float("inf")) if model_params else None
+        values = torch.stack([loss.detach().float() for loss in losses.values()])
+        checks = [values, *(p.grad.detach().float().flatten() for p in self.weighting.parameters() if p.grad is not None)]
+        if norm is not None:
+            checks.append(norm.detach().float().reshape(1))
+        if bool(torch.isfinite(torch.cat([c.flatten() for c in checks])).all()):
+            return None
+        bad = [f"task {n!r} loss {v}" for n, v in zip(losses, values.tolist()) if not torch.isfinite(torch.tensor(v))]
+        if bad:
+            return "non-finite loss: " + ", ".join(bad)
+        return f"non-finite gradient (global norm {float(norm) if norm is not None else 'n/a'}) with finite losses"
+
+    def _skip_or_stop(self, problem: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f"step {self.step} (epoch {self.epoch + 1})"
+        if self.cfg.trainer.on_nonfinite == "skip":
+            self.skipped += 1
+            tqdm.write(f"mtl: {where}: {problem}; step skipped ({self.skipped} so far).")
+            return
+        previous = checkpoint.step_checkpoints(self.checkpoint_dir)
+        kept = f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written yet"
+        raise NonFiniteError(
+            f"{where}: {problem}. The update was not applied and {kept}. Lower the learning rate or set "
+            "trainer.grad_clip; or set trainer.on_nonfinite=skip to skip such steps (they are counted)."
+        )
 
     def _end_epoch_losses(self) -> None:
         """Each task's mean training loss of the epoch, for weightings with a loss history (DWA)."""
@@ -295,6 +433,8 @@ class Trainer:
         # train split at the end is logged as train/<task>/loss like the other splits.
         metrics = {f"train/{n}/batch_loss": v for n, v in means.items()}
         metrics.update({"train/batch_loss": sum(means.values()), "lr": self.optimizer.param_groups[0]["lr"], "samples_per_s": rate})
+        if self.skipped:
+            metrics["skipped_steps"] = self.skipped
         metrics.update(self._diagnostics())
         self.loggers.log(metrics, self.step)
         bar.set_postfix({"step": self.step, **{n: f"{v:.3f}" for n, v in means.items()}, "samples/s": f"{rate:.0f}"}, refresh=False)
@@ -320,6 +460,7 @@ class Trainer:
             "selected_on": f"validation: {t.select_on}",
             "epochs": self.epoch,
             "steps": self.step,
+            "skipped_steps": self.skipped,
             "parameters": self.parameters,
             "wall_time_s": round(self.wall_time, 2),
             "device": str(self.device),
@@ -344,8 +485,13 @@ class Trainer:
             "sources": {n: s.state_dict() for n, s in self.sources.items()},
             "epoch": self.epoch,
             "step": self.step,
+            "skipped": self.skipped,
             "best": self.best,
             "wall_time": self.wall_time,
+            # The running loss means of a checkpoint taken mid-epoch: the log and DWA's
+            # epoch history then continue as if never interrupted.
+            "loss_sums": {n: (self._loss_sums[n], self._loss_counts[n]) for n in self.tasks},
+            "epoch_sums": {n: (self._epoch_sums[n], self._epoch_counts[n]) for n in self.tasks},
             "rng": checkpoint.rng_state(),
             "config": to_dict(self.cfg),
         }
@@ -361,4 +507,8 @@ class Trainer:
         for n, s in self.sources.items():
             s.load_state_dict(state["sources"][n])
         self.epoch, self.step, self.best, self.wall_time = state["epoch"], state["step"], state["best"], state["wall_time"]
+        self.skipped = state["skipped"]
+        for n in self.tasks:
+            self._loss_sums[n], self._loss_counts[n] = state["loss_sums"][n][0].to(self.device), state["loss_sums"][n][1]
+            self._epoch_sums[n], self._epoch_counts[n] = state["epoch_sums"][n][0].to(self.device), state["epoch_sums"][n][1]
         checkpoint.set_rng_state(state["rng"])

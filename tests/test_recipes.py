@@ -207,7 +207,7 @@ def test_trainer_adds_the_recipe_penalty_to_the_loss_at_every_step(run_dir):
     cfg = load_config(run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
     before = build_components(cfg).model.heads["digits"].fc.bias
-    after = checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]["heads.digits.fc.bias"]
+    after = checkpoint.latest(run_dir / "checkpoints")[1]["model"]["heads.digits.fc.bias"]
     # 4 SGD steps of lr · (1000 + g), |g| ≤ 1 for the mean cross-entropy's bias gradient.
     assert torch.allclose(after - before, torch.full_like(before, -4 * 0.0001 * 1000), atol=4 * 0.0001)
 
@@ -243,12 +243,12 @@ def test_lp_ft_end_to_end_keeps_the_trunk_through_the_probe_and_fine_tunes_from_
     run_dir = tmp_path / "run"
     overrides = [*CONSTANT_LR, "recipe.name=lp_ft", "recipe.probe_epochs=2"]
 
-    # A copy of last.pt as written after each epoch.
+    # A copy of each step checkpoint, as written after each epoch.
     save = checkpoint.save
 
     def keep_each_epoch(state, path):
         save(state, path)
-        if path.name == "last.pt":
+        if path.name.startswith("step-"):
             shutil.copy(path, tmp_path / f"last-{state['epoch']}.pt")
 
     # The model as each epoch starts (the trainer's own calls, after the parameter count's).

@@ -42,7 +42,7 @@ def test_train_writes_config_metrics_results_and_prints_the_table(run_dir, capsy
     assert [l["epoch"] for l in val_lines] == [1, 2] and [l["step"] for l in val_lines] == [3, 6]
     assert any("test/digits/accuracy" in l for l in lines)
 
-    last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    last = checkpoint.latest(run_dir / "checkpoints")[1]
     assert {"model", "optimizer", "lr_schedule", "weighting", "scheduler", "sources", "rng", "step"} <= set(last)
     trunk = checkpoint.load(run_dir / "trunk.pt")
     assert set(trunk["trunk"]) == {k.removeprefix("trunk.") for k in last["model"] if k.startswith("trunk.")}
@@ -76,8 +76,8 @@ def test_resume_continues_exactly(tmp_path):
     full, part = _results(tmp_path / "full"), _results(tmp_path / "part")
     assert part["steps"] == full["steps"] == 12
     assert part["splits"] == full["splits"]
-    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
-    b = checkpoint.load(tmp_path / "part" / "checkpoints" / "last.pt")["model"]
+    a = checkpoint.latest(tmp_path / "full" / "checkpoints")[1]["model"]
+    b = checkpoint.latest(tmp_path / "part" / "checkpoints")[1]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
