@@ -10,6 +10,7 @@ import yaml
 from typing import Sequence
 
 from mtl.config import ConfigError, load_config
+from mtl.engine import NonFiniteError
 
 LISTS = {
     "tasks": "mtl.task:TASKS",
@@ -111,8 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mtl: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mtl: interrupted", file=sys.stderr)
+    except NonFiniteError as e:
+        print(f"mtl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"mtl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 
