@@ -19,14 +19,13 @@ from mtl import optim
 from mtl.config import ConfigError
 from mtl.data import dataset_targets
 from mtl.heads import HEADS, Head
-from mtl.checkpoint import CheckpointError
-from mtl.checkpoint import load as load_checkpoint
 from mtl.model import MultiTaskModel
 from mtl.recipes import RECIPES, Recipe
 from mtl.registry import ComponentError, build
 from mtl.scheduler import SCHEDULERS, Sources, TaskScheduler
 from mtl.task import TASKS, Splits, Task
 from mtl.trunks import Trunk, build_trunk, load_trunk_checkpoint
+from mtl.trunks.loading import read_checkpoint
 from mtl.weighting import WEIGHTINGS, Weighting
 
 logger = logging.getLogger(__name__)
@@ -191,11 +190,9 @@ def build_components(cfg: DictConfig) -> Components:
 def init_from(model: MultiTaskModel, path: str) -> None:
     """Start from an earlier stage's checkpoint: its trunk, and the heads of tasks that
     continue. A head whose task is new, or whose shape no longer fits, starts fresh (said)."""
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as e:
-        raise ConfigError(f"init_from: {e}") from None
-    if "model" not in state:
+    # read_checkpoint condenses torch's page-long refusal of a corrupt or pickled file to its reason.
+    state = _component(read_checkpoint, path, "init_from", where="init_from")
+    if not isinstance(state, dict) or "model" not in state:
         raise ConfigError(f"init_from: {path!r} is not a checkpoint of this framework (no 'model' entry); use trunk.checkpoint for a trunk alone.")
     _component(load_trunk_checkpoint, model.trunk, path, "init_from", where="init_from")
     weights = state["model"]

@@ -163,15 +163,22 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one line: where, what, and what it was reading."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    context = f" ({e.context} that starts on line {e.context_mark.line + 1})" if getattr(e, "context", None) and e.context_mark else ""
+    return f"{where}{getattr(e, 'problem', None) or e}{context}."
+
+
 def _parse_override(item: str) -> DictConfig:
     """One ``key=value`` override; a value that is not YAML, or a flow mapping written without
     the space YAML needs after ':' (``{name:sgd}`` is one key 'name:sgd'), names the override."""
     try:
         parsed = OmegaConf.from_dotlist([item])
     except yaml.YAMLError as e:
-        problem = str(getattr(e, "problem", None) or e).strip()
         raise ConfigError(
-            f"override {item!r}: the value is not valid YAML ({problem}). Put a space after each ':' in a mapping "
+            f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}). Put a space after each ':' in a mapping "
             "and quote the whole override for the shell, e.g. 'trainer.optimizer={name: sgd, lr: 0.1}'."
         ) from None
     glued = [k for k in _keys(OmegaConf.to_container(parsed)) if ":" in k]
@@ -197,11 +204,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfi
     """Read a YAML config, apply overrides, check it against the schema; raise ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found.")
+        raise ConfigError(f"config file {str(path)!r} not found; check the path (relative paths start from {os.getcwd()}).")
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if not isinstance(raw, dict):

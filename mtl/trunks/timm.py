@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -19,6 +21,30 @@ def _names(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+# What timm's load_state_dict_from_hf looks for in a model's hub repository.
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def unreachable_hub(model_name: str, timeout: float = 3.0) -> str | None:
+    """The hub repository's URL when timm would fetch ``model_name``'s weights from the Hugging
+    Face Hub, the local cache lacks them and the hub cannot be reached; else None. Checked
+    first because offline, huggingface_hub retries for about a minute before it gives up."""
+    import timm.models
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    repo = getattr(timm.models.get_pretrained_cfg(model_name), "hf_hub_id", None)
+    if not repo or constants.HF_HUB_OFFLINE:  # offline mode fails fast by itself
+        return None
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in _HUB_FILES):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return f"{constants.ENDPOINT}/{repo}"
+    return None
 
 
 @register_trunk("timm")
@@ -41,6 +67,13 @@ class TimmTrunk(Trunk):
             hint = did_you_mean(model_name, timm.list_models())
             raise ComponentError(f"trunk.model_name={model_name!r} is not a timm model.{hint} See timm.list_models().")
         fetch = pretrained and not pretrained_file
+        hub = unreachable_hub(model_name) if fetch else None
+        if hub:
+            raise ComponentError(
+                f"trunk.pretrained=true: the weights of timm model {model_name!r} are not in the local Hugging Face "
+                f"cache and {hub} cannot be reached (offline?). Download the weights file there elsewhere "
+                "(model.safetensors) and set trunk.pretrained_file=PATH, or fill the cache (HF_HOME) where the hub is reachable."
+            )
         try:
             self.model = timm.create_model(model_name, pretrained=fetch, num_classes=0, in_chans=in_channels)
         except Exception as e:
