@@ -168,11 +168,11 @@ class ClassificationTask(Task):
         outside = labels[(labels < 0) | (labels >= classes)]
         if len(outside):
             if outside.min() < 0:
-                fix = f"labels are 0..{classes - 1}, and a missing label is MISSING_LABEL ({MISSING_LABEL})"
+                bad, fix = int(outside.min()), f"labels are 0..{classes - 1}, and a missing label is MISSING_LABEL ({MISSING_LABEL})"
             else:
-                fix = f"set num_classes to at least {int(labels.max()) + 1}, or fix the labels"
+                bad, fix = int(outside.max()), f"set num_classes to at least {int(outside.max()) + 1}, or fix the labels"
             raise ValueError(
-                f"label {int(outside[0])} is outside the head's {classes} classes 0..{classes - 1} "
+                f"label {bad} is outside the head's {classes} classes 0..{classes - 1} "
                 f"({len(outside)} of {len(labels)} labels); {fix}."
             )
 
