@@ -1,0 +1,1 @@
+"""Reproductions of published claims and tables, one subpackage per study (see README.md)."""

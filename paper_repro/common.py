@@ -1,0 +1,154 @@
+"""What every study shares: run a `mtl compare` grid, read its long-form results back,
+summarize them (mean ± std over seeds), and write Markdown tables and the results folder.
+
+A study module (``paper_repro.<study>.__main__``) runs its grids with
+:func:`run_grid`, then builds its ``results.md`` / ``results.csv`` / figures from the
+grids' ``results.csv`` only, so ``--report-only`` regenerates them without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+STUDIES = Path(__file__).resolve().parent
+ROOT = STUDIES.parent
+
+# A few optimizer steps, one seed, no W&B: what CI runs to show a study's command works end to end.
+SMOKE = [
+    "trainer.epochs=1",
+    "trainer.steps_per_epoch=2",
+    "compare.seeds=[0]",
+    "logging.wandb.mode=disabled",
+]
+
+
+def parser(study: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m paper_repro.{study}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="a few steps, one seed, data CI has: checks the command, not the claim")
+    p.add_argument("--runs", type=Path, default=None, help=f"where the grids run (default runs/paper_repro/{study}, or .../{study}_smoke)")
+    p.add_argument("--results", type=Path, default=None,
+                   help=f"where results.md/csv and figures go (default paper_repro/{study}/results; with --smoke, RUNS/results)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the results from the grids' results.csv; train nothing")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for the grid(s), as for `mtl compare` (~key deletes)")
+    return p
+
+
+def folders(args: argparse.Namespace, study: str) -> tuple[Path, Path]:
+    runs = args.runs or ROOT / "runs" / "paper_repro" / (f"{study}_smoke" if args.smoke else study)
+    results = args.results or (runs / "results" if args.smoke else STUDIES / study / "results")
+    results.mkdir(parents=True, exist_ok=True)
+    return Path(runs), Path(results)
+
+
+def load(config: str | Path, overrides: Sequence[str] = (), extra: str | Path | None = None):
+    """``mtl.config.load_config``, with the YAML file ``extra`` merged over ``config`` first."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from mtl.config import load_config, resolve
+
+    if extra is None:
+        return load_config(config, list(overrides))
+    merged = OmegaConf.merge(*(OmegaConf.create(yaml.safe_load(Path(p).read_text())) for p in (config, extra)))
+    return resolve(OmegaConf.to_container(merged), list(overrides))
+
+
+def run_grid(config: str | Path, overrides: Sequence[str], output_dir: Path, train: bool = True,
+             extra: str | Path | None = None, log: Callable = print) -> pd.DataFrame:
+    """Run one ``mtl compare`` grid (finished cells are skipped) and return its long-form results;
+    with ``train=False``, only gather the results of the cells finished so far."""
+    from mtl.compare import Grid, run_compare
+
+    cfg = load(config, [*overrides, f"output_dir={output_dir}"], extra)
+    if not train:
+        rows = Grid(cfg, log).rows()
+        if not rows:
+            raise FileNotFoundError(f"{output_dir} holds no finished cell: run the study without --report-only first.")
+        return pd.DataFrame(rows)
+    start = time.perf_counter()
+    log(f"== {Path(config).name} {' '.join(overrides)} -> {output_dir}")
+    run_compare(cfg, log=log)
+    log(f"== {Path(config).name}: {time.perf_counter() - start:.0f}s")
+    return pd.read_csv(output_dir / "results.csv")
+
+
+def primary_test(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Rows of each task's primary metric on one split."""
+    primary = df["primary"].astype(str).str.lower().isin(["true", "1", "1.0"])
+    return df[primary & (df["split"] == split)].copy()
+
+
+def seed_stats(df: pd.DataFrame, by: Sequence[str], split: str = "test") -> pd.DataFrame:
+    """Mean, std and count over seeds of the primary metric, per ``by`` (e.g. method, task)."""
+    rows = primary_test(df, split)
+    return rows.groupby(list(by), sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+
+
+def fmt(mean: float, std: float = math.nan, scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± std`` (scaled: accuracies in percent by default); ``n/a`` for NaN."""
+    if mean is None or pd.isna(mean):
+        return "n/a"
+    text = f"{mean * scale:{'+' if signed else ''}.{digits}f}"
+    return text if std is None or pd.isna(std) else f"{text} ± {std * scale:.{digits}f}"
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def write(results: Path, name: str, text: str) -> Path:
+    path = results / name
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    return path
+
+
+def provenance(command: str, wall_s: float | None, smoke: bool) -> str:
+    """The generated-file notice every results.md starts with."""
+    when = "smoke size (checks the command only; the numbers mean nothing)" if smoke else "full size"
+    wall = f"; training wall time {wall_s / 60:.1f} min" if wall_s else ""
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return (f"_Generated by `{command}` from the grids' results.csv ({when}{wall}; "
+            f"OMP_NUM_THREADS={threads}). Do not edit by hand._")
+
+
+def grid_wall_s(df: pd.DataFrame) -> float:
+    """Training time summed over the distinct runs of a grid (each cell's stages, once)."""
+    return float(df.drop_duplicates("cell")["wall_time_s"].sum())
+
+
+def delta_m_primary(df: pd.DataFrame, baseline: str = "single_task") -> pd.DataFrame:
+    """Δm% (mtl.report.delta_m) of each method against ``baseline`` on the tasks' primary test
+    metrics: of the seed means, and the std over seeds of each seed's Δm% against the seed-mean
+    baseline. Columns: method, delta_m_pct, delta_m_pct_std."""
+    from mtl.report import delta_m
+
+    rows = primary_test(df)
+    directions = {(t, m): d for t, m, d in rows[["task", "metric", "direction"]].drop_duplicates().itertuples(index=False)}
+    per_seed = rows.groupby(["method", "seed", "task", "metric"])["value"].mean().unstack(["task", "metric"])
+    base = per_seed.loc[baseline].mean().to_dict()
+    out = []
+    for method in pd.unique(rows["method"]):
+        if method == baseline:
+            continue
+        values = per_seed.loc[method]
+        mean = delta_m(values.mean().to_dict(), base, directions)
+        seeds = [delta_m(v.dropna().to_dict(), base, directions) for _, v in values.iterrows()]
+        out.append({"method": method, "delta_m_pct": mean, "delta_m_pct_std": pd.Series(seeds).std()})
+    return pd.DataFrame(out, columns=["method", "delta_m_pct", "delta_m_pct_std"])
+
+
+def kendall_tau(a: Sequence[str], b: Sequence[str]) -> float:
+    """Kendall's τ between two orderings of the same items (1: same order, −1: reversed)."""
+    pos = {item: i for i, item in enumerate(b)}
+    pairs = [(x, y) for i, x in enumerate(a) for y in a[i + 1:]]
+    concordant = sum(1 if pos[x] < pos[y] else -1 for x, y in pairs)
+    return concordant / len(pairs)

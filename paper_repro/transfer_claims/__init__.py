@@ -1,0 +1,1 @@
+"""The four claims of the transfer-learning literature, measured (see README.md)."""

@@ -1,0 +1,1 @@
+"""Every weighting method on MultiFashion: accuracy, Δm%, mean rank and step time (see README.md)."""
