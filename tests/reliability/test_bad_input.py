@@ -99,6 +99,10 @@ def garbage_file(tmp: Path, config: Path) -> None:
     (tmp / "garbage.pt").write_bytes(b"not a checkpoint\x00\x01\x02")
 
 
+def pickled_module(tmp: Path, config: Path) -> None:
+    torch.save({"trunk": torch.nn.Linear(13, 16)}, tmp / "pickled.pt")  # a module, not its state dict
+
+
 def cifar_root_without_batches(tmp: Path, config: Path) -> None:
     (tmp / "cifar" / "train").mkdir(parents=True)
 
@@ -239,6 +243,9 @@ CASES = [
     Case("corrupt_checkpoint", ["trunk.checkpoint={tmp}/garbage.pt"],
          ("trunk.checkpoint: cannot read", "garbage.pt", "re-save the weights with torch.save(model.state_dict(), PATH)"),
          prepare=garbage_file),
+    Case("pickled_checkpoint", ["trunk.checkpoint={tmp}/pickled.pt"],
+         ("trunk.checkpoint: cannot read", "pickled objects, which would run code when loaded, are refused", "re-save the weights"),
+         prepare=pickled_module),
     Case("checkpoint_not_found", ["trunk.checkpoint={tmp}/nothing.pt"], ("trunk.checkpoint: file not found", "Fix the path in trunk.checkpoint")),
     Case("corrupt_init_from", ["init_from={tmp}/garbage.pt"], ("init_from: cannot read", "re-save the weights"), prepare=garbage_file),
     Case("init_from_a_bare_trunk", ["init_from={tmp}/seed_net.pt"],
@@ -255,6 +262,10 @@ CASES = [
          ("weighting: 'dwa' needs every task's loss at every step", "use scheduler.name=all"), config=TWO_INPUTS),
     Case("compare_target_not_a_task", ["compare.targets=[wien]"],
          ("compare.targets: task 'wien' is not defined under tasks", "Did you mean 'wine'"), command="compare"),
+    # `mtl validate` reports through the same path.
+    Case("validate_unknown_key", ["trainer.batch=8"], ("trainer.batch: unknown key", "Did you mean 'batch_size'"), command="validate"),
+    Case("validate_label_beyond_the_classes", [f"tasks.wine.name={here('LabelsBeyondClasses')}"],
+         ("label 4 is outside the head's 3 classes", "set num_classes to at least 5"), command="validate"),
     # A run already in the output directory.
     Case("output_dir_holds_a_run", [], ("already holds a run", "pass resume=true to continue it, or choose another output_dir"),
          prepare=finished_run),
@@ -301,7 +312,7 @@ def test_bad_input_fails_before_training_with_the_fix(case: Case, tmp_path, caps
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("mtl") and "error:" in last, err
-    if case.command in ("train", "compare"):
+    if case.command in ("train", "compare", "validate"):
         assert len(err.strip().splitlines()) == 1, f"one line, not:\n{err}"
     for part in _fill(list(case.expect), tmp_path):
         assert part in err, f"{part!r} not in:\n{err}"
