@@ -51,12 +51,19 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _torch_save(state: dict[str, Any], f) -> None:
+    try:
+        torch.save(state, f)
+    except RuntimeError as e:  # torch's zip writer reports a failed write (disk full) this way
+        raise OSError(f"the file could not be written completely ({str(e).strip().splitlines()[0]})") from e
+
+
 def save(state: dict[str, Any], path: str | os.PathLike) -> None:
     """Temporary file, flush, fsync, rename; then the checksum beside it. A crash leaves the
     previous file (or none), never a half one; a file without its checksum is still read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda f: torch.save(state, f))
+    _write_atomic(path, lambda f: _torch_save(state, f))
     digest = _digest(path)
     _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(digest.encode()))
 
@@ -71,7 +78,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}).") from None
+        # torch's own text runs to paragraphs (weights_only advice): its first line names the problem.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {first}).") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict.")
     return state

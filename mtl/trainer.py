@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import shutil
 import signal
 import threading
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
@@ -59,6 +61,9 @@ def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """torch's, Python's and NumPy's global generators (user datasets and transforms draw from them)."""
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         # cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA docs, "Reproducibility").
@@ -203,7 +208,7 @@ class Trainer:
             self._load(self._resume_state)
         self.loggers = build_loggers(
             cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume,
-            resume_step=self.step if self._resume_state is not None else None,
+            resume_step=self.step,  # a fresh start (0) also drops the lines of a run killed before its first checkpoint
         )
 
     def fit(self) -> dict[str, Any]:
