@@ -7,7 +7,7 @@ methods of its CelebA table.
 """
 
 from paper_repro.common import SMOKE, STUDIES
-from paper_repro.recipe import main
+from paper_repro import recipe
 
 FIRST, SECOND = "a5_o_clock_shadow", "arched_eyebrows"  # the tasks the smoke run keeps
 METHODS = ["equal", "log", "rlw", "dwa", "uncertainty", "mgda", "pcgrad", "cagrad", "nash_mtl", "famo"]
@@ -30,9 +30,13 @@ def smoke_overrides() -> list[str]:
     ]
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     import sys
 
-    smoke = "--smoke" in sys.argv[1:]
-    raise SystemExit(main("celeba", __doc__, STUDIES / "celeba" / "config.yaml", f"tasks.{FIRST}.root",
-                          smoke_overrides() if smoke else [], "CelebA (CNN, 40 tasks)"))
+    smoke = "--smoke" in (sys.argv[1:] if argv is None else argv)
+    return recipe.main("celeba", __doc__, STUDIES / "celeba" / "config.yaml", f"tasks.{FIRST}.root",
+                       smoke_overrides() if smoke else [], "CelebA (CNN, 40 tasks)", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,16 +7,22 @@ the weighting methods of the Nash-MTL / FAMO table.
 """
 
 from paper_repro.common import SMOKE, STUDIES
-from paper_repro.recipe import main
+from paper_repro import recipe
 
 # A tiny tree in the real layout: small images, a random-weight trunk (no download), the data
-# read in-process, and four of the methods (one baseline, loss-level and gradient-level ones).
+# read in-process, the baseline and two methods (one loss-level, one gradient-level).
 SMOKE_OVERRIDES = [
     *SMOKE, "device=cpu", "trunk.weights=null", "trainer.batch_size=2", "trainer.eval_batch_size=4", "trainer.num_workers=0",
     *(f"tasks.{t}.{key}" for t in ("semantic", "depth", "normal") for key in ("size=[16,24]", "val_fraction=0.34")),
-    *(f"~compare.regimes.{m}" for m in ("rlw", "dwa", "mgda", "graddrop", "cagrad", "imtl_g", "nash_mtl")),
+    *(f"~compare.regimes.{m}" for m in ("rlw", "dwa", "mgda", "graddrop", "cagrad", "imtl_g", "nash_mtl", "famo")),
 ]
 
+
+
+def main(argv=None) -> int:
+    return recipe.main("nyuv2", __doc__, STUDIES / "nyuv2" / "config.yaml", "tasks.semantic.root", SMOKE_OVERRIDES,
+                       "NYUv2 (MTAN, 3 tasks)", argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main("nyuv2", __doc__, STUDIES / "nyuv2" / "config.yaml", "tasks.semantic.root", SMOKE_OVERRIDES,
-                          "NYUv2 (MTAN, 3 tasks)"))
+    raise SystemExit(main())

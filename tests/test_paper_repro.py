@@ -1,0 +1,173 @@
+"""paper_repro: every study's command end to end at its smoke size (the data CI has: MNIST 5k,
+sklearn digits, tiny NYUv2/CelebA trees in the real layout), the shipped configs, and the
+helpers that turn the grids' results into the studies' tables."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from mtl.compare import plan
+from mtl.config import load_config
+from mtl.weighting import WEIGHTINGS
+from paper_repro import common
+from paper_repro.common import STUDIES, delta_m_primary, kendall_tau, load
+
+from test_task_library_images import write_celeba
+from test_task_library_nyuv2 import write_tree
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fashion_present() -> bool:
+    from tasks.fashion_mnist import find_fashion_mnist
+
+    try:
+        find_fashion_mnist()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# ---- the shipped configs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", ["multi_mnist/multi_mnist.yaml", "multi_mnist/multi_fashion.yaml", "nyuv2/config.yaml", "celeba/config.yaml"])
+def test_study_configs_load_and_plan(config):
+    cfg = load_config(STUDIES / config)
+    assert plan(cfg)
+
+
+@pytest.mark.parametrize("pair", sorted(p.stem for p in (STUDIES / "transfer_claims" / "pairs").glob("*.yaml")))
+def test_transfer_pairs_merge_over_the_base(pair):
+    cfg = load(STUDIES / "transfer_claims" / "base.yaml", [], STUDIES / "transfer_claims" / "pairs" / f"{pair}.yaml")
+    assert set(cfg.tasks) == {"source", "target"} and list(cfg.compare.targets) == ["target"]
+    labels = {c.label for c in plan(cfg)}
+    assert labels == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint"}
+
+
+def test_weighting_benchmark_lists_every_registered_weighting():
+    cfg = load(STUDIES / "multi_mnist" / "multi_fashion.yaml", [], STUDIES / "weighting_benchmark" / "methods.yaml")
+    regimes = cfg.compare.regimes
+    named = {"equal"} | {r.stages[0].weighting.name for k, r in regimes.items() if k not in ("single_task", "equal")}
+    assert named == set(WEIGHTINGS.names())
+    # The five methods of paper_repro.multi_mnist are the same cells: same labels, same stages.
+    base = load_config(STUDIES / "multi_mnist" / "multi_fashion.yaml").compare.regimes
+    assert all(regimes[k] == base[k] for k in base)
+
+
+def test_nyuv2_recipe_keeps_the_published_schedule():
+    t = load_config(STUDIES / "nyuv2" / "config.yaml").trainer
+    train_scenes = 795 - round(795 * 0.1)
+    assert (t.epochs, t.batch_size, t.optimizer.lr) == (200, 2, 1e-4)
+    assert t.lr_schedule.step_size == 100 * (train_scenes // t.batch_size)  # halved after 100 epochs
+
+
+def test_celeba_recipe_has_the_40_attributes_as_tasks():
+    from tasks.celeba import ATTRIBUTES
+
+    cfg = load_config(STUDIES / "celeba" / "config.yaml")
+    assert sorted(t.attribute for t in cfg.tasks.values()) == sorted(ATTRIBUTES)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.optimizer.lr) == (15, 256, 3e-4)
+    assert all(len(r.stages[0].tasks) == 40 for k, r in cfg.compare.regimes.items() if k != "single_task")
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def test_kendall_tau():
+    assert kendall_tau(["a", "b", "c"], ["a", "b", "c"]) == 1
+    assert kendall_tau(["a", "b", "c"], ["c", "b", "a"]) == -1
+    assert kendall_tau(["a", "b", "c"], ["b", "a", "c"]) == pytest.approx(1 / 3)
+
+
+def test_delta_m_primary_by_hand():
+    rows = []
+    values = {("single_task", 0): (0.8, 0.5), ("single_task", 1): (0.6, 0.5), ("equal", 0): (0.77, 0.55), ("equal", 1): (0.63, 0.45)}
+    for (method, seed), (left, right) in values.items():
+        for task, value in (("left", left), ("right", right)):
+            rows.append({"method": method, "seed": seed, "task": task, "metric": "accuracy", "split": "test",
+                         "value": value, "direction": "max", "primary": True})
+    out = delta_m_primary(pd.DataFrame(rows)).set_index("method")
+    # Seed means: baseline (0.7, 0.5), equal (0.7, 0.5): Δm% 0. Per seed, against the seed-mean
+    # baseline: seed 0 (+0.07/0.7 + 0.05/0.5)/2 = +10%, seed 1 (−0.07/0.7 − 0.05/0.5)/2 = −10%.
+    assert out.loc["equal", "delta_m_pct"] == pytest.approx(0.0, abs=1e-9)
+    assert out.loc["equal", "delta_m_pct_std"] == pytest.approx(pd.Series([10.0, -10.0]).std())
+
+
+@pytest.mark.skipif(not fashion_present(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_fashion_classes_keeps_and_relabels_the_named_classes():
+    from paper_repro.transfer_claims.tasks import FashionClasses
+    from tasks.fashion_mnist import find_fashion_mnist, load_fashion_mnist
+
+    task = FashionClasses(classes=[5, 9], train_fraction=0.1)
+    splits = task.build_datasets()
+    _, _, _, y_test = load_fashion_mnist(find_fashion_mnist())
+    assert task.num_outputs == 2
+    assert len(splits.test) == int(((y_test == 5) | (y_test == 9)).sum())
+    assert set(splits.train.tensors[1].tolist()) == {0, 1}
+
+
+# ---- each study's command at its smoke size --------------------------------------------------
+
+
+def smoke(module: str, tmp_path, *extra):
+    import importlib
+
+    main = importlib.import_module(f"paper_repro.{module}.__main__").main
+    runs = tmp_path / module
+    assert main(["--smoke", "--runs", str(runs), *extra]) == 0
+    return runs / "results"
+
+
+@pytest.mark.slow
+def test_multi_mnist_smoke(tmp_path):
+    results = smoke("multi_mnist", tmp_path)
+    df = pd.read_csv(results / "results.csv")
+    assert set(df["method"]) == {"single_task", "equal", "uncertainty", "gradnorm", "mgda_ub"}
+    assert df["published_accuracy"].notna().all() and df["test_accuracy_mean"].between(0, 1).all()
+    text = (results / "results.md").read_text()
+    assert "Kendall's τ" in text and "97.23" in text and (results / "accuracy.png").stat().st_size < 200_000
+
+
+@pytest.mark.slow
+def test_weighting_benchmark_smoke_runs_every_method(tmp_path):
+    results = smoke("weighting_benchmark", tmp_path)
+    df = pd.read_csv(results / "results.csv").set_index("method")
+    assert set(df.index) == set(WEIGHTINGS.names()) | {"single_task"}
+    assert df.loc["equal", "step_time_ratio"] == 1.0
+    assert df.drop(index="single_task")["step_time_ratio"].notna().all()
+    assert df.loc["single_task", "delta_m_pct"] == 0 and not math.isnan(df.loc["pcgrad", "mean_rank"])
+    assert "Published Δm%" in (results / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_transfer_claims_smoke(tmp_path):
+    results = smoke("transfer_claims", tmp_path)
+    df = pd.read_csv(results / "results.csv")
+    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint"}
+    params = df.groupby("method")["trainable_params"].max()
+    assert params["sequential/linear_probe"] < params["single_task"] <= params["joint"]
+    text = (results / "results.md").read_text()
+    for claim in ("(a) Less labelled data", "(b) Better generalization", "(c) Less brittle", "(d) Fewer trainable parameters"):
+        assert claim in text
+    assert (results / "lr_sweep.csv").exists() and (results / "data_efficiency.png").exists()
+
+
+@pytest.mark.slow
+def test_nyuv2_recipe_smoke_on_a_tiny_tree(tmp_path):
+    root = write_tree(tmp_path / "nyuv2")
+    results = smoke("nyuv2", tmp_path, "--root", str(root))
+    table = pd.read_csv(results / "results.csv")
+    assert list(table["method"]) == ["single_task", "equal", "pcgrad"]
+    assert {"test/semantic/miou/mean", "test/depth/abs_err/mean", "test/normal/mean_angle/mean"} <= set(table.columns)
+
+
+@pytest.mark.slow
+def test_celeba_recipe_smoke_on_a_tiny_tree(tmp_path):
+    write_celeba(tmp_path / "celeba_root")
+    results = smoke("celeba", tmp_path, "--root", str(tmp_path / "celeba_root"))
+    table = pd.read_csv(results / "results.csv")
+    assert set(table["method"]) == {"single_task", "equal", "famo", "pcgrad"}
