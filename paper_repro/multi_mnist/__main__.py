@@ -147,7 +147,7 @@ def figure(frames: dict[str, pd.DataFrame], results) -> None:
         ax.set_xticks(range(len(methods)), [m.replace("single_task", "single") for m in methods])
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(name)
-        ax.legend(fontsize="x-small", loc="lower right")
+        ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3)
     fig.tight_layout()
     fig.savefig(results / "accuracy.png", dpi=90)
 
