@@ -120,11 +120,6 @@ def provenance(command: str, wall_s: float | None, smoke: bool) -> str:
             f"OMP_NUM_THREADS={threads}). Do not edit by hand._")
 
 
-def grid_wall_s(df: pd.DataFrame) -> float:
-    """Training time summed over the distinct runs of a grid (each cell's stages, once)."""
-    return float(df.drop_duplicates("cell")["wall_time_s"].sum())
-
-
 def delta_m_primary(df: pd.DataFrame, baseline: str = "single_task") -> pd.DataFrame:
     """Δm% (mtl.report.delta_m) of each method against ``baseline`` on the tasks' primary test
     metrics: of the seed means, and the std over seeds of each seed's Δm% against the seed-mean

@@ -12,7 +12,6 @@ import pytest
 from mtl.compare import plan
 from mtl.config import load_config
 from mtl.weighting import WEIGHTINGS
-from paper_repro import common
 from paper_repro.common import STUDIES, delta_m_primary, kendall_tau, load
 
 from test_task_library_images import write_celeba
