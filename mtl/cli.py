@@ -9,6 +9,7 @@ import sys
 import yaml
 from typing import Sequence
 
+from mtl import distributed
 from mtl.config import ConfigError, load_config
 from mtl.engine import NonFiniteError
 
@@ -47,6 +48,8 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
 
     cfg = load_config(config, list(overrides))
     results = Trainer(cfg).fit()
+    if not distributed.current().is_main:
+        return 0  # rank 0 prints for every process under torchrun
     print(format_table(results))
     print(f"\nbest epoch {results['best_epoch']} ({results['selected_on']}); test metrics are of that model.")
     print(f"run directory: {cfg.output_dir} (results.json, metrics.jsonl, config.yaml, checkpoints/, trunk.pt)")
@@ -118,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"mtl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

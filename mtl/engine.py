@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtl.distributed import Context
 from mtl.model import MultiTaskModel
 from mtl.weighting import GradientWeighting
 
@@ -63,11 +64,12 @@ def _write(block: torch.Tensor, grads, inputs: list[torch.Tensor]) -> None:
 
 
 class GradientEngine:
-    def __init__(self, model: MultiTaskModel, weighting: GradientWeighting, every: int = 1, chunk: int = 0):
+    def __init__(self, model: MultiTaskModel, weighting: GradientWeighting, every: int = 1, chunk: int = 0, ctx: Context | None = None):
         self.model = model
         self.weighting = weighting
         self.every = every
         self.chunk = chunk
+        self.ctx = ctx or Context()
         self._weights: torch.Tensor | None = None
         self.diagnostics: dict[str, torch.Tensor] = {}  # last J's weights, norms, cosines
 
@@ -110,7 +112,7 @@ class GradientEngine:
             total = (coef.to(objectives.dtype) * objectives).sum()
             self._backward(total, penalty, features if w.mode == "representation" else None, leaf if w.mode == "representation" else None)
             return losses
-        J = jacobian(objectives, shared, self.chunk)
+        J = self._global(jacobian(objectives, shared, self.chunk))
         finite = torch.isfinite(J).all(dim=1)
         # One host sync: a solver fed NaNs fails obscurely or carries them in its state.
         if not bool(finite.all()):
@@ -128,7 +130,12 @@ class GradientEngine:
             heads = [p for p in self.model.heads.parameters() if p.requires_grad]
             torch.autograd.backward(objectives.sum(), inputs=heads)
             if features.requires_grad:
-                features.backward(result.gradient.view_as(features).to(features.dtype))
+                gradient = result.gradient
+                if self.ctx.active:
+                    # This rank's samples' block of the global-batch gradient, scaled so that the
+                    # trainer's mean over ranks sums the blocks.
+                    gradient = gradient.view(self.ctx.world, -1)[self.ctx.rank] * self.ctx.world
+                features.backward(gradient.view_as(features).to(features.dtype))
             if penalty is not None:
                 penalty.backward()
             return losses
@@ -144,6 +151,23 @@ class GradientEngine:
             offset += p.numel()
             p.grad = g if g_pen is None else g + g_pen
         return losses
+
+    def _global(self, J: torch.Tensor) -> torch.Tensor:
+        """Under torchrun, the Jacobian of the global batch, the same on every rank.
+
+        Parameters: the mean of the ranks' J (each holds the gradients of its shard's mean
+        loss). Representation: each rank's columns are its own samples' features, so the
+        global J is the ranks' J side by side (in rank order, as the samples of the global
+        batch), divided by the number of ranks (a shard's mean loss weighs each sample N
+        times more than the global mean does)."""
+        if not self.ctx.active:
+            return J
+        if self.weighting.mode != "representation":
+            self.ctx.mean_([J])
+            return J
+        parts = [torch.empty_like(J) for _ in range(self.ctx.world)]
+        torch.distributed.all_gather(parts, J.contiguous())
+        return torch.cat(parts, dim=1) / self.ctx.world
 
     def _backward(self, total, penalty, features, leaf) -> None:
         if penalty is not None:

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
+from tqdm import tqdm  # tqdm.auto warns in notebooks without ipywidgets
 
-from mtl import checkpoint
+from mtl import checkpoint, distributed
 from mtl.builders import (
     build_components,
     build_lr_schedule,
@@ -34,7 +34,7 @@ from mtl.builders import (
 )
 from mtl.config import ConfigError, save_config, to_dict
 from mtl.data import BatchSource, shared_inputs
-from mtl.loggers import build_loggers
+from mtl.loggers import Loggers, build_loggers
 from mtl.losses import task_losses
 from mtl.engine import GradientEngine, NonFiniteError
 from mtl.scheduler import AllTasks, Sources
@@ -77,7 +77,10 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         t = cfg.trainer
+        self.dist = distributed.setup(cfg.device)
         self.device = resolve_device(cfg.device)
+        if self.dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         self.run_dir = Path(cfg.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.best_path = self.checkpoint_dir / "best.pt"
@@ -130,6 +133,7 @@ class Trainer:
             batches={n: s.batches_per_pass for n, s in self.sources.items()},
             seed=cfg.seed, epochs=t.epochs, fixed_epoch=t.steps_per_epoch,
         )
+        self._check_shards()
         self.scheduler = build_scheduler(cfg, sizes)
         self.steps_per_epoch = self.scheduler.steps_per_epoch
         self.engine = self._check_weighting()
@@ -163,7 +167,19 @@ class Trainer:
                 f"(tasks with one input_key, e.g. MultiMNIST left/right); here the tasks have separate inputs "
                 f"({', '.join(self.groups)}). Use weighting.mode=parameters."
             )
-        return GradientEngine(self.model, w, every=self.cfg.trainer.weighting_every, chunk=self.cfg.trainer.jacobian_chunk)
+        return GradientEngine(self.model, w, every=self.cfg.trainer.weighting_every, chunk=self.cfg.trainer.jacobian_chunk, ctx=self.dist)
+
+    def _check_shards(self) -> None:
+        """Under torchrun each rank trains on an equal slice of every global batch."""
+        if not self.dist.active:
+            return
+        for name, source in self.sources.items():
+            if source.batch_size % self.dist.world:
+                raise ConfigError(
+                    f"trainer.batch_size: a batch of {source.batch_size} ({name}) does not split evenly over {self.dist.world} "
+                    f"processes; use a batch_size divisible by {self.dist.world}"
+                    + (f" (the training set has only {source.n} samples)." if source.n < self.cfg.trainer.batch_size else ".")
+                )
 
     def _check_output_dir(self) -> None:
         """Unwritable or too full for the checkpoints: an error now, not hours into training."""
@@ -199,13 +215,16 @@ class Trainer:
     def _open_run(self) -> None:
         """The first write to the run directory: nothing is written while the setup is checked."""
         cfg = self.cfg
+        if self._resume_state is not None:
+            self._load(self._resume_state)
+        if not self.dist.is_main:  # only rank 0 writes files and talks to W&B
+            self.loggers = Loggers([])
+            return
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         except OSError as e:
             raise ConfigError(f"output_dir: cannot write to {str(self.run_dir)!r}: {e}") from None
-        if self._resume_state is not None:
-            self._load(self._resume_state)
         self.loggers = build_loggers(
             cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume,
             resume_step=self.step,  # a fresh start (0) also drops the lines of a run killed before its first checkpoint
@@ -238,7 +257,7 @@ class Trainer:
             initial=done,
             total=self.steps_per_epoch,
             desc=f"epoch {epoch + 1}/{t.epochs}",
-            disable=not self.cfg.logging.progress_bar,
+            disable=not self.cfg.logging.progress_bar or not self.dist.is_main,
             dynamic_ncols=True,
         )
         tick, samples = time.perf_counter(), 0
@@ -254,13 +273,15 @@ class Trainer:
             self._stop_if_signalled(start)
         bar.close()
         self._end_epoch_losses()
+        # Buffers (BatchNorm statistics) saw each rank's own shard: evaluate and save their mean.
+        self.dist.mean_([b for b in self.model.buffers() if b.is_floating_point()])
         val = evaluate(self.model, self.tasks, {n: s.val for n, s in self.splits.items()}, t.eval_batch_size, self.device)
         score = selection_score(val, t.select_on, self.tasks)
         self.loggers.log({**flatten("val", val), "epoch": epoch + 1}, self.step)
         self.epoch = epoch + 1
         # A NaN score (no labelled validation sample) never beats another, so the first
         # epoch's model is kept as the selection then.
-        if score > self.best["score"] or not self.best_path.exists():
+        if score > self.best["score"] or self.best["epoch"] == 0:
             self.best = {"score": score, "epoch": self.epoch}
             self._write(self.best_path, {"model": self.model.state_dict(), "epoch": self.epoch, "score": score})
         self._save_checkpoint(start)
@@ -271,6 +292,8 @@ class Trainer:
         self._write(self.checkpoint_dir, self._state(), step=True)
 
     def _write(self, path: Path, state: dict[str, Any], step: bool = False) -> None:
+        if not self.dist.is_main:
+            return
         try:
             if step:
                 checkpoint.save_step(state, path, self.step, self.cfg.trainer.keep_checkpoints)
@@ -310,8 +333,10 @@ class Trainer:
         return Handlers()
 
     def _stop_if_signalled(self, since: float) -> None:
-        if self._stop_signal is None:
+        # Every rank stops at the same step (torchrun signals each, not necessarily at once).
+        if not self.dist.any(self._stop_signal is not None):
             return
+        self._stop_signal = self._stop_signal or signal.SIGTERM
         self._save_checkpoint(since)
         name = signal.Signals(self._stop_signal).name
         raise KeyboardInterrupt(
@@ -320,7 +345,7 @@ class Trainer:
         )
 
     def _losses(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return task_losses(self.tasks, self.model.forward_groups(inputs, self.groups), targets)
+        return self.dist.global_losses(task_losses(self.tasks, self.model.forward_groups(inputs, self.groups), targets))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.trainer.channels_last and x.dim() == 4 else x
@@ -336,7 +361,9 @@ class Trainer:
         penalty = functools.partial(self.recipe.penalty, self.model)
         if self.engine is not None:
             members = {n: self.groups[n] for n in names}
-            loss_fn = functools.partial(task_losses, self.tasks)
+            def loss_fn(outputs, targets):
+                return self.dist.global_losses(task_losses(self.tasks, outputs, targets))
+
             return self.engine.backward(inputs, members, targets, loss_fn, self.step, penalty), None
         losses = self._losses(inputs, targets)
         vector = self._loss_vector(losses)
@@ -348,8 +375,8 @@ class Trainer:
     def _train_step(self) -> int:
         names = self.scheduler.tasks_for_step(self.step)
         batches = {n: self.sources[n].next() for n in names}
-        inputs = {n: self._layout(b[0]) for n, b in batches.items()}
-        targets = {task: y for n, b in batches.items() for task, y in zip(self.groups[n], b[1:])}
+        inputs = {n: self._layout(self.dist.shard(b[0])) for n, b in batches.items()}
+        targets = {task: self.dist.shard(y) for n, b in batches.items() for task, y in zip(self.groups[n], b[1:])}
         self.optimizer.zero_grad(set_to_none=True)
         problem = None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == "bf16"):
@@ -357,6 +384,8 @@ class Trainer:
                 losses, vector = self._backward(names, inputs, targets)
             except NonFiniteError as e:  # the engine's check, before a method sees the gradients
                 losses, vector, problem = None, None, str(e)
+        if problem is None and self.dist.active:
+            self.dist.mean_([p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
         problem = problem or self._nonfinite(losses)
         if problem is not None:
             self._skip_or_stop(problem)
@@ -399,7 +428,8 @@ class Trainer:
         where = f"step {self.step} (epoch {self.epoch + 1})"
         if self.cfg.trainer.on_nonfinite == "skip":
             self.skipped += 1
-            tqdm.write(f"mtl: {where}: {problem}; step skipped ({self.skipped} so far).")
+            if self.dist.is_main:
+                tqdm.write(f"mtl: {where}: {problem}; step skipped ({self.skipped} so far).")
             return
         previous = checkpoint.step_checkpoints(self.checkpoint_dir)
         kept = f"the last checkpoint, {previous[0]}, is intact" if previous else "no checkpoint was written yet"
@@ -451,6 +481,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         t = self.cfg.trainer
+        self.dist.barrier()  # rank 0 has written best.pt
         best = checkpoint.load(self.best_path, map_location=self.device)
         self.model.load_state_dict(best["model"])
         splits = {
@@ -469,9 +500,11 @@ class Trainer:
             "parameters": self.parameters,
             "wall_time_s": round(self.wall_time, 2),
             "device": str(self.device),
+            "processes": self.dist.world,
         }
-        write_json(results, self.run_dir / "results.json")
-        checkpoint.save({"trunk": self.model.trunk.state_dict(), "trunk_config": to_dict(self.cfg)["trunk"]}, self.run_dir / "trunk.pt")
+        if self.dist.is_main:
+            write_json(results, self.run_dir / "results.json")
+            checkpoint.save({"trunk": self.model.trunk.state_dict(), "trunk_config": to_dict(self.cfg)["trunk"]}, self.run_dir / "trunk.pt")
         final = {k: v for split, m in splits.items() for k, v in flatten(split, m).items()}
         self.loggers.log(final, self.step)
         self.loggers.log_summary({**final, "best_epoch": best["epoch"], "parameters/total": results["parameters"]["total"]})
