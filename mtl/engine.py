@@ -39,7 +39,7 @@ def jacobian(objectives: torch.Tensor, inputs: list[torch.Tensor], chunk: int = 
     T = len(objectives)
     size = chunk or T
     D = sum(x.numel() for x in inputs)
-    J = torch.zeros(T, D, dtype=inputs[0].dtype, device=objectives.device)
+    J = torch.empty(T, D, dtype=inputs[0].dtype, device=objectives.device)
     eye = torch.eye(T, dtype=objectives.dtype, device=objectives.device)
     try:
         for start in range(0, T, size):
@@ -55,21 +55,27 @@ def jacobian(objectives: torch.Tensor, inputs: list[torch.Tensor], chunk: int = 
 
 
 def _write(block: torch.Tensor, grads, inputs: list[torch.Tensor]) -> None:
-    """Copy per-input gradients ``[rows, *shape]`` into the columns of a J block (unused inputs stay 0)."""
+    """Copy per-input gradients ``[rows, *shape]`` into the columns of a J block (0 for unused inputs)."""
     offset = 0
     for g, x in zip(grads, inputs):
-        if g is not None:
-            block[:, offset : offset + x.numel()] = g.reshape(len(block), -1)
+        columns = block[:, offset : offset + x.numel()]
+        if g is None:
+            columns.zero_()
+        else:
+            columns.copy_(g.reshape(len(block), -1))
         offset += x.numel()
 
 
 class GradientEngine:
-    def __init__(self, model: MultiTaskModel, weighting: GradientWeighting, every: int = 1, chunk: int = 0, ctx: Context | None = None):
+    def __init__(
+        self, model: MultiTaskModel, weighting: GradientWeighting, every: int = 1, chunk: int = 0, ctx: Context | None = None, record_every: int = 1
+    ):
         self.model = model
         self.weighting = weighting
         self.every = every
         self.chunk = chunk
         self.ctx = ctx or Context()
+        self.record_every = record_every  # the trainer's log_every: diagnostics only where they are logged
         self._weights: torch.Tensor | None = None
         self.diagnostics: dict[str, torch.Tensor] = {}  # last J's weights, norms, cosines
 
@@ -113,14 +119,17 @@ class GradientEngine:
             self._backward(total, penalty, features if w.mode == "representation" else None, leaf if w.mode == "representation" else None)
             return losses
         J = self._global(jacobian(objectives, shared, self.chunk))
-        finite = torch.isfinite(J).all(dim=1)
-        # One host sync: a solver fed NaNs fails obscurely or carries them in its state.
+        # One host sync: a solver fed NaNs fails obscurely or carries them in its state. A
+        # NaN or inf anywhere in a row makes its sum non-finite (one read of J, no mask).
+        finite = torch.isfinite(J.sum(dim=1))
         if not bool(finite.all()):
             bad = [t for t, ok in zip(w.tasks, finite.tolist()) if not ok]
             values = ", ".join(f"task {t!r} loss {losses[t].item()}" for t in bad)
             raise NonFiniteError(f"non-finite gradient of {values}")
         result = w.aggregate(J)
-        self._record(J, result)
+        # With weights reused between recomputations, the logged step may find none: keep each.
+        if (step + 1) % self.record_every == 0 or self.every > 1:
+            self._record(J, result)
         if result.gradient is None:
             self._weights = result.weights.detach()
             total = (self._weights.to(objectives.dtype) * objectives).sum()
@@ -177,9 +186,10 @@ class GradientEngine:
             features.backward(leaf.grad)
 
     def _record(self, J: torch.Tensor, result) -> None:
-        J = J.float()
-        norms = J.norm(dim=1)
-        unit = J / norms.clamp(min=1e-12)[:, None]
-        self.diagnostics = {"norms": norms.detach(), "cosines": (unit @ unit.T).detach()}
+        """Norms and pairwise cosines from the Gramian: one [T, T] product, no copy of J."""
+        gram = (J @ J.T).float()
+        norms = gram.diagonal().clamp(min=0).sqrt()
+        safe = norms.clamp(min=1e-12)
+        self.diagnostics = {"norms": norms.detach(), "cosines": (gram / safe[:, None] / safe[None, :]).detach()}
         if result.weights is not None:
             self.diagnostics["weights"] = result.weights.detach().float()

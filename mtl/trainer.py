@@ -167,7 +167,10 @@ class Trainer:
                 f"(tasks with one input_key, e.g. MultiMNIST left/right); here the tasks have separate inputs "
                 f"({', '.join(self.groups)}). Use weighting.mode=parameters."
             )
-        return GradientEngine(self.model, w, every=self.cfg.trainer.weighting_every, chunk=self.cfg.trainer.jacobian_chunk, ctx=self.dist)
+        return GradientEngine(
+            self.model, w, every=self.cfg.trainer.weighting_every, chunk=self.cfg.trainer.jacobian_chunk, ctx=self.dist,
+            record_every=self.cfg.logging.log_every,
+        )
 
     def _check_shards(self) -> None:
         """Under torchrun each rank trains on an equal slice of every global batch."""

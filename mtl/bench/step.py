@@ -76,6 +76,7 @@ from mtl.weighting import WEIGHTINGS, GradientWeighting, LossWeighting
 NAIVE = "naive"
 SINGLE = "single"
 NUM_CLASSES = 10
+LOG_EVERY = 20
 DEFAULTS = {
     "cpu": {"batch": 8, "tasks": [2, 10], "warmup": 0, "repeats": 3},
     "cuda": {"batch": 256, "tasks": [2, 10, 40], "warmup": 3, "repeats": 10},
@@ -226,7 +227,8 @@ class Bench:
         inputs, members, targets = self.batch(T)
         weighting: GradientWeighting = WEIGHTINGS.get(name)(members["x"], mode=mode).to(self.device)
         opt = self.optimizer([*model.parameters(), *weighting.parameters()])
-        engine = GradientEngine(model, weighting, chunk=self.args.chunk)
+        # Diagnostics as the trainer computes them: on logged steps only (default log_every 20).
+        engine = GradientEngine(model, weighting, chunk=self.args.chunk, record_every=LOG_EVERY)
         count = [0]
 
         def step() -> None:
