@@ -73,6 +73,14 @@ def test_celeba_recipe_has_the_40_attributes_as_tasks():
     assert all(len(r.stages[0].tasks) == 40 for k, r in cfg.compare.regimes.items() if k != "single_task")
 
 
+def test_index_lines_come_from_the_committed_results():
+    from paper_repro import index
+
+    for study, (_, summary) in index.LINES.items():
+        if (STUDIES / study / "results" / "results.csv").exists():
+            assert summary()
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 
 
