@@ -5,9 +5,17 @@ helpers that turn the grids' results into the studies' tables."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pandas as pd
 import pytest
+
+from conftest import ROOT
+
+# paper_repro is not an installed package (pyproject installs mtl and tasks): it runs from the
+# repository root, which a bare `pytest` started elsewhere does not put on sys.path.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 from mtl.compare import plan
 from mtl.config import load_config
