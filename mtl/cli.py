@@ -61,6 +61,8 @@ def cmd_compare(config: str, overrides: Sequence[str]) -> int:
 
     cfg = load_config(config, list(overrides))
     out = run_compare(cfg)
+    if not distributed.current().is_main:
+        return 0
     print()
     print(out["table"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\n{out['cells']} cells; model selection on validation only. Report: {out['report']} (plots beside it); long-form results: {out['csv']}")

@@ -29,6 +29,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mtl import distributed
 from mtl.config import ConfigError, resolve, to_dict
 from mtl.registry import did_you_mean
 
@@ -225,14 +226,17 @@ class Grid:
     def preflight(self) -> None:
         """Build (not train) one stage config per distinct stage, so bad input fails first;
         and check that stages run earlier in this output_dir ran with the same config."""
-        from mtl.trainer import Trainer, config_changes
+        from mtl.trainer import RESUMABLE_CHANGES, Trainer, config_changes
 
+        # Unlike one run, a grid may not change its epochs midway: finished cells are never
+        # retrained, so the cells of one table would have trained for different lengths.
+        allowed = tuple(k for k in RESUMABLE_CHANGES if k != "trainer.epochs")
         for cell in self.cells:
             for i in range(len(cell.stages)):
                 saved = cell.dirs[i] / "config.yaml"
                 if saved.exists():
                     cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
-                    changed = config_changes(OmegaConf.to_container(OmegaConf.load(saved)), to_dict(cfg))
+                    changed = config_changes(OmegaConf.to_container(OmegaConf.load(saved)), to_dict(cfg), allowed=allowed)
                     if changed:
                         raise ConfigError(
                             f"output_dir: {saved.parent} was run with another config ({', '.join(changed[:5])} differ); "
@@ -312,15 +316,18 @@ def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
     from mtl.report import comparison_table, write_report
     from mtl.results import write_text
 
-    grid = Grid(cfg, log)
+    ctx = distributed.current()
+    grid = Grid(cfg, log if ctx.is_main else (lambda *_: None))
     grid.preflight()
     grid.run()
     df = pd.DataFrame(grid.rows())
     root = grid.root
+    table = comparison_table(df)
+    if not ctx.is_main:  # under torchrun every rank trains the cells; rank 0 writes the comparison
+        return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(grid.cells)}
     write_text(df.to_csv(index=False), root / "results.csv")
     title = f"Comparison: {cfg.compare.name or root.name}"
     write_report(df, root, title=title)
-    table = comparison_table(df)
     _log_wandb(cfg, root, table)
     return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(grid.cells)}
 

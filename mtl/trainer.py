@@ -45,16 +45,16 @@ from mtl.results import directions, evaluate, flatten, selection_score, write_js
 RESUMABLE_CHANGES = ("resume", "trainer.epochs", "device", "logging")
 
 
-def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Keys whose values differ between two resolved configs, except those a resume may change."""
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "", allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """Keys whose values differ between two resolved configs, except ``allowed`` ones (those a resume may change)."""
     changed = []
     for key in sorted(set(old) | set(new)):
         path = f"{prefix}{key}"
-        if path in RESUMABLE_CHANGES:
+        if path in allowed:
             continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += config_changes(a, b, f"{path}.")
+            changed += config_changes(a, b, f"{path}.", allowed)
         elif a != b:
             changed.append(path)
     return changed
@@ -512,6 +512,7 @@ class Trainer:
         self.loggers.log(final, self.step)
         self.loggers.log_summary({**final, "best_epoch": best["epoch"], "parameters/total": results["parameters"]["total"]})
         self.loggers.close()
+        self.dist.barrier()  # the next stage of a comparison reads these files on every rank
         return results
 
     # -- checkpoints ----------------------------------------------------------------

@@ -207,6 +207,14 @@ def test_rerun_with_another_config_is_refused_before_training(grid_dir, capsys):
     assert "was run with another config" in err and "trainer.optimizer.lr" in err
 
 
+@pytest.mark.slow
+def test_rerun_with_more_epochs_is_refused_not_silently_mixed(grid_dir, capsys):
+    # One run may resume with more epochs; a grid's finished cells would keep their old length.
+    assert main(["compare", QUICKSTART, *grid_args(grid_dir, "trainer.epochs=9")]) == 2
+    err = capsys.readouterr().err
+    assert "was run with another config" in err and "trainer.epochs" in err
+
+
 def test_a_source_that_is_also_a_target_is_refused(tmp_path, capsys):
     assert main(["compare", QUICKSTART, f"output_dir={tmp_path / 'x'}", *SHORT, "compare.sources=[mnist,digits]"]) == 2
     assert "compare.sources: digits is also a target" in capsys.readouterr().err

@@ -23,9 +23,9 @@ SETUPS = {
 }
 
 
-def torchrun(overrides, processes=2):
+def torchrun(overrides, kind="train", processes=2):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    cmd = launcher + command("train", overrides)[1:]  # `-m mtl train CONFIG ...` after the launcher
+    cmd = launcher + command(kind, overrides)[1:]  # `-m mtl KIND CONFIG ...` after the launcher
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
@@ -54,3 +54,22 @@ def test_a_batch_that_does_not_split_evenly_is_refused_before_training(tmp_path)
     assert done.returncode != 0
     assert "trainer.batch_size: a batch of 63" in done.stderr and "divisible by 2" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_comparison_under_torchrun_equals_one_process(tmp_path):
+    grid = [
+        "compare.targets=[digits]", "compare.fractions=[0.25]", "compare.seeds=[0]",
+        "compare.regimes={single_task: {}, sequential: {recipes: [fine_tune]}}", *COMMON,
+    ]
+    one = run("compare", [f"output_dir={tmp_path / 'one'}", *grid])
+    assert one.returncode == 0, one.stderr
+    two = torchrun([f"output_dir={tmp_path / 'two'}", *grid], kind="compare")
+    assert two.returncode == 0, two.stderr[-3000:]
+    import pandas as pd
+
+    a, b = pd.read_csv(tmp_path / "one" / "results.csv"), pd.read_csv(tmp_path / "two" / "results.csv")
+    keys = ["method", "seed", "fraction", "task", "split", "metric"]
+    merged = a.merge(b, on=keys, suffixes=("_one", "_two"))
+    assert len(merged) == len(a) == len(b)
+    assert (merged["value_one"] - merged["value_two"]).abs().max() <= 1e-5
+    assert two.stdout.count("cells; model selection on validation only") == 1
