@@ -1,12 +1,13 @@
 """PCGrad, GradVac, GradDrop, IMTL-G, Aligned-MTL and DB-MTL against their formulas on hand-made gradients."""
 
-import io
 import math
 
 import pytest
 import torch
 
 from mtl.weighting.surgery import DBMTL, IMTLG, AlignedMTL, GradDrop, GradVac, PCGrad
+
+from conftest import roundtrip
 
 TASKS2 = ["a", "b"]
 TASKS3 = ["a", "b", "c"]
@@ -15,15 +16,6 @@ DTYPES = [torch.float32, torch.float64]
 
 def t(rows, dtype=torch.float64):
     return torch.tensor(rows, dtype=dtype)
-
-
-def roundtrip(module, fresh):
-    """Save ``module``'s state through bytes (as a checkpoint would) into ``fresh``."""
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    buffer.seek(0)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    return fresh
 
 
 def close(actual, expected, dtype):
@@ -37,7 +29,7 @@ def close(actual, expected, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pcgrad_removes_the_conflict_of_two_tasks(dtype):
     g1, g2 = t([1.0, 0.0], dtype), t([-1.0, 2.0], dtype)
-    projected = PCGrad(TASKS2).project(torch.stack([g1, g2]))
+    projected = PCGrad(TASKS2).adjusted(torch.stack([g1, g2]))
     # Each projected gradient is orthogonal to the other original (no conflict left).
     assert projected[0] @ g2 >= -1e-6 and projected[1] @ g1 >= -1e-6
     p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
@@ -99,12 +91,12 @@ def test_gradvac_raises_the_cosine_to_the_target(dtype):
     J = torch.stack([g1, g2])
     method = GradVac(TASKS2)
     # Targets start at 0: g1 + ½ g2 = (½, ½) and g2 + 1·g1 = (0, 1), both orthogonal to the other.
-    close(method.vaccinate(J), t([[0.5, 0.5], [0.0, 1.0]]), dtype)
+    close(method.adjusted(J), t([[0.5, 0.5], [0.0, 1.0]]), dtype)
     cos = -1 / math.sqrt(2)
     close(method.target, torch.full((2, 2), 0.01 * cos).fill_diagonal_(0.0), dtype)
 
     method.target.fill_(0.5)
-    adjusted = method.vaccinate(J)
+    adjusted = method.adjusted(J)
     cosine = torch.nn.functional.cosine_similarity
     close(cosine(adjusted[0], g2, dim=0), torch.tensor(0.5), dtype)
     close(cosine(adjusted[1], g1, dim=0), torch.tensor(0.5), dtype)

@@ -66,26 +66,45 @@ class _SeededWeighting(GradientWeighting):
         self._rng_state = state["generator"].clone()
 
 
+class _PairwiseSurgery(_SeededWeighting):
+    """Methods that adjust each g_i against the others in a random order (PCGrad, GradVac).
+
+    Every adjusted g_i stays a combination Σ_k C_ik g_k of the originals, and every inner
+    product the adjustments need is (C JJᵀ)_ij, so a method's ``coefficients`` loop runs on
+    ``[T, T]`` matrices (O(T³)) after one Gramian (O(T²D)), never on ``[T, D]`` copies. The
+    update Σ_i g_i is wᵀJ with w = Σ_i C_i, reported as the task weights.
+    """
+
+    def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
+        """``C [T, T]`` with adjusted g_i = Σ_k C_ik g_k, from the Gramian ``JJᵀ``."""
+        raise NotImplementedError
+
+    def adjusted(self, J: torch.Tensor) -> torch.Tensor:
+        """The adjusted per-task gradients ``[T, D]`` (in the compute dtype)."""
+        G = J.to(_compute_dtype(J))
+        return self.coefficients(G @ G.T) @ G
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        G = J.to(_compute_dtype(J))
+        weights = self.coefficients(G @ G.T).sum(dim=0)
+        return Aggregation(gradient=(weights @ G).to(J.dtype), weights=weights.to(J.dtype))
+
+
 @register_weighting("pcgrad")
-class PCGrad(_SeededWeighting):
+class PCGrad(_PairwiseSurgery):
     """PCGrad: project each task gradient off the others it conflicts with, then sum.
 
     Yu et al. 2020, "Gradient Surgery for Multi-Task Learning". For each task i, over the
     other tasks j in a random order: if g_iᵀg_j < 0, g_i ← g_i − (g_iᵀg_j / ||g_j||²) g_j,
     with g_i the running projection and g_j the original gradient. The update is the **sum**
     Σ_i g_i of the projected gradients, as in the official code (some ports take the mean).
-
-    Every projected g_i stays a combination Σ_k C_ik g_k of the originals, and every inner
-    product the projections need is (C JJᵀ)_ij, so the loop runs on ``[T, T]`` matrices
-    (O(T³)) after one Gramian (O(T²D)), never on ``[T, D]`` copies. The update is wᵀJ with
-    w = Σ_i C_i, reported as the task weights.
+    Computed on the Gramian (see ``_PairwiseSurgery``).
     """
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None, seed: int = 0):
         super().__init__(tasks, mode, seed)
 
     def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        """``C [T, T]`` with projected g_i = Σ_k C_ik g_k, from the Gramian ``JJᵀ``."""
         T = gram.shape[0]
         squared_norms = gram.diagonal().clamp_min(_tiny(gram.dtype))
         order = self._random_orders(T, gram.device)
@@ -99,19 +118,9 @@ class PCGrad(_SeededWeighting):
             C = C.index_put((rows, j), -conflict / squared_norms[j], accumulate=True)
         return C
 
-    def project(self, J: torch.Tensor) -> torch.Tensor:
-        """The projected per-task gradients ``[T, D]`` (in the compute dtype)."""
-        G = J.to(_compute_dtype(J))
-        return self.coefficients(G @ G.T) @ G
-
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = J.to(_compute_dtype(J))
-        weights = self.coefficients(G @ G.T).sum(dim=0)
-        return Aggregation(gradient=(weights @ G).to(J.dtype), weights=weights.to(J.dtype))
-
 
 @register_weighting("gradvac")
-class GradVac(_SeededWeighting):
+class GradVac(_PairwiseSurgery):
     """GradVac: raise each pair's gradient cosine to an EMA target similarity, then sum.
 
     Wang et al. 2021, "Gradient Vaccine: Investigating and Improving Multi-task Optimization
@@ -121,8 +130,8 @@ class GradVac(_SeededWeighting):
     g_i ← g_i + ||g_i|| (φ̂_ij √(1−φ_ij²) − φ_ij √(1−φ̂_ij²)) / (||g_j|| √(1−φ̂_ij²)) · g_j,
     which makes cos(g_i, g_j) = φ̂_ij; then φ̂_ij ← (1−β) φ̂_ij + β φ_ij. The update is Σ_i g_i.
     The paper applies this per layer; here it acts on the whole gradient vector (J carries
-    no layer boundaries). As in PCGrad, the running g_i = Σ_k C_ik g_k are kept as
-    coefficients on the Gramian (||g_i||² = (C JJᵀ Cᵀ)_ii), and the update is wᵀJ, w = Σ_i C_i.
+    no layer boundaries). Computed on the Gramian (see ``_PairwiseSurgery``), with
+    ||g_i||² = (C JJᵀ Cᵀ)_ii.
     """
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None, beta: float = 0.01, seed: int = 0):
@@ -132,7 +141,7 @@ class GradVac(_SeededWeighting):
         self.register_buffer("target", torch.zeros(self.num_tasks, self.num_tasks))
 
     def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
-        """``C [T, T]`` with adjusted g_i = Σ_k C_ik g_k, from the Gramian; updates the targets."""
+        """As the base class; also moves the EMA targets."""
         if self.target.device != gram.device:
             self.target = self.target.to(gram.device)  # once: the statistics live with the gradients
         T = gram.shape[0]
@@ -157,16 +166,6 @@ class GradVac(_SeededWeighting):
             targets[rows, j] = (1 - self.beta) * goal + self.beta * cos
         self.target.copy_(targets)
         return C
-
-    def vaccinate(self, J: torch.Tensor) -> torch.Tensor:
-        """The adjusted per-task gradients ``[T, D]`` (in the compute dtype); updates the targets."""
-        G = J.to(_compute_dtype(J))
-        return self.coefficients(G @ G.T) @ G
-
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = J.to(_compute_dtype(J))
-        weights = self.coefficients(G @ G.T).sum(dim=0)
-        return Aggregation(gradient=(weights @ G).to(J.dtype), weights=weights.to(J.dtype))
 
 
 @register_weighting("graddrop")
