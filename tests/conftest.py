@@ -5,6 +5,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+# Overrides swapping the quickstart's tasks for MultiMNIST left/right: one input batch feeds
+# both, so representation-mode weightings apply.
+MULTI_MNIST = ["~tasks.mnist", "~tasks.digits", "tasks.left.name=multi_mnist_left", "tasks.right.name=multi_mnist_right"]
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +47,16 @@ def run_dir(tmp_path):
 
 def pytest_configure(config):
     os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def roundtrip(module, fresh):
+    """``fresh`` with ``module``'s state, through a real save/load as a checkpoint does."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    return fresh

@@ -12,10 +12,9 @@ from mtl.cli import main
 from mtl.engine import jacobian
 from mtl.weighting import WEIGHTINGS, GradientWeighting
 
-from conftest import QUICKSTART, quick
+from conftest import MULTI_MNIST, QUICKSTART, quick
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-MULTI_MNIST = ["~tasks.mnist", "~tasks.digits", "tasks.left.name=multi_mnist_left", "tasks.right.name=multi_mnist_right"]
 GRADIENT_METHODS = [n for n in WEIGHTINGS.names() if issubclass(WEIGHTINGS.get(n), GradientWeighting)]
 
 

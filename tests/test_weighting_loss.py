@@ -1,6 +1,5 @@
 """Loss-level weightings (and GradNorm) against their formulas on hand-made inputs."""
 
-import io
 import math
 
 import pytest
@@ -19,17 +18,10 @@ from mtl.weighting.loss_level import (
     UncertaintyWeighting,
 )
 
+from conftest import roundtrip
+
 TASKS2 = ["a", "b"]
 TASKS3 = ["a", "b", "c"]
-
-
-def reload(module, fresh):
-    """``fresh`` with ``module``'s state, through a real save/load as a checkpoint does."""
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    buffer.seek(0)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    return fresh
 
 
 def grad_wrt(fn, x):
@@ -90,7 +82,7 @@ def test_uncertainty_state_round_trip():
     uw = UncertaintyWeighting(TASKS2)
     with torch.no_grad():
         uw.log_vars.copy_(torch.tensor([0.3, -0.2]))
-    fresh = reload(uw, UncertaintyWeighting(TASKS2))
+    fresh = roundtrip(uw, UncertaintyWeighting(TASKS2))
     losses = torch.tensor([1.0, 2.0])
     assert fresh(losses).item() == pytest.approx(uw(losses).item())
 
@@ -114,7 +106,7 @@ def test_dwa_equal_for_two_epochs_then_softmax_of_ratios():
 def test_dwa_state_round_trip_and_bad_temperature():
     dwa = DynamicWeightAverage(TASKS3, temperature=1.0)
     dwa.on_epoch_end(torch.tensor([1.0, 2.0, 3.0]))
-    fresh = reload(dwa, DynamicWeightAverage(TASKS3, temperature=1.0))
+    fresh = roundtrip(dwa, DynamicWeightAverage(TASKS3, temperature=1.0))
     for module in (dwa, fresh):
         module.on_epoch_end(torch.tensor([0.9, 1.0, 3.3]))
     assert torch.allclose(fresh.weights(), dwa.weights())
@@ -156,7 +148,7 @@ def test_rlw_reproducible_from_seed_and_resumes():
     other = RandomLossWeighting(TASKS2, seed=8)
     other(losses)
     assert not torch.equal(other.weights(), a.weights())
-    resumed = reload(a, RandomLossWeighting(TASKS2, seed=123))
+    resumed = roundtrip(a, RandomLossWeighting(TASKS2, seed=123))
     a(losses), resumed(losses)
     assert torch.equal(resumed.weights(), a.weights())
 
@@ -227,7 +219,7 @@ def test_famo_weight_decay_pulls_logits_to_zero():
 def test_famo_state_round_trip_and_bad_input():
     famo = FAMO(TASKS3)
     famo.update(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.9, 2.0]))
-    fresh = reload(famo, FAMO(TASKS3))
+    fresh = roundtrip(famo, FAMO(TASKS3))
     losses = torch.tensor([1.0, 2.0, 0.5])
     assert fresh(losses).item() == pytest.approx(famo(losses).item())
     for module in (famo, fresh):
@@ -274,7 +266,7 @@ def test_gradnorm_bf16_state_and_bad_input():
     J = torch.tensor([[1.0, 2.0], [0.5, 0.0], [0.0, 3.0]])
     gn.observe(torch.tensor([1.0, 2.0, 3.0]))
     gn.aggregate(J)
-    fresh = reload(gn, GradNorm(TASKS3))
+    fresh = roundtrip(gn, GradNorm(TASKS3))
     for module in (gn, fresh):
         module.observe(torch.tensor([0.5, 1.5, 3.0]))
     result = gn.aggregate(J)

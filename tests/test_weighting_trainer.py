@@ -13,9 +13,8 @@ from mtl.engine import GradientEngine, jacobian
 from mtl.losses import task_losses
 from mtl.weighting import WEIGHTINGS, Aggregation, GradientWeighting
 
-from conftest import QUICKSTART, quick
+from conftest import MULTI_MNIST, QUICKSTART, quick
 
-MULTI_MNIST = ["~tasks.mnist", "~tasks.digits", "tasks.left.name=multi_mnist_left", "tasks.right.name=multi_mnist_right"]
 
 
 def _default_mode(name):

@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+from conftest import QUICKSTART, ROOT
 
 
 def env(**extra: str) -> dict[str, str]:

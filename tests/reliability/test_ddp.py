@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from processes import ROOT, command, env, run
+from conftest import MULTI_MNIST, ROOT
+from processes import command, env, run
 
 pytestmark = pytest.mark.slow
 
-MULTI_MNIST = ["~tasks.mnist", "~tasks.digits", "tasks.left.name=multi_mnist_left", "tasks.right.name=multi_mnist_right"]
 COMMON = ["trainer.epochs=2", "trainer.steps_per_epoch=5", "trunk.dropout=0", "logging.progress_bar=false", "logging.wandb.mode=disabled"]
 SETUPS = {
     "equal": [],
