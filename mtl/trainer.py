@@ -7,7 +7,9 @@ validation (never test), and evaluates the best model on train/val/test at the e
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import random
 import shutil
@@ -69,6 +71,31 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         # cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA docs, "Reproducibility").
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+
+
+@contextlib.contextmanager
+def deferred_signals(on_signal):
+    """SIGINT and SIGTERM call ``on_signal(signum)`` instead of interrupting, so the trainer can
+    stop between steps (a step is never cut in half). A second signal is not deferred: the
+    user can always stop at once. Handlers can only be set from the main thread; elsewhere
+    signals keep their usual effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handle(signum, frame):
+        on_signal(signum)
+        signal.signal(signum, previous[signum])
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # None: a handler set outside Python, which cannot be put back; the default then.
+        previous[sig] = signal.signal(sig, handle) or signal.SIG_DFL
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -240,7 +267,7 @@ class Trainer:
         ``KeyboardInterrupt``; a second one stops at once. ``resume=true`` continues exactly."""
         self._open_run()
         try:
-            with self._stop_signals():
+            with deferred_signals(self._on_signal):
                 while self.epoch < self.cfg.trainer.epochs:
                     self._train_epoch()
         except BaseException:
@@ -312,36 +339,15 @@ class Trainer:
 
     # -- stop signals -----------------------------------------------------------------
 
-    def _stop_signals(self):
-        """SIGINT/SIGTERM set a flag checked between steps (a step is never cut in half)."""
-        trainer = self
-
-        class Handlers:
-            def __enter__(self):
-                self.previous = {}
-                if threading.current_thread() is not threading.main_thread():
-                    return  # signal handlers can only be set from the main thread
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    self.previous[sig] = signal.signal(sig, self.handle)
-
-            def handle(self, signum, frame):
-                trainer._stop_signal = signum
-                # A second signal is not deferred: the user can always stop at once.
-                signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
-
-            def __exit__(self, *exc):
-                for sig, handler in self.previous.items():
-                    signal.signal(sig, handler)
-
-        return Handlers()
+    def _on_signal(self, signum: int) -> None:
+        self._stop_signal = signum
 
     def _stop_if_signalled(self, since: float) -> None:
         # Every rank stops at the same step (torchrun signals each, not necessarily at once).
         if not self.dist.any(self._stop_signal is not None):
             return
-        self._stop_signal = self._stop_signal or signal.SIGTERM
         self._save_checkpoint(since)
-        name = signal.Signals(self._stop_signal).name
+        name = signal.Signals(self._stop_signal).name if self._stop_signal is not None else "a stop signal on another rank"
         raise KeyboardInterrupt(
             f"{name} at step {self.step}: checkpoint written to {self.checkpoint_dir}; "
             "rerun the same command with resume=true to continue exactly where it stopped."
@@ -411,20 +417,26 @@ class Trainer:
         return sum(len(b[0]) for b in batches.values())
 
     def _nonfinite(self, losses: dict[str, torch.Tensor]) -> str | None:
-        """What is not finite in this step's losses or gradients (clipping them first), else None.
-        One host sync per step: a NaN update must never reach the weights."""
-        model_params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(model_params, self.cfg.trainer.grad_clip or float("inf")) if model_params else None
+        """What is not finite in this step's losses or gradients, else None; clips the model's
+        gradients (``trainer.grad_clip``) with the same norm. One host sync per step: a NaN
+        update must never reach the weights."""
+        utils = torch.nn.utils
         values = torch.stack([loss.detach().float() for loss in losses.values()])
-        checks = [values, *(p.grad.detach().float().flatten() for p in self.weighting.parameters() if p.grad is not None)]
-        if norm is not None:
-            checks.append(norm.detach().float().reshape(1))
-        if bool(torch.isfinite(torch.cat([c.flatten() for c in checks])).all()):
+        model = [p for p in self.model.parameters() if p.grad is not None]
+        norm = utils.get_total_norm([p.grad for p in model]) if model else values.new_zeros(())
+        if self.cfg.trainer.grad_clip and model:
+            utils.clip_grads_with_norm_(model, self.cfg.trainer.grad_clip, norm)
+        # Learned loss scales (uncertainty) train outside the model: their gradients count too.
+        own = [p.grad for p in self.weighting.parameters() if p.grad is not None]
+        checks = [values, norm.float().reshape(1)]
+        if own:
+            checks.append(utils.get_total_norm(own).float().reshape(1))
+        if bool(torch.isfinite(torch.cat(checks)).all()):
             return None
-        bad = [f"task {n!r} loss {v}" for n, v in zip(losses, values.tolist()) if not torch.isfinite(torch.tensor(v))]
+        bad = [f"task {n!r} loss {v}" for n, v in zip(losses, values.tolist()) if not math.isfinite(v)]
         if bad:
             return "non-finite loss: " + ", ".join(bad)
-        return f"non-finite gradient (global norm {float(norm) if norm is not None else 'n/a'}) with finite losses"
+        return f"non-finite gradient (model gradient norm {float(norm)}) with finite losses"
 
     def _skip_or_stop(self, problem: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -140,3 +140,21 @@ def test_a_task_without_labelled_validation_samples_does_not_freeze_selection():
     tasks = {"mnist": TASKS.get("mnist")(), "digits": TASKS.get("digits")()}
     metrics = {"mnist": {"accuracy": math.nan}, "digits": {"accuracy": 0.7}}
     assert selection_score(metrics, "primary_mean", tasks) == 0.7
+
+
+def test_grad_clip_bounds_the_update_of_one_sgd_step(tmp_path, one_thread):
+    # SGD with lr 1: the step is the clipped gradient, so its norm is grad_clip (the raw one is far larger).
+    from mtl.builders import build_components
+
+    run_dir = tmp_path / "run"
+    args = quick(
+        run_dir, 1, 1, "trainer.optimizer={name: sgd, lr: 1.0}", "trainer.lr_schedule.name=constant",
+        "trainer.lr_schedule.warmup_steps=0", "trainer.grad_clip=0.001",
+    )
+    assert main(["train", QUICKSTART, *args]) == 0
+    cfg = load_config(run_dir / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    before = build_components(cfg).model.state_dict()
+    after = checkpoint.latest(run_dir / "checkpoints")[1]["model"]
+    moved = torch.cat([(after[k] - before[k]).flatten() for k in before if before[k].is_floating_point()]).norm()
+    assert moved.item() == pytest.approx(0.001, rel=1e-3)

@@ -115,7 +115,7 @@ def test_a_nan_loss_stops_with_task_step_and_value(weighting, tmp_path, capsys, 
 def test_a_nan_gradient_with_a_finite_loss_stops(tmp_path, capsys, faulty, one_thread):
     assert main(["train", QUICKSTART, *quick(tmp_path / "run", 1, 3, *faulty(NAN_GRADIENT))]) == 1
     err = capsys.readouterr().err
-    assert "step 2 (epoch 1): non-finite gradient (global norm nan) with finite losses" in err
+    assert "step 2 (epoch 1): non-finite gradient (model gradient norm nan) with finite losses" in err
 
 
 @pytest.mark.parametrize("fault", [NAN_LOSS, NAN_GRADIENT], ids=["loss", "gradient"])
