@@ -316,7 +316,8 @@ def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
     from mtl.report import comparison_table, write_report
     from mtl.results import write_text
 
-    ctx = distributed.current()
+    # Joined now (not first in a Trainer) so that every rank knows from the start whether it writes.
+    ctx = distributed.setup(cfg.device)
     grid = Grid(cfg, log if ctx.is_main else (lambda *_: None))
     grid.preflight()
     grid.run()

@@ -72,4 +72,6 @@ def test_a_comparison_under_torchrun_equals_one_process(tmp_path):
     merged = a.merge(b, on=keys, suffixes=("_one", "_two"))
     assert len(merged) == len(a) == len(b)
     assert (merged["value_one"] - merged["value_two"]).abs().max() <= 1e-5
+    # Rank 0 alone reports (and writes): each progress line and the summary appear once.
     assert two.stdout.count("cells; model selection on validation only") == 1
+    assert two.stdout.count("[1/") == 1
