@@ -130,6 +130,23 @@ def test_mgda_l2_normalization_balances_the_norms():
     assert torch.allclose(weights, torch.tensor([0.5, 0.5]))  # weights of the raw losses
 
 
+@pytest.mark.parametrize(
+    "normalization, expected",
+    [
+        # rows g_t / n_t are orthogonal with squared norms a, b, so α_1 = b / (a + b).
+        ("loss", [4 / 4.25, 0.25 / 4.25]),  # n = L = (2, 1): a = 0.25, b = 4
+        ("loss+", [0.8, 0.2]),  # n = L·||g|| = (2, 2): a = 0.25, b = 1
+    ],
+)
+def test_mgda_loss_normalizations(normalization, expected):
+    method = MGDA(tasks(2), normalization=normalization)
+    J = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    method.observe(torch.tensor([2.0, 1.0]))
+    assert torch.allclose(method.aggregate(J).weights, torch.tensor(expected, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="observe"):  # each step's losses are used once
+        method.aggregate(J)
+
+
 def test_mgda_modes():
     assert MGDA(tasks(2)).mode == "parameters"
     assert MGDA(tasks(2), mode="representation").mode == "representation"
@@ -334,7 +351,6 @@ def test_state_round_trips(name):
 @pytest.mark.parametrize(
     "cls, kwargs, match",
     [
-        (MGDA, {"normalization": "loss+"}, "aggregate"),
         (MGDA, {"normalization": "max"}, "weighting.normalization"),
         (MGDA, {"mode": "last_shared"}, "weighting.mode"),
         (CAGrad, {"c": -0.1}, "weighting.c"),

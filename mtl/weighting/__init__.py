@@ -4,9 +4,10 @@ from mtl.weighting.base import (
     WEIGHTINGS,
     Aggregation,
     GradientWeighting,
+    GramianWeighting,
     LossWeighting,
     Weighting,
     register_weighting,
 )
 
-__all__ = ["WEIGHTINGS", "Aggregation", "GradientWeighting", "LossWeighting", "Weighting", "register_weighting"]
+__all__ = ["WEIGHTINGS", "Aggregation", "GradientWeighting", "GramianWeighting", "LossWeighting", "Weighting", "register_weighting"]

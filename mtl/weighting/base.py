@@ -9,6 +9,9 @@ Two kinds, one small class per method:
   layer group (``"last_shared"``). A method returns a combined gradient in J's space, or
   task weights only, in which case the engine back-propagates Σ_t w_t L_t (exact for every
   shared parameter, and memory-light).
+- ``GramianWeighting``: a gradient method whose update is Σ_t w_t g_t with weights that are
+  a function of the Gramian ``G = JJᵀ`` alone (``weigh(G) -> w``). The engine can then
+  compute G stage by stage without ever holding J (``mtl.gramian``).
 
 ``losses`` is always ``[T]`` in ``self.tasks`` order. Methods other than ``equal`` need every
 task's loss at every step (``requires_all_tasks``): the trainer checks the scheduler.
@@ -94,6 +97,34 @@ class GradientWeighting(Weighting):
 
     def aggregate(self, J: torch.Tensor) -> Aggregation:
         raise NotImplementedError
+
+
+def compute_dtype(J: torch.Tensor) -> torch.dtype:
+    """Half-precision gradients are combined in float32."""
+    return torch.float32 if J.dtype in (torch.float16, torch.bfloat16) else J.dtype
+
+
+class GramianWeighting(GradientWeighting):
+    """A gradient method whose update is d = Σ_t w_t g_t, with ``w = weigh(G)``, G = JJᵀ.
+
+    ``weigh_heads``: True (MGDA, UPGrad, ...) means the weights weigh the task objectives
+    everywhere, so the heads too get Σ_t w_t ∇o_t (one backward of Σ_t w_t o_t); False (PCGrad,
+    GradVac, CAGrad) means d is a modified gradient of the shared parameters only, and each
+    head gets the gradient of its own objective, as in those papers' code.
+    """
+
+    weigh_heads = True
+
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        """Task weights ``[T]`` from the Gramian ``[T, T]`` (float32 or float64)."""
+        raise NotImplementedError
+
+    def aggregate(self, J: torch.Tensor) -> Aggregation:
+        work = J.to(compute_dtype(J))
+        w = self.weigh(work @ work.T).to(work.dtype)
+        if self.weigh_heads:
+            return Aggregation(weights=w.to(J.dtype))
+        return Aggregation(gradient=(w @ work).to(J.dtype), weights=w.to(J.dtype))
 
 
 WEIGHTINGS: Registry[Weighting] = Registry(

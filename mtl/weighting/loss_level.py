@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mtl.weighting.base import Aggregation, GradientWeighting, LossWeighting, register_weighting
+from mtl.weighting.base import GramianWeighting, LossWeighting, register_weighting
 
 # Added inside logs so that a task whose loss reaches exactly 0 keeps a finite objective,
 # as the official FAMO and DB-MTL code do.
@@ -220,7 +220,7 @@ class FAMO(LossWeighting):
 
 
 @register_weighting("gradnorm")
-class GradNorm(GradientWeighting):
+class GradNorm(GramianWeighting):
     """GradNorm: weights that equalise the tasks' gradient norms at their relative training rates.
 
     Chen, Badrinarayanan, Lee & Rabinovich, "GradNorm: Gradient Normalization for Adaptive
@@ -257,17 +257,16 @@ class GradNorm(GradientWeighting):
     def weights(self) -> torch.Tensor:
         return self.loss_weights.clone()
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
         if self._loss_ratios is None:
-            raise RuntimeError("GradNorm.aggregate needs this step's losses: call observe(losses) first.")
-        work = J if J.dtype in (torch.float32, torch.float64) else J.float()
-        norms = torch.linalg.vector_norm(work, dim=1)
-        w = self.loss_weights.to(work, copy=True)  # returned: must not see the update below
-        G = w * norms
-        ratios = self._loss_ratios.to(work)
-        target = G.mean() * (ratios / ratios.mean()) ** self.alpha
+            raise RuntimeError("GradNorm needs this step's losses: call observe(losses) before aggregate or weigh.")
+        norms = G.diagonal().clamp_min(0).sqrt()  # ||∇L_t||
+        w = self.loss_weights.to(G, copy=True)  # returned: must not see the update below
+        grad_norms = w * norms
+        ratios = self._loss_ratios.to(G)
+        target = grad_norms.mean() * (ratios / ratios.mean()) ** self.alpha
         # d|G_t − target_t|/dw_t = sign(G_t − target_t) · ||∇L_t||, since G_t = w_t ||∇L_t||.
-        new = (w - self.lr * torch.sign(G - target) * norms).clamp_min(0)
+        new = (w - self.lr * torch.sign(grad_norms - target) * norms).clamp_min(0)
         self.loss_weights.copy_(self.num_tasks * new / new.sum())
         self._loss_ratios = None
-        return Aggregation(weights=w.to(J.dtype))
+        return w

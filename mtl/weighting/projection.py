@@ -1,10 +1,10 @@
 """Gradient methods solved in the space of task weights: MGDA, CAGrad, Nash-MTL, UPGrad, DualProj.
 
-Each maps the per-task gradients ``J [T, D]`` through their Gramian ``G = J Jᵀ`` to a small
-problem (``mtl.weighting.solvers``) whose answer is a combination ``d = Σ_t w_t g_t`` of the
-rows of J. All but CAGrad return the weights only, so the engine back-propagates
-Σ_t w_t L_t; CAGrad returns its gradient d and the same w. Half-precision J is multiplied
-in float32, the weights are solved in float64, and results come back in J's dtype.
+Each maps the Gramian ``G = J Jᵀ`` of the per-task gradients to a small problem
+(``mtl.weighting.solvers``) whose answer is a combination ``d = Σ_t w_t g_t`` of the rows
+of J (``GramianWeighting.weigh``). For all but CAGrad the weights weigh the task losses, so
+the engine back-propagates Σ_t w_t L_t; CAGrad's d updates the shared parameters and each
+head gets its own loss's gradient. The weights are solved in float64.
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ from typing import Sequence
 import torch
 
 from mtl.weighting import solvers
-from mtl.weighting.base import Aggregation, GradientWeighting, register_weighting
+from mtl.weighting.base import GramianWeighting, register_weighting
 
-
-def _weights(J: torch.Tensor, w: torch.Tensor) -> Aggregation:
-    return Aggregation(weights=w.to(J.dtype))
+_NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
 @register_weighting("mgda")
-class MGDA(GradientWeighting):
+class MGDA(GramianWeighting):
     """MGDA: weights of the min-norm point in the convex hull of the task gradients.
 
     Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization" (after
@@ -34,27 +32,39 @@ class MGDA(GradientWeighting):
     ``mode="representation"`` is MGDA-UB, the paper's upper bound, on the gradients w.r.t.
     the shared representation (also registered as ``mgda_ub``).
 
-    ``normalization`` as in the paper's code, applied to the g_t before the solve while α
-    weighs the raw losses (as there): ``"none"`` (default) or ``"l2"`` (g_t / ||g_t||). The
-    code's ``"loss"`` and ``"loss+"`` divide by the loss values, which ``aggregate(J)`` does
-    not receive: they are not offered.
+    ``normalization`` as in the paper's code (``gradient_normalizers``), applied to the g_t
+    before the solve while α weighs the raw losses (as there): g_t / n_t with n_t = 1
+    (``"none"``, default), ||g_t|| (``"l2"``), L_t (``"loss"``) or L_t·||g_t|| (``"loss+"``, the
+    paper's choice for MultiMNIST and CelebA). The loss-based ones take this step's losses
+    from ``observe(losses)``, which the engine calls before ``aggregate``.
     """
 
     modes = ("parameters", "representation")
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None, normalization: str = "none"):
         super().__init__(tasks, mode)
-        if normalization not in ("none", "l2"):
-            hint = " ('loss' and 'loss+' need the loss values, which aggregate(J) does not receive)" if normalization in ("loss", "loss+") else ""
-            raise ValueError(f"weighting.normalization must be 'none' or 'l2', got {normalization!r}{hint}.")
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(f"weighting.normalization must be one of {', '.join(_NORMALIZATIONS)}, got {normalization!r}.")
         self.normalization = normalization
+        self._losses: torch.Tensor | None = None
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = solvers.gramian(J)
-        if self.normalization == "l2":
-            d = solvers.inverse_norms(G)  # G of the rows g_t / ||g_t||
-            G = d[:, None] * G * d[None, :]
-        return _weights(J, solvers.min_norm_weights(G))
+    def observe(self, losses: torch.Tensor) -> None:
+        """This step's task losses, for the ``loss`` and ``loss+`` normalizations."""
+        self._losses = losses.detach()
+
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        G = G.to(solvers.DTYPE)
+        if self.normalization != "none":
+            d = torch.ones_like(G.diagonal())  # 1 / n_t
+            if self.normalization in ("l2", "loss+"):
+                d = solvers.inverse_norms(G)
+            if self.normalization in ("loss", "loss+"):
+                if self._losses is None:
+                    raise RuntimeError(f"MGDA normalization={self.normalization!r} needs this step's losses: call observe(losses) first.")
+                d = d / self._losses.to(G).clamp_min(torch.finfo(G.dtype).tiny)
+                self._losses = None
+            G = d[:, None] * G * d[None, :]  # the Gramian of the rows g_t / n_t
+        return solvers.min_norm_weights(G)
 
 
 @register_weighting("mgda_ub")
@@ -70,7 +80,7 @@ class MGDAUB(MGDA):
 
 
 @register_weighting("cagrad")
-class CAGrad(GradientWeighting):
+class CAGrad(GramianWeighting):
     """CAGrad: the mean gradient moved, within a ball around it, to help the worst-off task.
 
     Liu, Liu, Jin, Stone & Liu 2021, "Conflict-Averse Gradient Descent for Multi-task
@@ -81,9 +91,10 @@ class CAGrad(GradientWeighting):
 
     The inner problem is solved to a tolerance by an interior-point method with a line
     search (``solvers.cagrad_weights``) where the official code calls scipy's SLSQP. d is the
-    weighted sum of the task gradients with weights (1/T + √φ/||g_w*||·w*) / s: both the
-    gradient and the weights are returned.
+    weighted sum of the task gradients with weights (1/T + √φ/||g_w*||·w*) / s.
     """
+
+    weigh_heads = False
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None, c: float = 0.5, rescale: int = 1):
         super().__init__(tasks, mode)
@@ -94,21 +105,18 @@ class CAGrad(GradientWeighting):
         self.c = float(c)
         self.rescale = rescale
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = solvers.gramian(J)
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        G = G.to(solvers.DTYPE)
         w = solvers.cagrad_weights(G, self.c)
         radius = self.c * G.mean().clamp_min(0).sqrt()  # √φ = c·||g_0||
         norm_w = (w @ G @ w).clamp_min(0).sqrt()
         lam = torch.where(norm_w > 0, radius / norm_w, torch.zeros_like(norm_w))
         divisor = (1.0, 1.0 + self.c**2, 1.0 + self.c)[self.rescale]
-        weights = (1.0 / J.shape[0] + lam * w) / divisor
-        compute = J.float() if J.dtype in (torch.float16, torch.bfloat16) else J
-        gradient = weights.to(compute.dtype) @ compute
-        return Aggregation(gradient=gradient.to(J.dtype), weights=weights.to(J.dtype))
+        return (1.0 / G.shape[0] + lam * w) / divisor
 
 
 @register_weighting("nash_mtl")
-class NashMTL(GradientWeighting):
+class NashMTL(GramianWeighting):
     """Nash-MTL: weights of the Nash bargaining solution, Gα = 1/α.
 
     Navon et al. 2022, "Multi-Task Learning as a Bargaining Game". The update d = Σ_t α_t g_t
@@ -121,12 +129,12 @@ class NashMTL(GradientWeighting):
     gradient clipping (``max_norm=1``) the trainer's.
     """
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        return _weights(J, solvers.nash_weights(solvers.gramian(J)))
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        return solvers.nash_weights(G.to(solvers.DTYPE))
 
 
 @register_weighting("upgrad")
-class UPGrad(GradientWeighting):
+class UPGrad(GramianWeighting):
     """UPGrad: the mean of the task gradients, each projected onto the dual cone of all of them.
 
     Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization":
@@ -139,14 +147,14 @@ class UPGrad(GradientWeighting):
     solver's ridge (``solvers.nonneg_qp``): g_tᵀd ≥ −1e-8·w_t·||g_t||².
     """
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = solvers.gramian(J)
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        G = G.to(solvers.DTYPE)
         lam = solvers.nonneg_qp(G, -G)  # column i: λ_i
-        return _weights(J, (1.0 + lam.sum(dim=1)) / J.shape[0])
+        return (1.0 + lam.sum(dim=1)) / G.shape[0]
 
 
 @register_weighting("dualproj")
-class DualProj(GradientWeighting):
+class DualProj(GramianWeighting):
     """DualProj: the mean gradient projected onto the dual cone of the task gradients.
 
     Quinton & Rey 2024, "Jacobian Descent for Multi-Objective Optimization":
@@ -155,7 +163,7 @@ class DualProj(GradientWeighting):
     rows with w = 1/T + λ. Returns w; Gw = Jd ≥ 0 (g_tᵀd ≥ −1e-8·w_t·||g_t||², as for UPGrad).
     """
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = solvers.gramian(J)
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        G = G.to(solvers.DTYPE)
         lam = solvers.nonneg_qp(G, -G.mean(dim=1, keepdim=True)).squeeze(1)
-        return _weights(J, 1.0 / J.shape[0] + lam)
+        return 1.0 / G.shape[0] + lam

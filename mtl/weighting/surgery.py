@@ -1,9 +1,10 @@
 """Gradient surgery and balancing: PCGrad, GradVac, GradDrop, IMTL-G, Aligned-MTL, DB-MTL.
 
-Each method maps the per-task gradients ``J [T, D]`` to a combined gradient (PCGrad, GradVac,
-GradDrop, DB-MTL: their results are not a weighted sum of this step's raw gradients) or to
-task weights (IMTL-G, Aligned-MTL). Half-precision ``J`` is processed in float32 and the
-result is returned in J's dtype. Random draws come from the module's own seeded generator,
+GradDrop and DB-MTL map the per-task gradients ``J [T, D]`` to a combined gradient that is
+not a weighted sum of this step's gradients. PCGrad, GradVac, IMTL-G and Aligned-MTL are
+functions of the Gramian JJᵀ (``GramianWeighting.weigh``): PCGrad's and GradVac's adjusted
+sum updates the shared parameters only, while IMTL-G's and Aligned-MTL's weights weigh the
+losses. Half-precision ``J`` is processed in float32 and the result is returned in J's dtype. Random draws come from the module's own seeded generator,
 whose state is checkpointed with the module (``get_extra_state``).
 """
 
@@ -13,11 +14,7 @@ from typing import Sequence
 
 import torch
 
-from mtl.weighting.base import Aggregation, GradientWeighting, register_weighting
-
-
-def _compute_dtype(J: torch.Tensor) -> torch.dtype:
-    return torch.float32 if J.dtype in (torch.float16, torch.bfloat16) else J.dtype
+from mtl.weighting.base import Aggregation, GradientWeighting, GramianWeighting, compute_dtype, register_weighting
 
 
 def _tiny(dtype: torch.dtype) -> float:
@@ -31,8 +28,8 @@ def _check_beta(name: str, value: float, low_open: bool) -> None:
         raise ValueError(f"weighting.{name} must be {bounds}, got {value!r}.")
 
 
-class _SeededWeighting(GradientWeighting):
-    """A gradient method with random draws from its own seeded, checkpointed generator.
+class _Seeded:
+    """Mixin for a gradient method with random draws from its own seeded, checkpointed generator.
 
     The state of a CPU generator is kept (a small byte tensor, not a buffer, so ``.to()``
     leaves it on the host); each step draws one seed from it for a generator on J's device,
@@ -66,7 +63,7 @@ class _SeededWeighting(GradientWeighting):
         self._rng_state = state["generator"].clone()
 
 
-class _PairwiseSurgery(_SeededWeighting):
+class _PairwiseSurgery(_Seeded, GramianWeighting):
     """Methods that adjust each g_i against the others in a random order (PCGrad, GradVac).
 
     Every adjusted g_i stays a combination Σ_k C_ik g_k of the originals, and every inner
@@ -75,19 +72,19 @@ class _PairwiseSurgery(_SeededWeighting):
     update Σ_i g_i is wᵀJ with w = Σ_i C_i, reported as the task weights.
     """
 
+    weigh_heads = False
+
     def coefficients(self, gram: torch.Tensor) -> torch.Tensor:
         """``C [T, T]`` with adjusted g_i = Σ_k C_ik g_k, from the Gramian ``JJᵀ``."""
         raise NotImplementedError
 
     def adjusted(self, J: torch.Tensor) -> torch.Tensor:
         """The adjusted per-task gradients ``[T, D]`` (in the compute dtype)."""
-        G = J.to(_compute_dtype(J))
+        G = J.to(compute_dtype(J))
         return self.coefficients(G @ G.T) @ G
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = J.to(_compute_dtype(J))
-        weights = self.coefficients(G @ G.T).sum(dim=0)
-        return Aggregation(gradient=(weights @ G).to(J.dtype), weights=weights.to(J.dtype))
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        return self.coefficients(G).sum(dim=0)
 
 
 @register_weighting("pcgrad")
@@ -169,7 +166,7 @@ class GradVac(_PairwiseSurgery):
 
 
 @register_weighting("graddrop")
-class GradDrop(_SeededWeighting):
+class GradDrop(_Seeded, GradientWeighting):
     """GradDrop: keep, element by element, only one sign of the task gradients, drawn by purity.
 
     Chen et al. 2020, "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign
@@ -186,7 +183,7 @@ class GradDrop(_SeededWeighting):
         super().__init__(tasks, mode, seed)
 
     def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = J.to(_compute_dtype(J))
+        G = J.to(compute_dtype(J))
         purity = 0.5 * (1 + G.sum(dim=0) / G.abs().sum(dim=0).clamp_min(_tiny(G.dtype)))
         draw = torch.rand(G.shape[1], generator=self._device_generator(G.device), device=G.device, dtype=G.dtype)
         keep = ((G > 0) & (draw < purity)) | ((G < 0) & (draw > purity))
@@ -194,7 +191,7 @@ class GradDrop(_SeededWeighting):
 
 
 @register_weighting("imtl_g")
-class IMTLG(GradientWeighting):
+class IMTLG(GramianWeighting):
     """IMTL-G: weights whose combined gradient has equal projections on every task direction.
 
     Liu et al. 2021, "Towards Impartial Multi-task Learning" (gradient part). With
@@ -207,20 +204,17 @@ class IMTLG(GradientWeighting):
 
     modes = ("representation", "parameters")
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = J.to(_compute_dtype(J))
-        gram = G @ G.T
-        norms = gram.diagonal().sqrt().clamp_min(_tiny(G.dtype))
-        M = gram / norms  # M[a, b] = g_aᵀ u_b
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        norms = G.diagonal().sqrt().clamp_min(_tiny(G.dtype))
+        M = G / norms  # M[a, b] = g_aᵀ u_b
         b = M[0, 0] - M[0, 1:]  # g_1 Uᵀ
         A = M[0, 0] - M[0, 1:] - M[1:, :1] + M[1:, 1:]  # D Uᵀ
         rest = b @ torch.linalg.pinv(A)
-        weights = torch.cat([(1 - rest.sum()).unsqueeze(0), rest])
-        return Aggregation(weights=weights.to(J.dtype))
+        return torch.cat([(1 - rest.sum()).unsqueeze(0), rest])
 
 
 @register_weighting("aligned_mtl")
-class AlignedMTL(GradientWeighting):
+class AlignedMTL(GramianWeighting):
     """Aligned-MTL: align the principal components of the task gradients to equal strength.
 
     Senushkin et al. 2023, "Independent Component Alignment for Multi-Task Learning". With the
@@ -231,9 +225,8 @@ class AlignedMTL(GradientWeighting):
     Jᵀ B 1, i.e. task weights w = B 1.
     """
 
-    def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = J.to(_compute_dtype(J))
-        eigenvalues, V = torch.linalg.eigh(G @ G.T)
+    def weigh(self, G: torch.Tensor) -> torch.Tensor:
+        eigenvalues, V = torch.linalg.eigh(G)
         tolerance = eigenvalues.max() * G.shape[0] * torch.finfo(G.dtype).eps
         kept = eigenvalues > tolerance
         # Masks rather than slicing off the null space: the rank stays on the device.
@@ -241,7 +234,7 @@ class AlignedMTL(GradientWeighting):
         sigma_min = torch.where(kept, eigenvalues, torch.inf).min().sqrt()
         sigma_min = torch.where(kept.any(), sigma_min, 0.0)
         B = sigma_min * (V * inverse_sqrt) @ V.T
-        return Aggregation(weights=B.sum(dim=1).to(J.dtype))
+        return B.sum(dim=1)
 
 
 @register_weighting("db_mtl")
@@ -271,7 +264,7 @@ class DBMTL(GradientWeighting):
         return torch.log(losses + self.eps)
 
     def aggregate(self, J: torch.Tensor) -> Aggregation:
-        G = J.to(_compute_dtype(J))
+        G = J.to(compute_dtype(J))
         if self.grad_ema.shape != G.shape:
             self.grad_ema = G.clone()
         else:
