@@ -52,6 +52,9 @@ class TrainerConfig:
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
     weighting_every: int = 1  # gradient-level weightings: recompute task weights every k steps, reuse between
     jacobian_chunk: int = 0  # gradient-level weightings: tasks per batched backward (0: all at once; smaller bounds memory)
+    # Methods that need only JJᵀ (MGDA, UPGrad, PCGrad, ...), in a parameter mode: compute it stage by
+    # stage between the trunk's cuts, never holding all of J (less memory, the same update); false forms J.
+    staged_gramian: bool = True
     precision: str = "fp32"  # fp32 | bf16 (autocast in the training forward; evaluation stays fp32)
     channels_last: bool = False  # NHWC memory format for 4-D inputs and the model (faster convs on GPU)
     select_on: str = "primary_mean"  # best epoch by: primary_mean | loss | <task>/<metric> (validation only)

@@ -13,6 +13,10 @@ the graph, else one backward per task. The method's ``Aggregation`` becomes the 
 task weights alone → one backward of Σ_t w_t o_t (exact for every parameter); a combined
 gradient → written into the shared parameters, while the heads get the gradient of their
 own objectives. Weights can be recomputed every ``every`` steps and reused in between.
+
+A ``GramianWeighting`` in a parameter mode gets only G = JJᵀ, computed stage by stage
+without J where the trunk's graph has cuts (``mtl.gramian``; ``staged=False`` forms J);
+its weights w then update the shared parameters by one backward of Σ_t w_t o_t.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 from torch import nn
 
 from mtl.distributed import Context
+from mtl.gramian import plan, recording, staged_gramian, vjp_rows, write_rows
 from mtl.model import MultiTaskModel
-from mtl.weighting import GradientWeighting
+from mtl.weighting import Aggregation, GradientWeighting, GramianWeighting
 
 
 class NonFiniteError(RuntimeError):
@@ -37,43 +42,29 @@ def jacobian(objectives: torch.Tensor, inputs: list[torch.Tensor], chunk: int = 
     written into one preallocated J.
     """
     T = len(objectives)
-    size = chunk or T
-    D = sum(x.numel() for x in inputs)
-    J = torch.empty(T, D, dtype=inputs[0].dtype, device=objectives.device)
+    J = torch.empty(T, sum(x.numel() for x in inputs), dtype=inputs[0].dtype, device=objectives.device)
     eye = torch.eye(T, dtype=objectives.dtype, device=objectives.device)
-    try:
-        for start in range(0, T, size):
-            rows = torch.autograd.grad(
-                objectives, inputs, grad_outputs=eye[start : start + size], is_grads_batched=True, retain_graph=True, allow_unused=True
-            )
-            _write(J[start : start + size], rows, inputs)
-    except RuntimeError:  # an op autograd cannot vmap: one backward per task
-        for t in range(T):
-            grads = torch.autograd.grad(objectives[t], inputs, retain_graph=True, allow_unused=True)
-            _write(J[t : t + 1], [None if g is None else g.unsqueeze(0) for g in grads], inputs)
+    for start, stop, grads in vjp_rows(objectives, eye, inputs, chunk):
+        write_rows(J[start:stop], grads, inputs)
     return J
-
-
-def _write(block: torch.Tensor, grads, inputs: list[torch.Tensor]) -> None:
-    """Copy per-input gradients ``[rows, *shape]`` into the columns of a J block (0 for unused inputs)."""
-    offset = 0
-    for g, x in zip(grads, inputs):
-        columns = block[:, offset : offset + x.numel()]
-        if g is None:
-            columns.zero_()
-        else:
-            columns.copy_(g.reshape(len(block), -1))
-        offset += x.numel()
 
 
 class GradientEngine:
     def __init__(
-        self, model: MultiTaskModel, weighting: GradientWeighting, every: int = 1, chunk: int = 0, ctx: Context | None = None, record_every: int = 1
+        self,
+        model: MultiTaskModel,
+        weighting: GradientWeighting,
+        every: int = 1,
+        chunk: int = 0,
+        ctx: Context | None = None,
+        record_every: int = 1,
+        staged: bool = True,
     ):
         self.model = model
         self.weighting = weighting
         self.every = every
         self.chunk = chunk
+        self.staged = staged and isinstance(weighting, GramianWeighting) and weighting.mode != "representation"
         self.ctx = ctx or Context()
         self.record_every = record_every  # the trainer's log_every: diagnostics only where they are logged
         self._weights: torch.Tensor | None = None
@@ -97,11 +88,17 @@ class GradientEngine:
 
         ``loss_fn(outputs, targets)`` returns each task's loss (``mtl.losses.task_losses``)."""
         w = self.weighting
-        if w.mode == "representation":
+        reuse = self._weights is not None and step % self.every != 0
+        representation = w.mode == "representation"
+        cuts: list[torch.Tensor] = []
+        if representation:
             (source,) = inputs
             features = self.model.trunk(inputs[source])
             leaf = features.detach().requires_grad_()
             outputs = self.model.apply_heads(leaf, members[source])
+        elif self.staged and not reuse:
+            with recording(self.model.trunk) as cuts:
+                outputs = self.model.forward_groups(inputs, members)
         else:
             outputs = self.model.forward_groups(inputs, members)
         losses = loss_fn(outputs, targets)
@@ -110,32 +107,43 @@ class GradientEngine:
             w.observe(L.detach())
         objectives = w.transform_losses(L)
         penalty = penalty_fn()
-        shared = [leaf] if w.mode == "representation" else self._shared()
-        reuse = self._weights is not None and step % self.every != 0
+        shared = [leaf] if representation else self._shared()
         if not shared or reuse:
             # Frozen trunk (a probe): heads have their own losses, no weighting to compute.
             coef = self._weights if reuse else torch.ones_like(objectives)
             total = (coef.to(objectives.dtype) * objectives).sum()
-            self._backward(total, penalty, features if w.mode == "representation" else None, leaf if w.mode == "representation" else None)
+            self._backward(total, penalty, features if representation else None, leaf if representation else None)
             return losses
-        J = self._global(jacobian(objectives, shared, self.chunk))
+        stages = plan(objectives, cuts, shared) if cuts else None
+        if stages is not None:
+            J = None
+            gram = staged_gramian(objectives, stages, self.chunk, (lambda block: self.ctx.mean_([block])) if self.ctx.active else None)
+            check = gram.diagonal()
+        else:
+            J = self._global(jacobian(objectives, shared, self.chunk))
+            gram = None
+            check = J.sum(dim=1)
         # One host sync: a solver fed NaNs fails obscurely or carries them in its state. A
-        # NaN or inf anywhere in a row makes its sum non-finite (one read of J, no mask).
-        finite = torch.isfinite(J.sum(dim=1))
+        # NaN or inf anywhere in a row of J makes its sum, and its squared norm, non-finite.
+        finite = torch.isfinite(check)
         if not bool(finite.all()):
             bad = [t for t, ok in zip(w.tasks, finite.tolist()) if not ok]
             values = ", ".join(f"task {t!r} loss {losses[t].item()}" for t in bad)
             raise NonFiniteError(f"non-finite gradient of {values}")
-        result = w.aggregate(J)
+        result = Aggregation(weights=w.weigh(gram).to(objectives.dtype)) if gram is not None else w.aggregate(J)
         # With weights reused between recomputations, the logged step may find none: keep each.
         if (step + 1) % self.record_every == 0 or self.every > 1:
-            self._record(J, result)
+            self._record(gram if gram is not None else J @ J.T, result.weights)
         if result.gradient is None:
             self._weights = result.weights.detach()
             total = (self._weights.to(objectives.dtype) * objectives).sum()
-            self._backward(total, penalty, features if w.mode == "representation" else None, leaf if w.mode == "representation" else None)
+            if gram is not None and not w.weigh_heads:
+                # The weights make the shared update only; each head follows its own objective.
+                self._split_backward(total, objectives.sum(), penalty, shared)
+                return losses
+            self._backward(total, penalty, features if representation else None, leaf if representation else None)
             return losses
-        if w.mode == "representation":
+        if representation:
             heads = [p for p in self.model.heads.parameters() if p.requires_grad]
             torch.autograd.backward(objectives.sum(), inputs=heads)
             if features.requires_grad:
@@ -185,11 +193,21 @@ class GradientEngine:
         if features is not None and features.requires_grad:
             features.backward(leaf.grad)
 
-    def _record(self, J: torch.Tensor, result) -> None:
-        """Norms and pairwise cosines from the Gramian: one [T, T] product, no copy of J."""
-        gram = (J @ J.T).float()
+    def _split_backward(self, shared_total, heads_total, penalty, shared: list[nn.Parameter]) -> None:
+        """``shared_total``'s gradient to the shared parameters, ``heads_total``'s to the others."""
+        if penalty is not None:
+            shared_total, heads_total = shared_total + penalty, heads_total + penalty
+        shared_ids = {id(p) for p in shared}
+        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        torch.autograd.backward(shared_total, inputs=shared, retain_graph=bool(others))
+        if others:
+            torch.autograd.backward(heads_total, inputs=others)
+
+    def _record(self, gram: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """Norms and pairwise cosines from the Gramian (a [T, T] matrix, no copy of J)."""
+        gram = gram.float()
         norms = gram.diagonal().clamp(min=0).sqrt()
         safe = norms.clamp(min=1e-12)
         self.diagnostics = {"norms": norms.detach(), "cosines": (gram / safe[:, None] / safe[None, :]).detach()}
-        if result.weights is not None:
-            self.diagnostics["weights"] = result.weights.detach().float()
+        if weights is not None:
+            self.diagnostics["weights"] = weights.detach().float()

@@ -196,7 +196,7 @@ class Trainer:
             )
         return GradientEngine(
             self.model, w, every=self.cfg.trainer.weighting_every, chunk=self.cfg.trainer.jacobian_chunk, ctx=self.dist,
-            record_every=self.cfg.logging.log_every,
+            record_every=self.cfg.logging.log_every, staged=self.cfg.trainer.staged_gramian,
         )
 
     def _check_shards(self) -> None:

@@ -65,3 +65,17 @@ def test_bench_step_plan_adds_representation_rows_where_the_method_allows_it():
     ]
     assert rows[5] == ("equal", "loss", 2)
     assert len(rows) == 12
+
+
+def test_bench_step_plan_times_both_gramian_paths_on_request():
+    rows = bench.plan(["upgrad", "mgda", "graddrop"], [2], gramian="both")
+    assert rows == [
+        ("upgrad", "parameters", 2),
+        ("upgrad", "parameters/J", 2),
+        ("upgrad", "representation", 2),  # J there is [T, batch·features]: nothing to stage
+        ("mgda", "parameters", 2),
+        ("mgda", "parameters/J", 2),
+        ("mgda", "representation", 2),
+        ("graddrop", "representation", 2),  # needs J itself
+    ]
+    assert bench.plan(["upgrad"], [2], gramian="jacobian") == [("upgrad", "parameters/J", 2), ("upgrad", "representation", 2)]

@@ -135,13 +135,13 @@ def test_weights_recomputed_every_k_steps(tmp_path, monkeypatch):
     from mtl.weighting.projection import MGDA
 
     calls = []
-    original = MGDA.aggregate
+    original = MGDA.weigh
 
-    def counting(self, J):
+    def counting(self, G):
         calls.append(1)
-        return original(self, J)
+        return original(self, G)
 
-    monkeypatch.setattr(MGDA, "aggregate", counting)
+    monkeypatch.setattr(MGDA, "weigh", counting)
     assert main(["train", QUICKSTART, *quick(tmp_path / "run", 1, 6, "weighting.name=mgda", "trainer.weighting_every=3")]) == 0
     assert len(calls) == 2
 

@@ -13,7 +13,10 @@ valid). Rows, all in one run:
 - every loss-level weighting, mode ``loss``: ``weighting(losses).backward()`` (FAMO also
   pays the trainer's no-grad forward after the step that its update needs);
 - every gradient-level weighting through ``GradientEngine`` in its default mode, and again
-  in ``representation`` mode where the method allows it (a separate row).
+  in ``representation`` mode where the method allows it (a separate row). Methods that need
+  only the Gramian get it stage by stage without J (the engine's default); with
+  ``--gramian jacobian`` they form J instead, and ``--gramian both`` times each path in its
+  own row (mode ``parameters`` and ``parameters/J``).
 
 A few untimed single-task steps warm the process up first. Each row then builds the model
 from the same initial weights, runs ``--warmup`` steps, then
@@ -71,10 +74,11 @@ from mtl.model import MultiTaskModel
 from mtl.losses import task_losses
 from mtl.task import ClassificationTask
 from mtl.trunks import TRUNKS
-from mtl.weighting import WEIGHTINGS, GradientWeighting, LossWeighting
+from mtl.weighting import WEIGHTINGS, GradientWeighting, GramianWeighting, LossWeighting
 
 NAIVE = "naive"
 SINGLE = "single"
+JACOBIAN = "/J"  # suffix of a row's mode: the Gramian-only method formed J (staged=False)
 NUM_CLASSES = 10
 LOG_EVERY = 20
 DEFAULTS = {
@@ -107,6 +111,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: torch.autocast(bfloat16)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
     p.add_argument("--chunk", type=int, default=0, help="tasks per batched backward of the gradient engine (default 0: all)")
+    p.add_argument(
+        "--gramian", choices=("staged", "jacobian", "both"), default="staged",
+        help="Gramian-only methods in a parameter mode: G stage by stage (default), from J, or a row of each",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default: torch's)")
     p.add_argument("--out", default=None, help="write the rows and settings to this JSON file")
     args = p.parse_args(argv)
@@ -225,10 +233,11 @@ class Bench:
     def gradient_step(self, name: str, mode: str, T: int) -> Callable[[], None]:
         model = self.model(T)
         inputs, members, targets = self.batch(T)
-        weighting: GradientWeighting = WEIGHTINGS.get(name)(members["x"], mode=mode).to(self.device)
+        staged = not mode.endswith(JACOBIAN)
+        weighting: GradientWeighting = WEIGHTINGS.get(name)(members["x"], mode=mode.removesuffix(JACOBIAN)).to(self.device)
         opt = self.optimizer([*model.parameters(), *weighting.parameters()])
         # Diagnostics as the trainer computes them: on logged steps only (default log_every 20).
-        engine = GradientEngine(model, weighting, chunk=self.args.chunk, record_every=LOG_EVERY)
+        engine = GradientEngine(model, weighting, chunk=self.args.chunk, record_every=LOG_EVERY, staged=staged)
         count = [0]
 
         def step() -> None:
@@ -303,8 +312,9 @@ class Bench:
             torch.cuda.empty_cache()
 
 
-def plan(methods: list[str], tasks: list[int]) -> list[tuple[str, str, int]]:
+def plan(methods: list[str], tasks: list[int], gramian: str = "staged") -> list[tuple[str, str, int]]:
     """(method, mode, T) of every row after the single-task one, the naive loop first at each T."""
+    paths = {"staged": [""], "jacobian": [JACOBIAN], "both": ["", JACOBIAN]}[gramian]
     rows = []
     for T in tasks:
         if NAIVE in methods:
@@ -315,7 +325,9 @@ def plan(methods: list[str], tasks: list[int]) -> list[tuple[str, str, int]]:
             cls = WEIGHTINGS.get(name)
             if isinstance(cls, type) and issubclass(cls, GradientWeighting):
                 modes = [cls.modes[0]] + (["representation"] if "representation" in cls.modes[1:] else [])
-                rows += [(name, mode, T) for mode in modes]
+                for mode in modes:
+                    staged = issubclass(cls, GramianWeighting) and mode != "representation"
+                    rows += [(name, mode + path, T) for path in (paths if staged else [""])]
             else:
                 rows.append((name, "loss", T))
     return rows
@@ -395,7 +407,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
     rows: list[Row] = []
     single: float | None = None
     naive: dict[int, float] = {}
-    for method, mode, T in [(SINGLE, "-", 1), *plan(args.methods, args.tasks)]:
+    for method, mode, T in [(SINGLE, "-", 1), *plan(args.methods, args.tasks, args.gramian)]:
         row = Row(method, mode, T)
         try:
             if method == SINGLE:
