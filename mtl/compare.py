@@ -195,6 +195,19 @@ def stage_config(cfg: DictConfig, cell: Cell, index: int, run_dir: Path, init: d
         raise ConfigError(f"{stage.where} (stage {stage.name!r} of {cell.label}): {e}") from None
 
 
+def _trunk_mismatch(cell: Cell, index: int, before: dict, after: dict) -> str:
+    """Stage ``index`` loads the trunk that the stage before it trains: their shapes must agree."""
+    key = next(k for k in [*before, *after] if before.get(k) != after.get(k))
+    source, target = cell.stages[index - 1], cell.stages[index]
+    # A sequential cell's target overrides come from compare.stages.target (its `where` is the recipe).
+    places = ("compare.stages.source", "compare.stages.target") if cell.shared_source else (source.where, target.where)
+    return (
+        f"{target.where}: stage {target.name!r} of {cell.label} starts from the trunk of stage {source.name!r}, but their "
+        f"trunk configs differ ({key}: {before.get(key, 'absent')} there, {after.get(key, 'absent')} here). Give both "
+        f"the same trunk: set trunk keys at the top level only, or alike in {places[0]} and {places[1]}."
+    )
+
+
 class Grid:
     """Runs the planned cells; ``rows()`` gathers the long-form results."""
 
@@ -242,21 +255,22 @@ class Grid:
                             f"output_dir: {saved.parent} was run with another config ({', '.join(changed[:5])} differ); "
                             "rerun with the config it was run with, or use a new output_dir so results are not mixed."
                         )
-        seen = set()
+        trunks: dict[tuple, dict[str, tuple[int, ...]]] = {}  # a distinct stage -> its trunk's shapes
         for cell in self.cells:
+            keys = [(cell.regime, cell.recipe, i, tuple(stage.tasks)) for i, stage in enumerate(cell.stages)]
             for i, stage in enumerate(cell.stages):
-                key = (cell.regime, cell.recipe, i, tuple(stage.tasks))
-                if key in seen:
-                    continue
-                seen.add(key)
-                # A later stage starts from its previous stage's files; before those exist, check it without.
-                init = self._init(cell, i)
-                start = init.get("init_from") or init.get("trunk", {}).get("checkpoint")
-                cfg = stage_config(self.cfg, cell, i, cell.dirs[i], init if start and Path(start).exists() else {}, self.targets)
-                try:
-                    Trainer(cfg)
-                except ConfigError as e:
-                    raise ConfigError(f"{stage.where} (stage {stage.name!r} of {cell.label}): {e}") from None
+                if keys[i] not in trunks:
+                    # A later stage starts from its previous stage's files; before those exist, check it without.
+                    init = self._init(cell, i)
+                    start = init.get("init_from") or init.get("trunk", {}).get("checkpoint")
+                    cfg = stage_config(self.cfg, cell, i, cell.dirs[i], init if start and Path(start).exists() else {}, self.targets)
+                    try:
+                        trunk = Trainer(cfg).model.trunk
+                    except ConfigError as e:
+                        raise ConfigError(f"{stage.where} (stage {stage.name!r} of {cell.label}): {e}") from None
+                    trunks[keys[i]] = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
+                if i and trunks[keys[i]] != trunks[keys[i - 1]]:
+                    raise ConfigError(_trunk_mismatch(cell, i, trunks[keys[i - 1]], trunks[keys[i]]))
 
     def run(self) -> None:
         from mtl.trainer import Trainer

@@ -159,6 +159,16 @@ def test_trunk_checkpoint_of_another_architecture_fails_first(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_source_stage_with_another_trunk_fails_first(tmp_path, capsys):
+    # The source stage would train a 32-feature trunk that the target stages cannot load.
+    out = tmp_path / "never"
+    assert main(["compare", QUICKSTART, f"output_dir={out}", *SHORT, "compare.stages={source: {trunk: {features: 32}}}"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'target' of sequential/linear_probe starts from the trunk of stage 'source'" in err, err
+    assert "fc.weight: (32, 320) there, (50, 320) here" in err and "compare.stages.source" in err
+    assert not out.exists()
+
+
 def test_plan_counts_cells():
     cfg = load_config(QUICKSTART)
     cells = Grid(cfg).cells
