@@ -108,11 +108,12 @@ class GradientEngine:
         objectives = w.transform_losses(L)
         penalty = penalty_fn()
         shared = [leaf] if representation else self._shared()
-        if not shared or reuse:
+        if not shared:
             # Frozen trunk (a probe): heads have their own losses, no weighting to compute.
-            coef = self._weights if reuse else torch.ones_like(objectives)
-            total = (coef.to(objectives.dtype) * objectives).sum()
-            self._backward(total, penalty, features if representation else None, leaf if representation else None)
+            self._backward(objectives.sum(), penalty, None, None)
+            return losses
+        if reuse:
+            self._apply(self._weights, objectives, penalty, shared, features if representation else None, leaf if representation else None)
             return losses
         stages = plan(objectives, cuts, shared) if cuts else None
         if stages is not None:
@@ -134,14 +135,10 @@ class GradientEngine:
         # With weights reused between recomputations, the logged step may find none: keep each.
         if (step + 1) % self.record_every == 0 or self.every > 1:
             self._record(gram if gram is not None else J @ J.T, result.weights)
-        if result.gradient is None:
+        if result.weights is not None:
             self._weights = result.weights.detach()
-            total = (self._weights.to(objectives.dtype) * objectives).sum()
-            if gram is not None and not w.weigh_heads:
-                # The weights make the shared update only; each head follows its own objective.
-                self._split_backward(total, objectives.sum(), penalty, shared)
-                return losses
-            self._backward(total, penalty, features if representation else None, leaf if representation else None)
+        if result.gradient is None:
+            self._apply(self._weights, objectives, penalty, shared, features if representation else None, leaf if representation else None)
             return losses
         if representation:
             heads = [p for p in self.model.heads.parameters() if p.requires_grad]
@@ -156,8 +153,7 @@ class GradientEngine:
             if penalty is not None:
                 penalty.backward()
             return losses
-        shared_ids = {id(p) for p in shared}
-        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
+        others = self._others(shared)
         head_total = objectives.sum() if penalty is None else objectives.sum() + penalty
         if others:
             torch.autograd.backward(head_total, inputs=others, retain_graph=penalty is not None)
@@ -186,6 +182,11 @@ class GradientEngine:
         torch.distributed.all_gather(parts, J.contiguous())
         return torch.cat(parts, dim=1) / self.ctx.world
 
+    def _others(self, shared: list[nn.Parameter]) -> list[nn.Parameter]:
+        """The trainable parameters outside ``shared``: the heads (and any frozen-trunk remainder)."""
+        shared_ids = {id(p) for p in shared}
+        return [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
+
     def _backward(self, total, penalty, features, leaf) -> None:
         if penalty is not None:
             total = total + penalty
@@ -193,15 +194,21 @@ class GradientEngine:
         if features is not None and features.requires_grad:
             features.backward(leaf.grad)
 
-    def _split_backward(self, shared_total, heads_total, penalty, shared: list[nn.Parameter]) -> None:
-        """``shared_total``'s gradient to the shared parameters, ``heads_total``'s to the others."""
-        if penalty is not None:
-            shared_total, heads_total = shared_total + penalty, heads_total + penalty
-        shared_ids = {id(p) for p in shared}
-        others = [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
-        torch.autograd.backward(shared_total, inputs=shared, retain_graph=bool(others))
-        if others:
-            torch.autograd.backward(heads_total, inputs=others)
+    def _apply(self, weights, objectives, penalty, shared, features, leaf) -> None:
+        """The update of task weights: Σ_t w_t o_t back-propagated. A method whose weights make
+        a modified shared gradient (PCGrad, GradVac, CAGrad: ``weigh_heads`` False) gets it on
+        the shared parameters only, and each head the gradient of its own objective."""
+        total = (weights.to(objectives.dtype) * objectives).sum()
+        if features is None and isinstance(self.weighting, GramianWeighting) and not self.weighting.weigh_heads:
+            heads_total = objectives.sum()
+            if penalty is not None:
+                total, heads_total = total + penalty, heads_total + penalty
+            others = self._others(shared)
+            torch.autograd.backward(total, inputs=shared, retain_graph=bool(others))
+            if others:
+                torch.autograd.backward(heads_total, inputs=others)
+            return
+        self._backward(total, penalty, features, leaf)
 
     def _record(self, gram: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Norms and pairwise cosines from the Gramian (a [T, T] matrix, no copy of J)."""

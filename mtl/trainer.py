@@ -44,7 +44,9 @@ from mtl.weighting import GradientWeighting, LossWeighting
 from mtl.results import directions, evaluate, flatten, selection_score, write_json
 
 
-RESUMABLE_CHANGES = ("resume", "trainer.epochs", "device", "logging")
+# How a run is computed, not what it computes: a resume may change these (e.g. a smaller
+# jacobian_chunk after running out of memory).
+RESUMABLE_CHANGES = ("resume", "trainer.epochs", "device", "logging", "trainer.jacobian_chunk", "trainer.staged_gramian")
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "", allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:

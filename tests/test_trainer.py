@@ -96,6 +96,9 @@ def test_resume_refuses_a_changed_config_but_allows_more_epochs(tmp_path, capsys
     assert main(["train", QUICKSTART, *quick(run, 1, 4, "resume=true", "trainer.optimizer.lr=0.5")]) == 2
     err = capsys.readouterr().err
     assert "trainer.optimizer.lr differ" in err and "new output_dir" in err
+    # How the gradient engine computes (not what): a resume may change it, e.g. after running out of memory.
+    memory = ["trainer.jacobian_chunk=1", "trainer.staged_gramian=false"]
+    assert main(["train", QUICKSTART, *quick(run, 1, 4, "resume=true", *memory)]) == 0
     # More epochs on the cosine schedule: the schedule stretches; the LR is not stuck at its old end (0).
     assert main(["train", QUICKSTART, *quick(run, 2, 4, "resume=true", "logging.log_every=1")]) == 0
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

@@ -131,19 +131,21 @@ def test_gradient_diagnostics_are_logged(tmp_path):
     assert line["grad_norm/mnist"] > 0 and -1 <= line["grad_cos/mnist/digits"] <= 1
 
 
-def test_weights_recomputed_every_k_steps(tmp_path, monkeypatch):
-    from mtl.weighting.projection import MGDA
-
+@pytest.mark.parametrize("name", ["mgda", "pcgrad"])
+@pytest.mark.parametrize("staged", ["true", "false"])
+def test_weights_recomputed_every_k_steps(name, staged, tmp_path, monkeypatch):
+    cls = WEIGHTINGS.get(name)
     calls = []
-    original = MGDA.weigh
+    original = cls.weigh
 
     def counting(self, G):
         calls.append(1)
         return original(self, G)
 
-    monkeypatch.setattr(MGDA, "weigh", counting)
-    assert main(["train", QUICKSTART, *quick(tmp_path / "run", 1, 6, "weighting.name=mgda", "trainer.weighting_every=3")]) == 0
-    assert len(calls) == 2
+    monkeypatch.setattr(cls, "weigh", counting)
+    args = [f"weighting.name={name}", "trainer.weighting_every=3", f"trainer.staged_gramian={staged}"]
+    assert main(["train", QUICKSTART, *quick(tmp_path / "run", 1, 6, *args)]) == 0
+    assert len(calls) == 2  # steps 0 and 3
 
 
 @pytest.mark.slow
