@@ -55,3 +55,25 @@ def test_chunked_jacobian_on_cuda_equals_cpu(chunk):
     net = net.cuda()
     J = jacobian(net(x.cuda()).pow(2).mean(dim=0), list(net.parameters()), chunk)
     torch.testing.assert_close(J.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_staged_gramian_on_cuda_equals_jjt(precision):
+    """G from the stages equals JJᵀ on CUDA, under bf16 autocast and channels_last too."""
+    from mtl.gramian import plan, recording, staged_gramian
+    from mtl.trunks import build_trunk
+
+    torch.manual_seed(0)
+    trunk = build_trunk({"name": "resnet18", "small_input": True}).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast, recording(trunk) as cuts:
+        features = trunk(x)
+        objectives = torch.nn.Linear(512, 5).cuda()(features).float().square().mean(dim=0)
+    shared = list(trunk.parameters())
+    stages = plan(objectives, cuts, shared)
+    assert stages is not None and len(stages) == 3
+    J = jacobian(objectives, shared)
+    expected = J @ J.T
+    G = staged_gramian(objectives, stages, chunk=2)
+    torch.testing.assert_close(G, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
