@@ -10,12 +10,12 @@ in ``DistributedDataParallel``: DDP's reducer hooks only ``.backward()`` into ``
 while gradient-level weightings need the per-task Jacobian of the *global* batch. Here the
 engine all-reduces J before the method sees it, and all ranks aggregate the same J.
 
-Loss values are made global without changing their gradients (``global_losses``):
-L_eff = L_local + (L_global − L_local).detach() has the value of the mean over ranks and the
-local gradient, so any weighting f(L) (nonlinear ones too: GLS, log, IMTL-L) gets
-f'(L_global) ∂L_local/∂θ on each rank, whose average is the global batch's gradient.
-The mean over ranks equals the global batch mean when the shards are equal and fully
-labelled; with partial labels, ranks' shards weigh equally whatever their label counts.
+Loss values are made global without changing what their gradients average to
+(``global_losses``): with s_r = world·n_r/N (n_r labelled samples of the task on rank r,
+N on all ranks; s_r = 1 when every sample is labelled), L_eff = s_r L_r + (L_global −
+s_r L_r).detach() has the global batch's value and the gradient s_r ∂L_r/∂θ, so any
+weighting f(L) (nonlinear ones too: GLS, log, IMTL-L) gets f'(L_global) s_r ∂L_r/∂θ on each
+rank, whose average is the global batch's gradient, partial labels included.
 """
 
 from __future__ import annotations
@@ -57,15 +57,25 @@ class Context:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def global_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each loss with the value of its mean over ranks and the gradient of this rank's own."""
+    def global_losses(self, losses: dict[str, torch.Tensor], counts: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each loss with the global batch's value, and a gradient whose mean over ranks is the global batch's.
+
+        A task's loss is a mean over its labelled samples, ``counts[task]`` of them on this rank
+        (None: equal on every rank). Rank r's loss L_r, scaled by world·n_r/N with N = Σ_r n_r,
+        has the gradient world·n_r/N·∇L_r, whose mean over ranks, Σ_r n_r ∇L_r / N, is the
+        gradient of the global batch's mean even when labels are missing unevenly across the
+        shards; its value is Σ_r n_r L_r / N. One all-reduce of 2T numbers."""
         if not self.active:
             return losses
         names = list(losses)
         local = torch.stack([losses[n] for n in names])
-        mean = local.detach().clone()
-        self.mean_([mean])
-        adjusted = local + (mean - local).detach()
+        n = torch.stack([counts[k] for k in names]).to(local.dtype) if counts is not None else torch.ones_like(local)
+        flat = torch.cat([local.detach() * n, n]).float()
+        dist.all_reduce(flat)
+        total = flat[len(names) :].clamp(min=1)  # 0 only where no rank has a label: then every n_r = 0
+        value = (flat[: len(names)] / total).to(local.dtype)
+        scaled = local * (self.world * n / total).to(local.dtype)
+        adjusted = scaled + (value - scaled).detach()
         return dict(zip(names, adjusted.unbind(0)))
 
     def barrier(self) -> None:

@@ -356,7 +356,14 @@ class Trainer:
         )
 
     def _losses(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.dist.global_losses(task_losses(self.tasks, self.model.forward_groups(inputs, self.groups), targets))
+        return self._global(task_losses(self.tasks, self.model.forward_groups(inputs, self.groups), targets), targets)
+
+    def _global(self, losses: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Under torchrun, the global batch's losses (``Context.global_losses``), each rank
+        weighted by its number of labelled samples of the task."""
+        if not self.dist.active:
+            return losses
+        return self.dist.global_losses(losses, {t: self.tasks[t].valid_mask(targets[t]).sum() for t in losses})
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.trainer.channels_last and x.dim() == 4 else x
@@ -373,7 +380,7 @@ class Trainer:
         if self.engine is not None:
             members = {n: self.groups[n] for n in names}
             def loss_fn(outputs, targets):
-                return self.dist.global_losses(task_losses(self.tasks, outputs, targets))
+                return self._global(task_losses(self.tasks, outputs, targets), targets)
 
             return self.engine.backward(inputs, members, targets, loss_fn, self.step, penalty), None
         losses = self._losses(inputs, targets)
