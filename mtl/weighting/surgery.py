@@ -268,7 +268,9 @@ class DBMTL(GradientWeighting):
         if self.grad_ema.shape != G.shape:
             self.grad_ema = G.clone()
         else:
-            self.grad_ema = torch.lerp(G, self.grad_ema.to(G.device, G.dtype), self.beta)
+            self.grad_ema = self.grad_ema.to(G.device, G.dtype)
+            # In place: a new [T, D] buffer each step cost more than the update itself on CPU.
+            self.grad_ema.lerp_(G, 1 - self.beta)
         norms = self.grad_ema.norm(dim=1)
         scales = torch.where(norms > 0, norms.max() / norms.clamp_min(_tiny(G.dtype)), 0.0)
         return Aggregation(gradient=(scales @ self.grad_ema).to(J.dtype))
