@@ -57,20 +57,21 @@ class Context:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def global_losses(self, losses: dict[str, torch.Tensor], counts: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def global_losses(self, losses: dict[str, torch.Tensor], counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each loss with the global batch's value, and a gradient whose mean over ranks is the global batch's.
 
-        A task's loss is a mean over its labelled samples, ``counts[task]`` of them on this rank
-        (None: equal on every rank). Rank r's loss L_r, scaled by world·n_r/N with N = Σ_r n_r,
-        has the gradient world·n_r/N·∇L_r, whose mean over ranks, Σ_r n_r ∇L_r / N, is the
-        gradient of the global batch's mean even when labels are missing unevenly across the
-        shards; its value is Σ_r n_r L_r / N. One all-reduce of 2T numbers."""
+        A task's loss is a mean over its labelled samples, ``counts[task]`` of them on this
+        rank. Rank r's loss L_r, scaled by world·n_r/N with N = Σ_r n_r, has the gradient
+        world·n_r/N·∇L_r, whose mean over ranks, Σ_r n_r ∇L_r / N, is the gradient of the
+        global batch's mean even when labels are missing unevenly across the shards; its value
+        is Σ_r n_r L_r / N (summed in float32 or wider). One all-reduce of 2T numbers."""
         if not self.active:
             return losses
         names = list(losses)
         local = torch.stack([losses[n] for n in names])
-        n = torch.stack([counts[k] for k in names]).to(local.dtype) if counts is not None else torch.ones_like(local)
-        flat = torch.cat([local.detach() * n, n]).float()
+        dtype = torch.promote_types(local.dtype, torch.float32)  # half-precision sums lose counts
+        n = torch.stack([counts[k] for k in names]).to(dtype)
+        flat = torch.cat([local.detach().to(dtype) * n, n])
         dist.all_reduce(flat)
         total = flat[len(names) :].clamp(min=1)  # 0 only where no rank has a label: then every n_r = 0
         value = (flat[: len(names)] / total).to(local.dtype)
