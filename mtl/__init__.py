@@ -1,23 +1,51 @@
 """mtl: transfer learning and multi-task learning research in PyTorch."""
 
-from mtl.config import ConfigError, load_config
-from mtl.data import split_indices, tensor_splits
-from mtl.heads import HEADS, Head, register_head
-from mtl.model import MultiTaskModel
-from mtl.registry import ComponentError
-from mtl.scheduler import SCHEDULERS, Sources, TaskScheduler, register_scheduler
-from mtl.task import (
-    MISSING_LABEL,
-    TASKS,
-    ClassificationTask,
-    MultiLabelTask,
-    RegressionTask,
-    Splits,
-    Task,
-    register_task,
-)
-from mtl.trunks import TRUNKS, Trunk, register_trunk
-from mtl.weighting import WEIGHTINGS, Weighting, register_weighting
+import importlib
+
+# The public API, imported on first use (PEP 562): `import mtl` and `mtl list` stay cheap,
+# and `from mtl import Task` works as usual.
+_EXPORTS = {
+    "ConfigError": "mtl.config",
+    "load_config": "mtl.config",
+    "split_indices": "mtl.data",
+    "tensor_splits": "mtl.data",
+    "HEADS": "mtl.heads",
+    "Head": "mtl.heads",
+    "register_head": "mtl.heads",
+    "MultiTaskModel": "mtl.model",
+    "ComponentError": "mtl.registry",
+    "SCHEDULERS": "mtl.scheduler",
+    "Sources": "mtl.scheduler",
+    "TaskScheduler": "mtl.scheduler",
+    "register_scheduler": "mtl.scheduler",
+    "MISSING_LABEL": "mtl.task",
+    "TASKS": "mtl.task",
+    "ClassificationTask": "mtl.task",
+    "MultiLabelTask": "mtl.task",
+    "RegressionTask": "mtl.task",
+    "Splits": "mtl.task",
+    "Task": "mtl.task",
+    "register_task": "mtl.task",
+    "TRUNKS": "mtl.trunks",
+    "Trunk": "mtl.trunks",
+    "register_trunk": "mtl.trunks",
+    "WEIGHTINGS": "mtl.weighting",
+    "Weighting": "mtl.weighting",
+    "register_weighting": "mtl.weighting",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mtl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __version__ = "0.1.0"
 

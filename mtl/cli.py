@@ -9,20 +9,9 @@ import sys
 import yaml
 from typing import Sequence
 
-from mtl import distributed
 from mtl.config import ConfigError, load_config
-from mtl.engine import NonFiniteError
-
-LISTS = {
-    "tasks": "mtl.task:TASKS",
-    "trunks": "mtl.trunks:TRUNKS",
-    "heads": "mtl.heads:HEADS",
-    "weightings": "mtl.weighting:WEIGHTINGS",
-    "schedulers": "mtl.scheduler:SCHEDULERS",
-    "recipes": "mtl.recipes:RECIPES",
-    "optimizers": "mtl.optim:OPTIMIZERS",
-    "lr_schedules": "mtl.optim:LR_SCHEDULES",
-}
+from mtl.listing import KINDS
+from mtl.registry import ComponentError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,12 +26,14 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_)
         c.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
         c.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), ~key deletes a key")
-    ls = sub.add_parser("list", help="what is registered")
-    ls.add_argument("kind", choices=sorted(LISTS))
+    ls = sub.add_parser("list", help="what is registered; with NAME, its docstring and config arguments")
+    ls.add_argument("kind", choices=sorted(KINDS))
+    ls.add_argument("name", nargs="?", help="one component, e.g. `mtl list weightings pcgrad`")
     return p
 
 
 def cmd_train(config: str, overrides: Sequence[str]) -> int:
+    from mtl import distributed
     from mtl.results import format_table
     from mtl.trainer import Trainer
 
@@ -57,6 +48,7 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
 
 
 def cmd_compare(config: str, overrides: Sequence[str]) -> int:
+    from mtl import distributed
     from mtl.compare import run_compare
 
     cfg = load_config(config, list(overrides))
@@ -90,14 +82,17 @@ def cmd_validate(config: str, overrides: Sequence[str]) -> int:
     return 0
 
 
-def cmd_list(kind: str) -> int:
-    from mtl.registry import import_path
+def cmd_list(kind: str, name: str | None = None) -> int:
+    from mtl import listing
 
-    registry = import_path(LISTS[kind])
-    rows = registry.describe()
+    if name is not None:
+        print(listing.explain(kind, name))
+        return 0
+    rows = listing.summaries(kind)
     width = max((len(n) for n, _ in rows), default=0)
-    for name, doc in rows:
-        print(f"{name.ljust(width)}  {doc}")
+    for key, doc in rows:
+        print(f"{key.ljust(width)}  {doc}")
+    print(f"\n`mtl list {kind} NAME`: one {kind.rstrip('s')}'s docstring and config arguments.")
     return 0
 
 
@@ -106,14 +101,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Import paths in a config (my_tasks:MyTask) resolve from the working directory, as with `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if args.command == "list":
+        try:
+            return cmd_list(args.kind, args.name)
+        except (ConfigError, ComponentError) as e:
+            print(f"mtl: error: {e}", file=sys.stderr)
+            return 2
+    # Imported here, not at the top: `mtl list` answers without importing torch.
+    from mtl import distributed
+    from mtl.engine import NonFiniteError
+
     try:
         if args.command == "train":
             return cmd_train(args.config, args.overrides)
         if args.command == "compare":
             return cmd_compare(args.config, args.overrides)
-        if args.command == "validate":
-            return cmd_validate(args.config, args.overrides)
-        return cmd_list(args.kind)
+        return cmd_validate(args.config, args.overrides)
     except ConfigError as e:
         print(f"mtl: error: {e}", file=sys.stderr)
         return 2

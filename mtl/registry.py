@@ -11,10 +11,15 @@ import difflib
 import importlib
 import inspect
 import re
+import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable, Generic, Iterable, TypeVar
 
 T = TypeVar("T")
+
+# The folder that holds the packages mtl/ and tasks/ (the repository, or site-packages).
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class ComponentError(ValueError):
@@ -82,7 +87,13 @@ class Registry(Generic[T]):
         if not self._loaded:
             self._loaded = True
             for module in self._builtins:
-                importlib.import_module(module)
+                before = len(self._entries)
+                _import_builtin(module)
+                if len(self._entries) == before:
+                    raise ComponentError(
+                        f"the built-in {self.kind} module {module!r} registered no {self.kind}; "
+                        f"check that {ROOT / module.replace('.', '/')} is mtl's own and intact (reinstall with `make install`)."
+                    )
 
     def names(self) -> list[str]:
         self._load_builtins()
@@ -108,12 +119,36 @@ class Registry(Generic[T]):
         )
 
     def describe(self) -> list[tuple[str, str]]:
-        """(name, first line of its docstring) for ``mtl list``."""
-        rows = []
-        for key in self.names():
-            doc = inspect.getdoc(self._entries[key]) or ""
-            rows.append((key, doc.strip().splitlines()[0] if doc.strip() else ""))
-        return rows
+        """(name, the first paragraph of its docstring) for ``mtl list``."""
+        from mtl.listing import describe
+
+        return [(key, describe(self._entries[key])) for key in self.names()]
+
+
+def _inside(module: Any, folder: Path) -> bool:
+    origin = getattr(module, "__file__", None)
+    return origin is not None and Path(origin).resolve().is_relative_to(folder)
+
+
+def _import_builtin(name: str) -> None:
+    """Import one of mtl's own modules from ``ROOT``, whatever the working directory holds.
+
+    `mtl` puts the working directory first on ``sys.path`` (so configs can name ``my_tasks:MyTask``),
+    where a user's ``tasks.py`` or ``tasks/`` would otherwise replace the built-in task library.
+    """
+    top = name.partition(".")[0]
+    loaded = sys.modules.get(top)
+    if loaded is not None and not _inside(loaded, ROOT / top):
+        where = getattr(loaded, "__file__", None) or "another location"
+        raise ComponentError(
+            f"the module name {top!r} is taken by {where}, which hides mtl's built-in {top} ({ROOT / top}); "
+            f"rename your {Path(where).name} (e.g. my_{top}.py) and name its classes as my_{top}:Name."
+        )
+    sys.path.insert(0, str(ROOT))
+    try:
+        importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT))
 
 
 def _parameters(builder: Callable[..., Any]) -> list[inspect.Parameter] | None:

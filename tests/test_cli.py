@@ -3,26 +3,9 @@ import sys
 
 import pytest
 
-from mtl.cli import LISTS, main
-from mtl.registry import import_path
+from mtl.cli import main
 
 from conftest import QUICKSTART, ROOT, quick
-
-
-@pytest.mark.parametrize("kind", sorted(LISTS))
-def test_list_prints_every_registered_name_with_a_description(kind, capsys):
-    assert main(["list", kind]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    names = import_path(LISTS[kind]).names()
-    assert [l.split()[0] for l in lines] == names
-    assert all(len(l.split(maxsplit=1)) == 2 for l in lines), "every entry needs a one-line docstring"
-
-
-def test_list_covers_the_issue_components(capsys):
-    main(["list", "trunks"])
-    trunks = capsys.readouterr().out
-    for name in ("seed_net", "multi_lenet", "mlp", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "timm"):
-        assert f"\n{name} " in "\n" + trunks
 
 
 def test_validate_reports_ok_and_sizes(capsys):
