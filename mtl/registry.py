@@ -112,6 +112,13 @@ class Registry(Generic[T]):
             obj = import_path(name)
             if inspect.isclass(obj) and not issubclass(obj, self.base):
                 raise ComponentError(f"{name!r} must subclass {self.base.__name__} to be a {self.kind}.")
+            if _inside_mtl(obj) and obj not in self._entries.values():
+                # mtl's own unregistered classes are bases (TaskScheduler, GramianWeighting): building one
+                # gives an object whose methods raise NotImplementedError in the middle of training.
+                raise ComponentError(
+                    f"{name!r} is a base class of mtl, not a {self.kind} to use: name a registered {self.kind} "
+                    f"(`mtl list {self.kind}s`: {', '.join(sorted(self._entries))}) or your own subclass of it."
+                )
             return obj
         raise ComponentError(
             f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} "
@@ -128,6 +135,10 @@ class Registry(Generic[T]):
 def _inside(module: Any, folder: Path) -> bool:
     origin = getattr(module, "__file__", None)
     return origin is not None and Path(origin).resolve().is_relative_to(folder)
+
+
+def _inside_mtl(obj: Any) -> bool:
+    return (getattr(obj, "__module__", "") or "").split(".")[0] in ("mtl", "tasks")
 
 
 def _import_builtin(name: str) -> None:

@@ -106,3 +106,18 @@ def test_a_builtin_module_that_registers_nothing_is_an_error():
     empty = Registry("widget", object, builtins=("mtl.listing",))
     with pytest.raises(ComponentError, match="registered no widget"):
         empty.names()
+
+
+@pytest.mark.parametrize(
+    "kind,path",
+    [("schedulers", "mtl.scheduler:TaskScheduler"), ("weightings", "mtl.weighting.base:GramianWeighting"), ("weightings", "mtl.weighting.surgery:_PairwiseSurgery")],
+)
+def test_a_base_class_by_import_path_is_refused(kind, path):
+    with pytest.raises(ComponentError, match="base class of mtl"):
+        registry(kind).get(path)
+
+
+def test_a_registered_class_by_import_path_is_accepted():
+    from mtl.weighting.surgery import PCGrad
+
+    assert registry("weightings").get("mtl.weighting.surgery:PCGrad") is PCGrad
