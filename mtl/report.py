@@ -1,31 +1,61 @@
-"""Comparison report: per-task tables, Δm% against single-task, data-efficiency,
-generalization and parameter plots, and findings read off the numbers.
+"""Comparison report: per-task tables, Δm% against single-task, verdicts from paired
+statistics, convergence flags, and data-efficiency, generalization, paired-difference and
+parameter plots.
 
 Input is the long-form results table that ``mtl compare`` writes (one row per value; see
-``REQUIRED_COLUMNS``). Every number and every sentence of the findings is computed here from
-that table, so a report can be regenerated from ``results.csv`` alone.
+``REQUIRED_COLUMNS``). Every number and every sentence is computed here from that table
+(and, for convergence, from the cells' ``metrics.jsonl`` when they are under ``out_dir``),
+so a report can be regenerated from ``results.csv`` alone.
+
+Every comparison is against the single-task baseline and *paired by seed*: in a grid every
+method runs the same seeds, and a seed fixes the target's labelled subset and the RNGs that
+initialise the model and order the batches (see ``mtl.stats``). Verdicts come only from
+``mtl.stats``: per-seed differences, paired t-test, Holm over every comparison of the report.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from mtl import stats
 
 BASELINE = "single_task"
 REQUIRED_COLUMNS = (
     "method", "regime", "recipe", "seed", "fraction", "task", "split", "metric", "value",
     "direction", "primary", "trainable_params", "total_params", "wall_time_s", "cell",
 )
+METRICS = ("all", "primary")  # which metrics of a task enter Δm%
 
 FORMULA = "Δm% = (100 / K) Σ_k (−1)^{l_k} (M_m,k − M_b,k) / M_b,k"
+CONVERGENCE_TAIL = 0.2  # a cell whose validation still improved in this last share of its epochs is flagged
 
 # (task, metric) -> value, or -> "max" / "min"
 Metrics = dict[tuple[str, str], float]
 Directions = dict[tuple[str, str], str]
+
+
+# ---- Δm%: the one function ----
+
+
+def _signs(keys, directions: Directions) -> np.ndarray:
+    for key in keys:
+        if directions[key] not in ("max", "min"):
+            raise ValueError(f"direction of {key} must be 'max' or 'min', got {directions[key]!r}")
+    return np.array([-1.0 if directions[k] == "min" else 1.0 for k in keys])
+
+
+def _relative_change(method: np.ndarray, baseline: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """The Δm% formula on arrays whose first axis is the K keys (further axes: a batch)."""
+    signs = signs.reshape((-1,) + (1,) * (method.ndim - 1))
+    return 100.0 * np.mean(signs * (method - baseline) / np.abs(baseline), axis=0)
 
 
 def delta_m(method: Metrics, baseline: Metrics, directions: Directions) -> float:
@@ -39,71 +69,205 @@ def delta_m(method: Metrics, baseline: Metrics, directions: Directions) -> float
     missing = sorted(set(method) - set(baseline))
     if missing:
         raise ValueError(f"no baseline value for {missing}")
-    total = 0.0
-    for key, value in method.items():
-        if directions[key] not in ("max", "min"):
-            raise ValueError(f"direction of {key} must be 'max' or 'min', got {directions[key]!r}")
-        if baseline[key] == 0:
-            raise ValueError(f"baseline of {key} is 0: a relative change is undefined")
-        sign = -1.0 if directions[key] == "min" else 1.0
-        total += sign * (value - baseline[key]) / abs(baseline[key])
-    return 100.0 * total / len(method)
+    keys = list(method)
+    signs = _signs(keys, directions)
+    zero = [k for k in keys if baseline[k] == 0]
+    if zero:
+        raise ValueError(f"baseline of {zero[0]} is 0: a relative change is undefined")
+    m, b = np.array([method[k] for k in keys], float), np.array([baseline[k] for k in keys], float)
+    return float(_relative_change(m, b, signs))
 
 
-def comparison_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, fraction): ``n_seeds``, ``test/{task}/{metric}/mean`` and ``/std`` of
-    each task's primary metric (NaN where the method does not report the task), and
-    ``delta_m_pct`` / ``delta_m_pct_std`` (NaN without a single-task baseline)."""
+def delta_m_keys(columns, primary: dict[str, str], metrics: str) -> list[tuple[str, str]]:
+    """The (task, metric) keys Δm% averages: ``primary``, each task's primary metric; ``all``,
+    every metric but the loss (the published Δm% of NYUv2 and CityScapes averages every metric)."""
+    if metrics not in METRICS:
+        raise ValueError(f"metrics must be one of {METRICS}, got {metrics!r}")
+    if metrics == "primary":
+        return [k for k in columns if primary.get(k[0]) == k[1]]
+    return [k for k in columns if k[1] != "loss"]
+
+
+@dataclass
+class DeltaM:
+    """Δm% of one method against the baseline over ``keys``, paired by seed: ``mean`` is Δm%
+    of the seed means; ``per_seed`` each seed's Δm% against the same seed's baseline (what
+    ``test`` tests); ``low``/``high`` a percentile bootstrap CI of ``mean`` over seeds."""
+
+    keys: list[tuple[str, str]]
+    seeds: list
+    mean: float
+    per_seed: np.ndarray
+    low: float
+    high: float
+    test: stats.Paired
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.per_seed, ddof=1)) if len(self.per_seed) > 1 else math.nan
+
+
+def delta_m_paired(method: pd.DataFrame, baseline: pd.DataFrame, directions: Directions,
+                   keys: list[tuple[str, str]]) -> DeltaM:
+    """Δm% (:func:`delta_m`) of ``method`` against ``baseline``, both seeds × (task, metric)
+    tables, on the seeds both have where every key is finite. This is the one Δm% of reports,
+    ``paper_repro`` and the notebooks; the caller chooses ``keys`` (the task set and metrics)."""
+    missing = [k for k in keys if k not in baseline.columns or k not in method.columns]
+    if not keys or missing:
+        raise ValueError(f"no baseline value for {missing}" if missing else "delta_m needs at least one (task, metric) value")
+    both = method.index.intersection(baseline.index)
+    m, b = method.loc[both, keys], baseline.loc[both, keys]
+    finite = m.notna().all(axis=1) & b.notna().all(axis=1)
+    seeds = list(both[finite.to_numpy()])
+    if not seeds:
+        raise ValueError(f"no seed has finite values of {keys} for both the method and the baseline")
+    m, b = m.loc[seeds].to_numpy(float).T, b.loc[seeds].to_numpy(float).T  # keys × seeds
+    signs = _signs(keys, directions)
+    if (b.mean(axis=1) == 0).any() or (b == 0).any():
+        raise ValueError(f"a baseline value of {keys} is 0: a relative change is undefined")
+    mean = delta_m(dict(zip(keys, m.mean(axis=1))), dict(zip(keys, b.mean(axis=1))), directions)
+    per_seed = _relative_change(m, b, signs)
+    low, high = stats.bootstrap_ci(
+        lambda mm, bb, axis: _relative_change(mm.mean(axis=axis), bb.mean(axis=axis), signs), (m, b)
+    )
+    return DeltaM(list(keys), seeds, mean, per_seed, float(low), float(high), stats.Paired.of(per_seed))
+
+
+# ---- the paired analysis every table, verdict and plot reads ----
+
+
+@dataclass
+class Comparison:
+    """One method against the baseline at one fraction: on a task's primary metric (the
+    difference in the metric's units, positive = better) or on per-seed Δm% (in %)."""
+
+    fraction: float
+    method: str
+    on: str  # "tgt: mae" or "Δm%"
+    test: stats.Paired
+
+
+@dataclass
+class FractionAnalysis:
+    fraction: float
+    values: dict[str, pd.DataFrame]  # method -> seeds × (task, metric) test values
+    common: list[str]  # the tasks every method reports here: the targets-only Δm%
+    tasks: list[str]  # every task: the all-tasks Δm%, for the methods that report all of them
+    delta: dict[str, DeltaM | None] = field(default_factory=dict)  # over `common`
+    delta_all: dict[str, DeltaM | None] = field(default_factory=dict)  # over `tasks`, when it differs
+    comparisons: list[Comparison] = field(default_factory=list)
+
+
+def analyse(df: pd.DataFrame, metrics: str = "all") -> list[FractionAnalysis]:
+    """Per labelled fraction: each method's test values, Δm% over the common task set (and
+    over all tasks where a method reports them all), and the paired comparisons of every
+    method with the baseline, Holm-corrected together over the whole table."""
     df = _prepare(df)
     primary = _primary_metrics(df)
     directions = _directions(df)
     has_baseline = BASELINE in set(df["method"])
-    columns = [f"test/{t}/{m}/{stat}" for t, m in primary.items() for stat in ("mean", "std")]
-    records = []
+    out = []
     for fraction in sorted(df["fraction"].unique()):
-        base = _values(_method_rows(df, BASELINE, fraction), "test") if has_baseline else None
-        for method in _methods(df):
-            rows = _method_rows(df, method, fraction)
-            if rows.empty:
+        values = {m: _values(_method_rows(df, m, fraction), "test") for m in _methods(df)}
+        values = {m: v for m, v in values.items() if not v.empty}
+        reported = {m: {t for t, k in v.columns if k == primary[t]} for m, v in values.items()}
+        common = [t for t in primary if all(t in r for r in reported.values())]
+        a = FractionAnalysis(fraction, values, common, [t for t in primary if any(t in r for r in reported.values())])
+        out.append(a)
+        if not has_baseline or BASELINE not in values:
+            continue
+        base = values[BASELINE]
+        for method, v in values.items():
+            a.delta[method] = _delta_or_none(v, base, directions, delta_m_keys(v.columns, primary, metrics), common)
+            if a.common != a.tasks and reported[method] >= set(a.tasks):
+                a.delta_all[method] = _delta_or_none(v, base, directions, delta_m_keys(v.columns, primary, metrics), a.tasks)
+            if method == BASELINE:
                 continue
-            values = _values(rows, "test")
-            record = {"method": method, "fraction": fraction, "n_seeds": rows["seed"].nunique()}
+            for task in primary:
+                key = (task, primary[task])
+                if key in v.columns and key in base.columns:
+                    both = v.index.intersection(base.index)
+                    pair = pd.concat([v.loc[both, key], base.loc[both, key]], axis=1).dropna()
+                    if len(pair):
+                        d = stats.paired_differences(pair.iloc[:, 0], pair.iloc[:, 1], directions[key] == "max")
+                        a.comparisons.append(Comparison(fraction, method, f"{task}: {key[1]}", stats.Paired.of(d)))
+            if a.delta[method] is not None:
+                a.comparisons.append(Comparison(fraction, method, "Δm%", a.delta[method].test))
+    stats.correct([c.test for a in out for c in a.comparisons])
+    return out
+
+
+def _delta_or_none(values, base, directions, keys, tasks) -> DeltaM | None:
+    keys = [k for k in keys if k[0] in tasks]
+    try:
+        return delta_m_paired(values, base, directions, keys)
+    except ValueError:  # a key without a finite, non-zero baseline here: shown as n/a
+        return None
+
+
+def family_size(analyses: list[FractionAnalysis]) -> int:
+    return sum(1 for a in analyses for c in a.comparisons if c.test.n > 1)
+
+
+def comparison_table(df: pd.DataFrame, metrics: str = "all") -> pd.DataFrame:
+    """One row per (method, fraction): ``n_seeds``, ``test/{task}/{metric}/mean`` and ``/std`` of
+    each task's primary metric (NaN where the method does not report the task), and Δm% over
+    the tasks every method reports at that fraction (``metrics``: all or primary):
+    ``delta_m_pct`` (of the seed means), ``delta_m_pct_std`` (std of the per-seed Δm%, each
+    against the same seed's baseline) and ``delta_m_pct_low``/``_high`` (bootstrap 95% CI);
+    NaN without a single-task baseline."""
+    return _table(analyse(df, metrics), _primary_metrics(_prepare(df)))
+
+
+def _table(analyses: list[FractionAnalysis], primary: dict[str, str]) -> pd.DataFrame:
+    columns = [f"test/{t}/{m}/{stat}" for t, m in primary.items() for stat in ("mean", "std")]
+    deltas = ["delta_m_pct", "delta_m_pct_std", "delta_m_pct_low", "delta_m_pct_high"]
+    records = []
+    for a in analyses:
+        for method, values in a.values.items():
+            record = {"method": method, "fraction": a.fraction, "n_seeds": len(values)}
             for task, metric in primary.items():
                 if (task, metric) in values:
                     record[f"test/{task}/{metric}/mean"] = values[(task, metric)].mean()
                     record[f"test/{task}/{metric}/std"] = values[(task, metric)].std()
-            record["delta_m_pct"], record["delta_m_pct_std"] = _delta(values, base, directions)
+            d = a.delta.get(method)
+            if d is not None:
+                record.update(zip(deltas, (d.mean, d.std, d.low, d.high)))
             records.append(record)
-    return pd.DataFrame(records).reindex(
-        columns=["method", "fraction", "n_seeds", *columns, "delta_m_pct", "delta_m_pct_std"]
-    )
+    return pd.DataFrame(records).reindex(columns=["method", "fraction", "n_seeds", *columns, *deltas])
 
 
-def write_report(df: pd.DataFrame, out_dir: str | Path, title: str = "Comparison") -> str:
-    """Write ``report.md`` and its PNGs (``data_efficiency_<task>.png`` per target task,
-    ``generalization.png``, ``parameters.png``) into ``out_dir``; return the Markdown."""
+def write_report(df: pd.DataFrame, out_dir: str | Path, title: str = "Comparison", metrics: str = "all") -> str:
+    """Write ``report.md`` and its plots (each as PNG at 150 dpi and PDF:
+    ``data_efficiency_<task>``, ``paired_differences``, ``generalization``, ``parameters``)
+    into ``out_dir``; return the Markdown. Convergence is read from the cells' ``metrics.jsonl``
+    when ``out_dir`` is the grid's output_dir."""
     df = _prepare(df)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = comparison_table(df)
+    analyses = analyse(df, metrics)
     primary = _primary_metrics(df)
+    table = _table(analyses, primary)
     directions = _directions(df)
     sections = [
         _header(df, title, primary, directions),
-        _definition(),
+        _definition(metrics),
         *(_task_table(table, f, primary, directions) for f in sorted(table["fraction"].unique())),
-        _delta_table(table),
+        _delta_tables(analyses, metrics),
+        _verdicts(analyses),
+        _ranks(analyses, metrics),
+        _paired_plot(analyses, out, metrics),
+        _convergence(df, out),
         _data_efficiency(df, out, primary, directions),
         _generalization(df, out, primary, directions),
         _parameters(df, out),
-        _findings(df, table, primary, directions),
     ]
-    text = "\n\n".join(sections) + "\n"
+    text = "\n\n".join(s for s in sections if s) + "\n"
     (out / "report.md").write_text(text)
     return text
 
 
-# ---- the table and what is read from it ----
+# ---- reading the table ----
 
 
 def _prepare(df: pd.DataFrame) -> pd.DataFrame:
@@ -159,25 +323,6 @@ def _values(rows: pd.DataFrame, split: str) -> pd.DataFrame:
     return rows.groupby(["seed", "task", "metric"])["value"].mean().unstack(["task", "metric"])
 
 
-def _delta(values: pd.DataFrame, base: pd.DataFrame | None, directions: Directions) -> tuple[float, float]:
-    """Δm% of the seed-mean values, and the std over seeds of each seed's Δm% against the
-    seed-mean baseline; NaN where a key has no baseline or a zero one."""
-    keys = [k for k in values.columns if k[1] != "loss"]
-    if base is None or not keys:
-        return math.nan, math.nan
-    base_mean = base.mean()
-    if any(k not in base_mean.index or base_mean[k] == 0 for k in keys):
-        return math.nan, math.nan
-    base_dict = base_mean[keys].to_dict()
-    mean = delta_m(values[keys].mean().to_dict(), base_dict, directions)
-    per_seed = [delta_m(row.to_dict(), base_dict, directions) for _, row in values[keys].iterrows()]
-    return mean, pd.Series(per_seed, dtype=float).std()
-
-
-def _better(a: float, b: float, direction: str) -> bool:
-    return a > b if direction == "max" else a < b
-
-
 def _best(means: pd.Series, direction: str) -> set:
     """Index labels of the best finite mean (all of them on a tie)."""
     means = means.dropna()
@@ -185,6 +330,57 @@ def _best(means: pd.Series, direction: str) -> set:
         return set()
     best = means.max() if direction == "max" else means.min()
     return set(means.index[means == best])
+
+
+# ---- convergence ----
+
+
+def still_improving(history, higher_is_better: bool = True, tail: float = CONVERGENCE_TAIL) -> bool | None:
+    """Whether the best value of the validations in the last ``tail`` share of the epochs
+    (at least the last one) beats the best of the epochs before them: a run that still
+    improved there was stopped by its budget, not by convergence. None with fewer than two
+    validations (nothing to compare)."""
+    h = [v if higher_is_better else -v for v in history]
+    before = math.floor((1 - tail) * len(h))
+    if len(h) < 2 or before < 1:
+        return None
+    return max(h[before:]) > max(h[:before])
+
+
+def validation_history(path: Path) -> dict[str, list[float]]:
+    """``{"val/task/metric": [value per epoch]}`` from a run's ``metrics.jsonl`` (the last
+    record of an epoch wins, so a resumed run's repeated epochs count once)."""
+    by_epoch: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "epoch" in record:
+            by_epoch[record["epoch"]] = record
+    history: dict[str, list[float]] = {}
+    for epoch in sorted(by_epoch):
+        for key, value in by_epoch[epoch].items():
+            if key.startswith("val/") and value is not None:
+                history.setdefault(key, []).append(float(value))
+    return history
+
+
+def convergence(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
+    """Per cell and task: epochs validated and whether the primary validation metric was still
+    improving in the last 20% of them (None: not judged). Read from ``root/<cell>/metrics.jsonl``;
+    cells without that file are left out."""
+    df = _prepare(df)
+    primary, directions = _primary_metrics(df), _directions(df)
+    records = []
+    cells = df[df["split"] == "test"].drop_duplicates(["cell", "task"])
+    for row in cells.itertuples(index=False):
+        path = Path(root) / row.cell / "metrics.jsonl"
+        if not path.exists():
+            continue
+        metric = primary[row.task]
+        history = validation_history(path).get(f"val/{row.task}/{metric}", [])
+        records.append({"method": row.method, "fraction": row.fraction, "seed": row.seed, "task": row.task,
+                        "cell": row.cell, "epochs": len(history),
+                        "still_improving": still_improving(history, directions[(row.task, metric)] == "max")})
+    return pd.DataFrame(records, columns=["method", "fraction", "seed", "task", "cell", "epochs", "still_improving"])
 
 
 # ---- formatting ----
@@ -198,8 +394,16 @@ def _fmt(mean: float, std: float = math.nan, digits: int = 4, signed: bool = Fal
     return text if pd.isna(std) else f"{text} ± {std:.{digits}f}"
 
 
-def _fmt_delta(mean: float, std: float) -> str:
-    return _fmt(mean, std, digits=2, signed=True)
+def _fmt_ci(mean: float, low: float, high: float, digits: int = 4) -> str:
+    """``+mean [low, high]``; the interval is left out where it does not exist (one seed)."""
+    if pd.isna(mean):
+        return "n/a"
+    text = f"{mean:+.{digits}f}"
+    return text if pd.isna(low) else f"{text} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _fmt_p(p: float) -> str:
+    return "–" if pd.isna(p) else "<0.0001" if p < 1e-4 else f"{p:.4f}"
 
 
 def _arrow(direction: str) -> str:
@@ -220,6 +424,11 @@ def _colors(df: pd.DataFrame) -> dict[str, str]:
     return {method: f"C{i % 10}" for i, method in enumerate(_methods(df))}
 
 
+def _dodge(i: int, count: int, width: float = 0.06) -> float:
+    """Offset of the i-th of ``count`` series, centred on 0, so their error bars do not overlap."""
+    return (i - (count - 1) / 2) * width
+
+
 def _fraction_axis(ax, fractions, label: str = "labelled fraction") -> None:
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
@@ -229,11 +438,19 @@ def _fraction_axis(ax, fractions, label: str = "labelled fraction") -> None:
     ax.ticklabel_format(axis="y", useOffset=False)
 
 
-def _save(fig: Figure, path: Path) -> None:
-    # A bare Figure renders PNG with Agg and touches no pyplot state, so a caller's backend and
-    # open figures are left alone and nothing needs a display.
+def _save(fig: Figure, out: Path, stem: str) -> None:
+    # A bare Figure renders with Agg and touches no pyplot state, so a caller's backend and
+    # open figures are left alone and nothing needs a display. The PDF is for papers; the PNG
+    # for the Markdown and W&B.
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(out / f"{stem}.png", dpi=150)
+    fig.savefig(out / f"{stem}.pdf")
+
+
+def _ci_halfwidth(values: pd.Series) -> float:
+    """Half-width of the 95% t interval of the mean (0 with one seed: no bar)."""
+    mean, low, _ = stats.t_interval(values.dropna().to_numpy())
+    return 0.0 if np.isnan(low) else float(mean - low)
 
 
 # ---- sections ----
@@ -243,7 +460,7 @@ def _header(df: pd.DataFrame, title: str, primary: dict[str, str], directions: D
     seeds = sorted(df["seed"].unique())
     fractions = ", ".join(f"{f:g}" for f in sorted(df["fraction"].unique()))
     tasks = ", ".join(f"{t} ({m} {_arrow(directions[(t, m)])})" for t, m in primary.items())
-    return "\n".join([
+    lines = [
         f"# {title}",
         "",
         "Model selection used the validation split only; the test split was evaluated once, "
@@ -253,64 +470,194 @@ def _header(df: pd.DataFrame, title: str, primary: dict[str, str], directions: D
         f"- Seeds: {len(seeds)} ({', '.join(str(s) for s in seeds)})",
         f"- Labelled fractions of the target data: {fractions}",
         f"- Tasks (primary metric, ↑ higher / ↓ lower is better): {tasks}",
-    ])
+        "",
+        "Every comparison is with single-task and paired by seed: a seed fixes the targets' "
+        "labelled subset and the initialisation and batch order of every method (the val/test "
+        "split is the same for all seeds), so per-seed differences cancel what a seed's subset "
+        "does to both.",
+    ]
+    if len(seeds) < 2:
+        lines += ["", "**One seed: no test is possible.** Differences are shown without a confidence "
+                      "interval and no verdict is given; run at least 2 seeds (3 or more to resolve anything "
+                      "but very large differences)."]
+    return "\n".join(lines)
 
 
-def _definition() -> str:
+def _definition(metrics: str) -> str:
+    which = ("each task's primary test metric" if metrics == "primary"
+             else "every test metric of the task except the loss")
     return "\n".join([
         "## Δm% (Maninis et al. 2019)",
         "",
         f"`{FORMULA}`",
         "",
-        "over the K (task, metric) pairs of the tasks a method reports, every test metric except "
-        "the loss; l_k = 1 where lower is better, 0 otherwise; M are test values averaged over "
-        "seeds; the baseline b is single-task (|M_b,k| in the denominator, which changes nothing "
-        "for positive metrics). **Positive Δm% means better than single-task, negative worse.** "
-        "The ± is the std over seeds of each seed's Δm% against the seed-mean baseline. A task "
-        "whose single-task baseline exists at one fraction only (a source task, whose data is "
-        "not subsampled) is compared with that baseline at every fraction.",
+        f"over the K (task, metric) pairs of a task set, **metrics: {metrics}** ({which}); l_k = 1 "
+        "where lower is better, 0 otherwise; the baseline b is single-task (|M_b,k| in the "
+        "denominator, which changes nothing for positive metrics). **Positive Δm% means better "
+        "than single-task, negative worse.** Δm% is of the seed means; its 95% CI is a "
+        "percentile bootstrap over seeds (too narrow with few seeds: 3 seeds have 10 distinct "
+        "resamples). Methods are compared over the same task set only: the tasks every method "
+        "reports (targets-only when sequential transfer is in the grid), and, where that is not "
+        "every task, all tasks for the methods that report them all. A task whose single-task "
+        "baseline exists at one fraction only (a source task, whose data is not subsampled) is "
+        "compared with that baseline at every fraction.",
     ])
 
 
 def _task_table(table: pd.DataFrame, fraction: float, primary: dict[str, str], directions: Directions) -> str:
     rows = table[table["fraction"] == fraction].set_index("method")
     best = {t: _best(rows[f"test/{t}/{m}/mean"], directions[(t, m)]) for t, m in primary.items()}
-    best_delta = _best(rows["delta_m_pct"], "max")
     header = ["method", "n seeds"]
     header += [f"{t}: {m} {_arrow(directions[(t, m)])}" for t, m in primary.items()]
-    header.append("Δm% ↑")
     body = []
     for method, row in rows.iterrows():
         cells = [method, str(int(row["n_seeds"]))]
         for task, metric in primary.items():
             text = _fmt(row[f"test/{task}/{metric}/mean"], row[f"test/{task}/{metric}/std"])
             cells.append(f"**{text}**" if method in best[task] else text)
-        text = _fmt_delta(row["delta_m_pct"], row["delta_m_pct_std"])
-        cells.append(f"**{text}**" if method in best_delta else text)
         body.append(cells)
     return "\n".join([
         f"## Test results at labelled fraction {fraction:g}",
         "",
-        "Primary test metric, mean ± std over seeds; best per column in bold; n/a: not reported.",
+        "Primary test metric, mean ± std over seeds; the best mean per column in bold (a "
+        "description, not a verdict: see Verdicts); n/a: not reported.",
         "",
         _markdown(header, body),
     ])
 
 
-def _delta_table(table: pd.DataFrame) -> str:
-    title = "## Δm% against single-task (%, mean ± std over seeds)"
-    if BASELINE not in set(table["method"]):
+def _delta_tables(analyses: list[FractionAnalysis], metrics: str) -> str:
+    title = "## Δm% against single-task"
+    if not any(a.delta for a in analyses):
         return f"{title}\n\nNo `{BASELINE}` rows in the results: Δm% cannot be computed."
-    fractions = sorted(table["fraction"].unique())
-    cells = table.set_index(["method", "fraction"])
-    body = []
-    for method in [m for m in pd.unique(table["method"]) if m != BASELINE]:
-        row = [method]
-        for f in fractions:
-            has = (method, f) in cells.index
-            row.append(_fmt_delta(*cells.loc[(method, f), ["delta_m_pct", "delta_m_pct_std"]]) if has else "n/a")
-        body.append(row)
-    return f"{title}\n\n" + _markdown(["method", *(f"fraction {f:g}" for f in fractions)], body)
+    parts = [title, "",
+             f"% of the seed means, [95% bootstrap CI over seeds], (n seeds). **metrics: {metrics}.** "
+             "n/a: a value lacks a finite, non-zero single-task baseline here."]
+    for name, attr in (("tasks every method reports", "delta"), ("all tasks, methods that report every task", "delta_all")):
+        sets = {tuple(a.common if attr == "delta" else a.tasks) for a in analyses if getattr(a, attr)}
+        for tasks in sorted(sets):
+            cols = [a for a in analyses if getattr(a, attr) and tuple(a.common if attr == "delta" else a.tasks) == tasks]
+            methods = list(dict.fromkeys(m for a in cols for m in getattr(a, attr) if m != BASELINE))
+            body = []
+            for method in methods:
+                row = [method]
+                for a in cols:
+                    d = getattr(a, attr).get(method)
+                    row.append("n/a" if d is None else f"{_fmt_ci(d.mean, d.low, d.high, 2)} ({len(d.seeds)})")
+                body.append(row)
+            parts += ["", f"### Over {name}: {', '.join(tasks)} (metrics: {metrics})", "",
+                      _markdown(["method", *(f"fraction {a.fraction:g}" for a in cols)], body)]
+    return "\n".join(parts)
+
+
+def _verdicts(analyses: list[FractionAnalysis]) -> str:
+    lines = ["## Verdicts", ""]
+    if not any(a.delta for a in analyses):
+        return "\n".join(lines + [f"No `{BASELINE}` baseline in the results: nothing is compared against single-task."])
+    m = family_size(analyses)
+    lines += [
+        "Each method against single-task, paired by seed. Difference: method − single-task, signed so "
+        "that **positive is better** (lower-is-better metrics negated), mean over seeds with its 95% t "
+        "interval; for Δm% the mean of the per-seed Δm% (each seed against the same seed's baseline). "
+        "Paired t-test, two-sided (not Wilcoxon: with fewer than 6 seeds it cannot reach p < 0.05); "
+        f"p (Holm): Holm-corrected over all {m} tested comparisons of this report; d_z: Cohen's effect "
+        "size of paired data. A verdict is better/worse only where p (Holm) < 0.05; otherwise the seeds "
+        "needed are for 80% power at the observed d_z and level 0.05/"
+        f"{max(m, 1)} (Holm's strictest step).",
+    ]
+    header = ["method", "on", "n", "difference [95% CI]", "d_z", "p", "p (Holm)", "verdict"]
+    for a in analyses:
+        if not a.comparisons:
+            continue
+        body = [[c.method, c.on, str(c.test.n), _fmt_ci(c.test.mean, c.test.low, c.test.high, 2 if c.on == "Δm%" else 4),
+                 "–" if np.isnan(c.test.dz) else f"{c.test.dz:+.2f}", _fmt_p(c.test.p), _fmt_p(c.test.p_holm),
+                 c.test.verdict(m=max(m, 1))] for c in a.comparisons]
+        lines += ["", f"### Labelled fraction {a.fraction:g}", "", _markdown(header, body)]
+    return "\n".join(lines)
+
+
+def _ranks(analyses: list[FractionAnalysis], metrics: str) -> str:
+    lines = ["## Mean rank", "",
+             f"Per seed, the methods (single-task included, at 0) ranked by their per-seed Δm% over the tasks "
+             f"every method reports (metrics: {metrics}; 1 = best, ties share the mean rank); mean over the "
+             "seeds every method has, [95% percentile bootstrap CI over seeds]."]
+    body, fractions = {}, []
+    for a in analyses:
+        ranked = {m: d for m, d in a.delta.items() if d is not None}
+        if len(ranked) < 2:
+            continue
+        seeds = sorted(set.intersection(*(set(d.seeds) for d in ranked.values())))
+        if not seeds:
+            continue
+        scores = np.array([[d.per_seed[d.seeds.index(s)] for s in seeds] for d in ranked.values()])
+        mean, low, high = stats.mean_ranks(scores)
+        fractions.append(a.fraction)
+        for i, method in enumerate(ranked):
+            text = f"{mean[i]:.2f}" if np.isnan(low[i]) else f"{mean[i]:.2f} [{low[i]:.2f}, {high[i]:.2f}]"
+            body.setdefault(method, {})[a.fraction] = f"{text} ({len(seeds)})"
+    if not body:
+        return ""
+    rows = [[m, *(body[m].get(f, "n/a") for f in fractions)] for m in body]
+    return "\n".join(lines + ["", _markdown(["method", *(f"fraction {f:g}" for f in fractions)], rows)])
+
+
+def _paired_plot(analyses: list[FractionAnalysis], out: Path, metrics: str) -> str:
+    """Method − single-task per comparison target, with its 95% CI and a zero line."""
+    panels = list(dict.fromkeys(c.on for a in analyses for c in a.comparisons))
+    if not panels:
+        return ""
+    methods = list(dict.fromkeys(c.method for a in analyses for c in a.comparisons))
+    fractions = [a for a in analyses if a.comparisons]
+    fig = Figure(figsize=(4.2 * len(panels), 1.4 + 0.45 * len(methods) * max(1, len(fractions)) ** 0.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, on in zip(axes, panels):
+        for j, a in enumerate(fractions):
+            found = [(methods.index(c.method), c) for c in a.comparisons if c.on == on]
+            if not found:
+                continue
+            y = [i + _dodge(j, len(fractions), 0.8 / max(len(fractions), 1)) for i, _ in found]
+            if on == "Δm%":  # the Δm% of the seed means and its bootstrap CI, as in the Δm% table
+                d = [a.delta[c.method] for _, c in found]
+                x, lo, hi = [v.mean for v in d], [v.low for v in d], [v.high for v in d]
+            else:
+                x, lo, hi = [c.test.mean for _, c in found], [c.test.low for _, c in found], [c.test.high for _, c in found]
+            err = [[0 if np.isnan(v) else m - v for m, v in zip(x, lo)], [0 if np.isnan(v) else v - m for m, v in zip(x, hi)]]
+            ax.errorbar(x, y, xerr=err, fmt="o", capsize=3, color=f"C{j % 10}", label=f"fraction {a.fraction:g}")
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_yticks(range(len(methods)), methods)
+        ax.invert_yaxis()
+        ax.set_title(on if on != "Δm%" else f"Δm% (metrics: {metrics})")
+        ax.set_xlabel("method − single-task (+: better)" + (", %" if on == "Δm%" else ""))
+        ax.legend(fontsize="x-small")
+    _save(fig, out, "paired_differences")
+    return "\n".join([
+        "## Paired differences",
+        "",
+        "Method − single-task per seed, mean and 95% CI (t interval; Δm%: bootstrap), signed so that right "
+        "of the zero line is better. Also as [PDF](paired_differences.pdf).",
+        "",
+        "![paired differences](paired_differences.png)",
+    ])
+
+
+def _convergence(df: pd.DataFrame, out: Path) -> str:
+    lines = ["## Convergence", ""]
+    conv = convergence(df, out)
+    if conv.empty:
+        return "\n".join(lines + ["Not checked: the cells' metrics.jsonl are not in the report's folder (the report was built "
+                                  "from a results table away from its grid)."])
+    judged = conv[conv["still_improving"].notna()]
+    flagged = judged[judged["still_improving"].astype(bool)]
+    lines.append(
+        f"A cell is flagged when its primary validation metric was still improving in the last "
+        f"{CONVERGENCE_TAIL:.0%} of its epochs (the best value there beats the best before): its budget, not "
+        f"convergence, ended it. {len(flagged)} of {len(judged)} judged (cell, task) pairs flagged"
+        + (f"; {len(conv) - len(judged)} not judged (fewer than 2 validations)." if len(judged) < len(conv) else ".")
+    )
+    if not flagged.empty:
+        body = [[r.method, f"{r.fraction:g}", str(r.seed), r.task, str(r.epochs), f"`{r.cell}`"] for r in flagged.itertuples()]
+        lines += ["", "**Still improving:**", "", _markdown(["method", "fraction", "seed", "task", "epochs", "cell"], body)]
+    return "\n".join(lines)
 
 
 def _data_efficiency(df: pd.DataFrame, out: Path, primary: dict[str, str], directions: Directions) -> str:
@@ -323,24 +670,27 @@ def _data_efficiency(df: pd.DataFrame, out: Path, primary: dict[str, str], direc
     lines = ["## Data efficiency", ""]
     if not targets:
         return "\n".join(lines + ["Every task was run at a single labelled fraction: no curve to draw."])
-    lines.append("Primary test metric against the labelled fraction (log scale); error bars: std over seeds.")
+    lines.append("Primary test metric against the labelled fraction (log scale); error bars: 95% t interval "
+                 "of the seed mean, methods offset sideways so the bars do not overlap.")
     colors = _colors(df)
     for task in targets:
         metric = primary[task]
         rows = test[test["task"] == task]
         fig = Figure(figsize=(5.5, 3.6))
         ax = fig.add_subplot()
-        for method in _methods(rows):
-            stats = rows[rows["method"] == method].groupby("fraction")["value"].agg(["mean", "std"])
-            yerr = stats["std"].fillna(0)
-            ax.errorbar(stats.index, stats["mean"], yerr, marker="o", capsize=3, color=colors[method], label=method)
+        methods = _methods(rows)
+        for i, method in enumerate(methods):
+            by = rows[rows["method"] == method].groupby("fraction")["value"]
+            mean, half = by.mean(), by.agg(_ci_halfwidth)
+            x = mean.index.to_numpy() * 10 ** _dodge(i, len(methods), 0.03)  # log axis: dodge by a factor
+            ax.errorbar(x, mean, half, marker="o", capsize=3, color=colors[method], label=method)
         _fraction_axis(ax, sorted(rows["fraction"].unique()), "labelled fraction of the target data (log scale)")
         ax.set_ylabel(f"test {metric} {_arrow(directions[(task, metric)])}")
         ax.set_title(task)
         ax.legend(fontsize="small")
-        name = f"data_efficiency_{_filename(task)}.png"
-        _save(fig, out / name)
-        lines += ["", f"![data efficiency: {task}]({name})"]
+        name = f"data_efficiency_{_filename(task)}"
+        _save(fig, out, name)
+        lines += ["", f"![data efficiency: {task}]({name}.png)"]
     return "\n".join(lines)
 
 
@@ -393,19 +743,20 @@ def _generalization(df: pd.DataFrame, out: Path, primary: dict[str, str], direct
         axes[0, col].set_title(f"{task} ({primary[task]})")
         axes[0, col].set_ylabel("train − test gap (+: train better)")
         axes[1, col].set_ylabel("test std over seeds")
-        axes[0, col].legend(fontsize="x-small")
         for ax in axes[:, col]:
+            ax.legend(fontsize="x-small")
             _fraction_axis(ax, fractions)
             # Zero (no gap, no spread) is the reference; drawing it also keeps the scale readable.
             ax.axhline(0, color="grey", linewidth=0.8)
-    _save(fig, out / "generalization.png")
+    _save(fig, out, "generalization")
     return "\n".join([
         "## Generalization and brittleness",
         "",
         "At every labelled fraction, per task's primary metric. Gap: train − test, mean over seeds, "
         "signed so that **a positive gap means train is better than test** (for lower-is-better "
         "metrics the difference is negated). Seed std: std over seeds of the test value "
-        "(brittleness; lower is steadier). n/a: no train-split value or a single seed.",
+        "(brittleness; lower is steadier; descriptive: with few seeds a std is itself very uncertain). "
+        "n/a: no train-split value or a single seed.",
         "",
         _markdown(header, body),
         "",
@@ -435,7 +786,7 @@ def _parameters(df: pd.DataFrame, out: Path) -> str:
     ax.set_xscale("log")
     ax.set_xlabel("parameters (log scale)")
     ax.legend(fontsize="small", loc="lower right")
-    _save(fig, out / "parameters.png")
+    _save(fig, out, "parameters")
     return "\n".join([
         "## Parameters",
         "",
@@ -446,44 +797,3 @@ def _parameters(df: pd.DataFrame, out: Path) -> str:
         "",
         "![parameters](parameters.png)",
     ])
-
-
-def _findings(df: pd.DataFrame, table: pd.DataFrame, primary: dict[str, str], directions: Directions) -> str:
-    lines = ["## Findings", "", "Generated from the numbers above."]
-    has_baseline = BASELINE in set(df["method"])
-    if not has_baseline:
-        lines += ["", f"- No `{BASELINE}` baseline in the results: nothing is compared against single-task."]
-    for fraction in sorted(table["fraction"].unique()):
-        rows = table[table["fraction"] == fraction].set_index("method")
-        lines += ["", f"### Labelled fraction {fraction:g}", ""]
-        for task, metric in primary.items():
-            means = rows[f"test/{task}/{metric}/mean"]
-            best = _best(means, directions[(task, metric)])
-            if best:
-                value = means[next(iter(best))]
-                lines.append(f"- Best on {task} ({metric}): {', '.join(sorted(best))} ({value:.4f}).")
-        if not has_baseline or BASELINE not in rows.index:
-            continue
-        for method, row in rows.drop(index=BASELINE).iterrows():
-            lines.append(_method_finding(method, row, rows.loc[BASELINE], primary, directions))
-    return "\n".join(lines)
-
-
-def _method_finding(method: str, row: pd.Series, base: pd.Series, primary: dict[str, str], directions: Directions) -> str:
-    delta, spread = row["delta_m_pct"], row["delta_m_pct_std"]
-    if pd.isna(delta):
-        return f"- {method}: Δm% not computed (a reported metric lacks a finite single-task baseline or value here)."
-    if delta > 0:
-        text = f"- {method} beats single-task on average (Δm% = {_fmt_delta(delta, spread)})"
-        if not pd.isna(spread) and delta <= spread:
-            text += ", but by less than the seed spread"
-    else:
-        text = f"- {method} does not beat single-task (Δm% = {_fmt_delta(delta, spread)})"
-    worse = []
-    for task, metric in primary.items():
-        m, b = row[f"test/{task}/{metric}/mean"], base[f"test/{task}/{metric}/mean"]
-        if not pd.isna(m) and not pd.isna(b) and _better(b, m, directions[(task, metric)]):
-            worse.append(f"{task} ({m:.4f} vs {b:.4f})")
-    if worse:
-        text += f"; worse than single-task on {', '.join(worse)}"
-    return text + "."

@@ -1,5 +1,6 @@
 """What every study shares: run a `mtl compare` grid, read its long-form results back,
-summarize them (mean ± std over seeds), and write Markdown tables and the results folder.
+summarize them (mean ± std over seeds; Δm% with the library's one paired function), and write
+Markdown tables and the results folder.
 
 A study module (``paper_repro.<study>.__main__``) runs its grids with
 :func:`run_grid`, then builds its ``results.md`` / ``results.csv`` / figures from the
@@ -121,24 +122,26 @@ def provenance(command: str, wall_s: float | None, smoke: bool) -> str:
 
 
 def delta_m_primary(df: pd.DataFrame, baseline: str = "single_task") -> pd.DataFrame:
-    """Δm% (mtl.report.delta_m) of each method against ``baseline`` on the tasks' primary test
-    metrics: of the seed means, and the std over seeds of each seed's Δm% against the seed-mean
-    baseline. Columns: method, delta_m_pct, delta_m_pct_std."""
-    from mtl.report import delta_m
+    """Δm% of each method against ``baseline`` on the tasks' primary test metrics (metrics:
+    primary), paired by seed with ``mtl.report.delta_m_paired``, the one Δm% of reports and
+    studies: ``delta_m_pct`` of the seed means, ``delta_m_pct_std`` the std of the per-seed Δm%
+    (each seed against the same seed's baseline), ``delta_m_pct_low``/``_high`` its 95% bootstrap
+    CI over seeds, ``n_seeds`` the paired seeds. Every method is compared over the tasks all of
+    them report."""
+    from mtl.report import delta_m_paired
 
     rows = primary_test(df)
     directions = {(t, m): d for t, m, d in rows[["task", "metric", "direction"]].drop_duplicates().itertuples(index=False)}
     per_seed = rows.groupby(["method", "seed", "task", "metric"])["value"].mean().unstack(["task", "metric"])
-    base = per_seed.loc[baseline].mean().to_dict()
+    methods = [m for m in pd.unique(rows["method"]) if m != baseline]
+    reported = [set(per_seed.loc[m].dropna(axis=1, how="all").columns) for m in [baseline, *methods]]
+    keys = [k for k in per_seed.columns if all(k in r for r in reported)]
     out = []
-    for method in pd.unique(rows["method"]):
-        if method == baseline:
-            continue
-        values = per_seed.loc[method]
-        mean = delta_m(values.mean().to_dict(), base, directions)
-        seeds = [delta_m(v.dropna().to_dict(), base, directions) for _, v in values.iterrows()]
-        out.append({"method": method, "delta_m_pct": mean, "delta_m_pct_std": pd.Series(seeds).std()})
-    return pd.DataFrame(out, columns=["method", "delta_m_pct", "delta_m_pct_std"])
+    for method in methods:
+        d = delta_m_paired(per_seed.loc[method], per_seed.loc[baseline], directions, keys)
+        out.append({"method": method, "delta_m_pct": d.mean, "delta_m_pct_std": d.std, "delta_m_pct_low": d.low,
+                    "delta_m_pct_high": d.high, "n_seeds": len(d.seeds)})
+    return pd.DataFrame(out, columns=["method", "delta_m_pct", "delta_m_pct_std", "delta_m_pct_low", "delta_m_pct_high", "n_seeds"])
 
 
 def kendall_tau(a: Sequence[str], b: Sequence[str]) -> float:

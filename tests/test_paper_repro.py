@@ -106,10 +106,25 @@ def test_delta_m_primary_by_hand():
             rows.append({"method": method, "seed": seed, "task": task, "metric": "accuracy", "split": "test",
                          "value": value, "direction": "max", "primary": True})
     out = delta_m_primary(pd.DataFrame(rows)).set_index("method")
-    # Seed means: baseline (0.7, 0.5), equal (0.7, 0.5): Δm% 0. Per seed, against the seed-mean
-    # baseline: seed 0 (+0.07/0.7 + 0.05/0.5)/2 = +10%, seed 1 (−0.07/0.7 − 0.05/0.5)/2 = −10%.
+    # Seed means: baseline (0.7, 0.5), equal (0.7, 0.5): Δm% 0. Per seed, against the same seed's
+    # baseline: seed 0 (−0.03/0.8 + 0.05/0.5)/2 = +3.125%, seed 1 (+0.03/0.6 − 0.05/0.5)/2 = −2.5%.
     assert out.loc["equal", "delta_m_pct"] == pytest.approx(0.0, abs=1e-9)
-    assert out.loc["equal", "delta_m_pct_std"] == pytest.approx(pd.Series([10.0, -10.0]).std())
+    assert out.loc["equal", "delta_m_pct_std"] == pytest.approx(pd.Series([3.125, -2.5]).std())
+    assert out.loc["equal", "n_seeds"] == 2
+    assert out.loc["equal", "delta_m_pct_low"] <= 0 <= out.loc["equal", "delta_m_pct_high"]
+
+
+def test_delta_m_primary_compares_methods_over_the_same_tasks():
+    """A method that lacks a task makes every method's Δm% go over the tasks all of them report."""
+    rows = []
+    values = {"single_task": {"left": 0.8, "right": 0.5}, "equal": {"left": 0.88, "right": 0.4}, "partial": {"left": 0.84}}
+    for method, tasks in values.items():
+        for task, value in tasks.items():
+            rows.append({"method": method, "seed": 0, "task": task, "metric": "accuracy", "split": "test",
+                         "value": value, "direction": "max", "primary": True})
+    out = delta_m_primary(pd.DataFrame(rows)).set_index("method")
+    assert out.loc["equal", "delta_m_pct"] == pytest.approx(10.0)  # left only: +0.08/0.8
+    assert out.loc["partial", "delta_m_pct"] == pytest.approx(5.0)
 
 
 @pytest.mark.skipif(not fashion_present(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

@@ -1,10 +1,16 @@
+import json
 import math
 import statistics
+import struct
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from mtl.report import REQUIRED_COLUMNS, comparison_table, delta_m, write_report
+from mtl.report import (
+    REQUIRED_COLUMNS, analyse, comparison_table, convergence, delta_m, delta_m_keys, delta_m_paired, still_improving,
+    write_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DIRECTIONS = {"accuracy": "max", "mae": "min", "macro_f1": "max", "loss": "min"}
@@ -72,14 +78,20 @@ def test_delta_m_rejects_missing_or_zero_baseline():
 
 
 def test_source_task_baseline_is_taken_at_fraction_one(results):
-    table = comparison_table(results).set_index(["method", "fraction"])
-    # At fraction 0.1 joint's "src" is compared with the single-task "src" run at fraction 1.
+    fraction = {a.fraction: a for a in analyse(results)}
+    # At fraction 0.1 joint's "src" is compared with the single-task "src" run at fraction 1, in
+    # the all-tasks Δm% (joint reports both tasks; sequential only the target).
     joint = 50 * ((0.71 - 0.81) / 0.81 - (2.5 - 2.1) / 2.1)
-    assert table.loc[("joint", 0.1), "delta_m_pct"] == pytest.approx(joint)
-    assert table.loc[("joint", 1.0), "delta_m_pct"] == pytest.approx(50 * 0.04 / 0.81)
-    # The target is matched by fraction: 1.7 against 2.1 at 0.1, not against 1.1.
-    per_seed = [-100 * (1.6 - 2.1) / 2.1, -100 * (1.8 - 2.1) / 2.1]
-    assert table.loc[("sequential/fine_tune", 0.1), "delta_m_pct"] == pytest.approx(statistics.mean(per_seed))
+    assert fraction[0.1].delta_all["joint"].mean == pytest.approx(joint)
+    assert fraction[1.0].delta_all["joint"].mean == pytest.approx(50 * 0.04 / 0.81)
+    assert "sequential/fine_tune" not in fraction[0.1].delta_all
+    # The table's Δm% is over the tasks every method reports: the target alone, matched by
+    # fraction (1.7 against 2.1 at 0.1, not against 1.1).
+    table = comparison_table(results).set_index(["method", "fraction"])
+    assert table.loc[("joint", 0.1), "delta_m_pct"] == pytest.approx(-100 * 0.4 / 2.1)
+    assert table.loc[("sequential/fine_tune", 0.1), "delta_m_pct"] == pytest.approx(100 * 0.4 / 2.1)
+    # Its std is over per-seed Δm%, each seed against the same seed's baseline: 0.4/2.0, 0.4/2.2.
+    per_seed = [100 * 0.4 / 2.0, 100 * 0.4 / 2.2]
     assert table.loc[("sequential/fine_tune", 0.1), "delta_m_pct_std"] == pytest.approx(statistics.stdev(per_seed))
     assert table.loc[("single_task", 0.1), "test/src/accuracy/mean"] == pytest.approx(0.81)
     assert table.loc[("single_task", 0.1), "delta_m_pct"] == pytest.approx(0.0)
@@ -89,45 +101,137 @@ def test_comparison_table_columns(results):
     table = comparison_table(results)
     assert list(table.columns) == [
         "method", "fraction", "n_seeds", "test/src/accuracy/mean", "test/src/accuracy/std",
-        "test/tgt/mae/mean", "test/tgt/mae/std", "delta_m_pct", "delta_m_pct_std",
+        "test/tgt/mae/mean", "test/tgt/mae/std", "delta_m_pct", "delta_m_pct_std", "delta_m_pct_low", "delta_m_pct_high",
     ]
     assert len(table) == 6 and set(table["n_seeds"]) == {2}
     assert table.set_index(["method", "fraction"])["test/src/accuracy/mean"].isna()[("sequential/fine_tune", 1.0)]
 
 
-def test_delta_m_uses_every_metric_but_the_loss():
+def test_delta_m_metrics_all_or_primary():
     rows = []
     for method, acc, f1 in (("single_task", 0.8, 0.5), ("joint", 0.8, 0.6)):
         rows += cell_rows(method, 0, 1.0, "src", acc, macro_f1=f1)
+    # all: accuracy unchanged, macro-F1 +20%, over K = 2; the loss (10 × accuracy) would add a term.
     table = comparison_table(pd.DataFrame(rows)).set_index("method")
-    # Accuracy unchanged, macro-F1 +20%, over K = 2; the loss (10 × accuracy) would add a term.
     assert table.loc["joint", "delta_m_pct"] == pytest.approx(10.0)
-    assert math.isnan(table.loc["joint", "delta_m_pct_std"])
+    assert math.isnan(table.loc["joint", "delta_m_pct_std"])  # one seed
+    # primary: accuracy alone.
+    assert comparison_table(pd.DataFrame(rows), metrics="primary").set_index("method").loc["joint", "delta_m_pct"] == 0
+    with pytest.raises(ValueError, match="metrics must be one of"):
+        delta_m_keys([("src", "accuracy")], {"src": "accuracy"}, "some")
+
+
+def test_delta_m_paired_by_hand():
+    keys = [("a", "accuracy"), ("b", "mae")]
+    directions = {keys[0]: "max", keys[1]: "min"}
+    method = pd.DataFrame([[0.8, 0.9], [0.7, 1.1], [0.9, 1.0]], index=[0, 1, 2], columns=pd.MultiIndex.from_tuples(keys))
+    base = pd.DataFrame([[0.75, 1.0], [0.7, 1.0], [0.8, 1.2], [0.5, 0.5]], index=[0, 1, 2, 3], columns=pd.MultiIndex.from_tuples(keys))
+    d = delta_m_paired(method, base, directions, keys)
+    assert d.seeds == [0, 1, 2]  # seed 3 has no method run: not paired
+    # Seed means 0.8, 1.0 against 0.75, 1.0667: 50 (0.05/0.75 + 0.0667/1.0667) = 6.458.
+    assert d.mean == pytest.approx(50 * (0.05 / 0.75 + (3.2 / 3 - 1.0) / (3.2 / 3)))
+    # Per seed, against the same seed's baseline.
+    expected = [50 * (0.05 / 0.75 + 0.1), 50 * (0 - 0.1), 50 * (0.1 / 0.8 + 0.2 / 1.2)]
+    assert d.per_seed.tolist() == pytest.approx(expected)
+    assert d.low <= d.mean <= d.high
+    assert d.test.n == 3 and d.test.mean == pytest.approx(np.mean(expected))
+    # A NaN (a metric that could not be computed) drops that seed from the pairing.
+    method.iloc[1, 0] = float("nan")
+    assert delta_m_paired(method, base, directions, keys).seeds == [0, 2]
+
+
+def png_size(path):
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])
+    return width, height
 
 
 def test_write_report(results, tmp_path):
     text = write_report(results, tmp_path, title="Toy comparison")
     assert (tmp_path / "report.md").read_text() == text
     assert text.startswith("# Toy comparison")
-    assert "validation split only" in text
+    assert "validation split only" in text and "paired by seed" in text
     assert "Δm% = (100 / K) Σ_k (−1)^{l_k} (M_m,k − M_b,k) / M_b,k" in text
     assert "Positive Δm% means better than single-task" in text
     # Best per column, direction-aware: highest accuracy, lowest mae.
     assert "**0.8100 ± 0.0141**" in text
     assert "**1.7000 ± 0.1414**" in text
-    assert "+19.05 ± 6.73" in text
-    assert "-15.70" in text
-    assert "joint does not beat single-task (Δm% = -15.70" in text
-    assert "worse than single-task on src (0.7100 vs 0.8100), tgt (2.5000 vs 2.1000)" in text
-    assert "sequential/fine_tune beats single-task on average (Δm% = +19.05" in text
+    # Every Δm% table says which metrics it averages, over which tasks.
+    assert "### Over tasks every method reports: tgt (metrics: all)" in text
+    assert "### Over all tasks, methods that report every task: src, tgt (metrics: all)" in text
+    assert "| sequential/fine_tune | +19.05 [+18.18, +20.00] (2) |" in text
+    assert "| joint | -15.70 [" in text
+    # Verdicts come from the paired tests only; no generated "findings" remain.
+    assert "## Findings" not in text and "beats single-task" not in text
+    assert "| joint | src: accuracy | 2 | -0.1000 [-0.1000, -0.1000] | -inf | <0.0001 | <0.0001 | worse |" in text
+    assert ("| sequential/fine_tune | tgt: mae | 2 | +0.1000 [-1.1706, +1.3706] | +0.71 | 0.5000 | 1.0000 | "
+            "no resolved difference at 2 seeds; about 31 seeds would resolve a difference of this size at 80% power |") in text
+    assert "Holm-corrected over all 10 tested comparisons" in text
+    assert "## Mean rank" in text and "| sequential/fine_tune | 1.00 [1.00, 1.00] (2) |" in text
     # Generalization gap is positive when train beats test, for both directions.
     assert "+0.0500" in text and "+0.3000" in text
-    pngs = ["data_efficiency_tgt.png", "generalization.png", "parameters.png"]
+    plots = ["data_efficiency_tgt", "paired_differences", "generalization", "parameters"]
     assert not (tmp_path / "data_efficiency_src.png").exists()
-    for name in pngs:
-        assert f"]({name})" in text
-        data = (tmp_path / name).read_bytes()
+    for name in plots:
+        assert f"]({name}.png)" in text
+        data = (tmp_path / f"{name}.png").read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000
+        assert (tmp_path / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    # 150 dpi: a 5.5 × 3.6 inch figure is 825 × 540 pixels.
+    assert png_size(tmp_path / "data_efficiency_tgt.png") == (825, 540)
+
+
+def test_verdict_wording_is_symmetric(tmp_path):
+    """A small gain and a small loss of the same size get the same words: not resolved."""
+    rows = []
+    noise = [0.03, -0.02, -0.01]
+    for seed in range(3):
+        rows += cell_rows("single_task", seed, 1.0, "src", 0.80 + noise[seed])
+        rows += cell_rows("joint", seed, 1.0, "src", 0.81 + noise[seed] + [0.02, -0.03, 0.0][seed])
+        rows += cell_rows("stages", seed, 1.0, "src", 0.79 + noise[seed] - [0.02, -0.03, 0.0][seed])
+    text = write_report(pd.DataFrame(rows), tmp_path)
+    gain = [line for line in text.splitlines() if line.startswith("| joint | src: accuracy")][0]
+    loss = [line for line in text.splitlines() if line.startswith("| stages | src: accuracy")][0]
+    assert gain.split("|")[-2] == loss.split("|")[-2]
+    assert "no resolved difference at 3 seeds; about" in gain
+
+
+def test_one_seed_gets_no_test_and_says_so(results, tmp_path):
+    text = write_report(results[results["seed"] == 0], tmp_path)
+    assert "**One seed: no test is possible.**" in text
+    assert "one seed: no test" in text and "better |" not in text and "worse |" not in text
+    assert "Holm-corrected over all 0 tested comparisons" in text
+
+
+def test_still_improving():
+    assert still_improving([0.1, 0.2, 0.3, 0.4, 0.5]) is True  # the last epoch is the best
+    assert still_improving([0.1, 0.5, 0.4, 0.4, 0.45]) is False
+    assert still_improving([1.0, 0.9, 0.8, 0.7, 0.6], higher_is_better=False) is True
+    # 10 epochs: the last 20% are epochs 9 and 10.
+    assert still_improving([0.1] * 7 + [0.5, 0.4, 0.45]) is False
+    assert still_improving([0.1] * 7 + [0.5, 0.4, 0.55]) is True
+    assert still_improving([0.3]) is None
+
+
+def test_convergence_is_flagged_from_each_cells_metrics_jsonl(results, tmp_path):
+    def history(cell, values):
+        folder = tmp_path / cell
+        folder.mkdir(parents=True, exist_ok=True)
+        task = "src" if cell.split("/")[-3] == "src" else "tgt"
+        metric = "accuracy" if task == "src" else "mae"
+        lines = [{"step": 10 * (e + 1), "loss": 1.0} for e in range(len(values))]
+        lines += [{"step": 10 * (e + 1), f"val/{task}/{metric}": v, "epoch": e + 1} for e, v in enumerate(values)]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+
+    cells = sorted(set(results["cell"]))
+    for cell in cells:
+        history(cell, [2.0, 1.8, 1.7, 1.75, 1.72])  # best at epoch 3: converged
+    history("joint/tgt/0.1/1", [2.0, 1.8, 1.7, 1.75, 1.6])  # a lower mae at the last epoch
+    conv = convergence(results, tmp_path).set_index(["cell", "task"])
+    assert conv.loc[("joint/tgt/0.1/1", "tgt"), "still_improving"] == True  # noqa: E712 (a numpy bool)
+    assert conv["still_improving"].sum() == 1 and (conv["epochs"] == 5).all()
+    text = write_report(results, tmp_path)
+    assert "1 of " in text and "judged (cell, task) pairs flagged" in text
+    assert "| joint | 0.1 | 1 | tgt | 5 | `joint/tgt/0.1/1` |" in text
 
 
 def test_report_counts_single_task_params_over_its_runs(results, tmp_path):
@@ -147,6 +251,7 @@ def test_report_without_baseline_says_so(results, tmp_path):
     text = write_report(results[results["method"] != "single_task"], tmp_path)
     assert "Δm% cannot be computed" in text
     assert "nothing is compared against single-task" in text
+    assert "Not checked: the cells' metrics.jsonl" in text
 
 
 def test_bad_input(results, tmp_path):
@@ -158,3 +263,37 @@ def test_bad_input(results, tmp_path):
         write_report(results.drop(columns=["cell", "direction"]), tmp_path)
     with pytest.raises(ValueError, match="no test-split rows"):
         write_report(results[results["split"] != "test"], tmp_path)
+
+
+@pytest.mark.slow
+def test_a_seed_fixes_the_labelled_subset_and_the_initialisation_in_every_regime(tmp_path):
+    """What pairing by seed rests on, checked on the quickstart grid: for one seed, every
+    regime's target stage trains on the same labelled subset of digits, evaluates on the same
+    test set and starts from the same trunk initialisation (a sequential target stage then
+    loads its source trunk, which the same seed initialised); another seed draws another subset."""
+    import torch
+
+    from conftest import QUICKSTART
+    from mtl.builders import build_components
+    from mtl.compare import plan, roles, stage_config
+    from mtl.config import load_config
+    from mtl.trainer import seed_everything
+
+    cfg = load_config(QUICKSTART, ["compare.fractions=[0.05]", "compare.seeds=[0,1]", "compare.regimes.sequential.recipes=[fine_tune]"])
+    targets, _ = roles(cfg)
+    built = {}
+    for cell in plan(cfg):
+        if cell.variant == "mnist":
+            continue
+        assert {stage_config(cfg, cell, i, tmp_path, {}, targets).seed for i in range(len(cell.stages))} == {cell.seed}
+        stage = stage_config(cfg, cell, len(cell.stages) - 1, tmp_path, {}, targets)
+        seed_everything(stage.seed, stage.deterministic)
+        parts = build_components(stage)
+        splits = parts.splits["digits"]
+        built[(cell.label, cell.seed)] = (splits.train.tensors[0], splits.test.tensors[0], parts.model.trunk.state_dict())
+    assert {label for label, _ in built} == {"single_task", "sequential/fine_tune", "joint"}
+    for (label, seed), (train, test, trunk) in built.items():
+        ref_train, ref_test, ref_trunk = built[("single_task", seed)]
+        assert torch.equal(train, ref_train) and torch.equal(test, ref_test), label
+        assert all(torch.equal(trunk[k], ref_trunk[k]) for k in trunk), label
+    assert not torch.equal(built[("single_task", 0)][0], built[("single_task", 1)][0])

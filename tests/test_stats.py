@@ -34,7 +34,8 @@ def test_paired_t_test_by_hand():
     assert stats.paired_t_test([1.0, 2.0, 3.0]) == pytest.approx(0.0741799, rel=1e-5)
     a, b = np.array([3.1, 2.0, 5.5, 4.0]), np.array([2.0, 1.9, 4.1, 3.3])
     assert stats.paired_t_test(a - b) == pytest.approx(sps.ttest_rel(a, b).pvalue)
-    assert stats.paired_t_test([0.2, 0.2, 0.2]) < 1e-12  # the same gain at every seed
+    assert stats.paired_t_test([0.2, 0.2, 0.2]) == 0.0  # the same gain at every seed
+    assert stats.paired_t_test([0.8 - 0.4, 0.9 - 0.5]) == 0.0  # ... up to float rounding
     assert stats.paired_t_test([0.0, 0.0, 0.0]) == 1.0
     assert math.isnan(stats.paired_t_test([0.3]))
 
@@ -43,6 +44,7 @@ def test_cohen_dz_by_hand():
     assert stats.cohen_dz([1.0, 2.0, 3.0]) == 2.0  # mean 2, s 1
     assert stats.cohen_dz([-1.0, 0.0, 4.0]) == pytest.approx(1 / math.sqrt(7))
     assert math.isnan(stats.cohen_dz([1.0]))
+    assert stats.cohen_dz([0.8 - 0.4, 0.9 - 0.5]) == math.inf and math.isnan(stats.cohen_dz([0.0, 0.0]))
 
 
 def test_holm_by_hand():
