@@ -206,6 +206,63 @@ def test_imtl_g_parallel_gradients_give_finite_weights():
     assert torch.isfinite(weights).all() and torch.isclose(weights.sum(), torch.tensor(1.0, dtype=torch.float64))
 
 
+def _imtl_g_paper(J):
+    """The paper's closed form on J: α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹, α_1 = 1 − Σ α_{2:T}."""
+    U = J / J.norm(dim=1, keepdim=True)
+    D, Ud = J[:1] - J[1:], U[:1] - U[1:]
+    rest = J[0] @ Ud.T @ torch.linalg.inv(D @ Ud.T)
+    return torch.cat([(1 - rest.sum()).unsqueeze(0), rest])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_imtl_g_is_the_paper_closed_form_on_full_row_rank(seed):
+    gen = torch.Generator().manual_seed(seed)
+    T = 2 + seed % 4
+    J = torch.randn(T, 6, generator=gen, dtype=torch.float64) * torch.rand(T, 1, generator=gen, dtype=torch.float64).mul(10).add(0.1)
+    close(IMTLG([str(i) for i in range(T)]).aggregate(J).weights, _imtl_g_paper(J), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_imtl_g_zero_gradient_gets_no_weight_and_the_other_task_descends(dtype):
+    # The paper's formula gave weights (0, 1) here: the update was the zero gradient.
+    result = IMTLG(TASKS2).aggregate(t([[1.0, 0.0], [0.0, 0.0]], dtype))
+    close(result.weights, t([1.0, 0.0]), dtype)
+    close(result.gradient, t([1.0, 0.0]), dtype)
+    # Three tasks, one with a zero gradient: the closed form on the other two, (3, 0) and (0, 1).
+    result = IMTLG(TASKS3).aggregate(t([[3.0, 0.0], [0.0, 0.0], [0.0, 1.0]], dtype))
+    close(result.weights, t([0.25, 0.0, 0.75]), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_imtl_g_more_tasks_than_rank_without_conflict_descends(dtype):
+    # Unit directions e1, e2, (e1 + e2)/√2: no d has equal projections. By symmetry the
+    # least-squares x = a(1, 1) minimises 2(a − 1)² + (√2a − 1)². The least-norm γ with
+    # Σ_t γ_t u_t = x is orthogonal to the null vector (1, 1, −√2) of C: γ = (a/2, a/2, a/√2),
+    # so α ∝ γ_t/||g_t|| = (a/2, a/2, a/2): α = (1, 1, 1)/3 and d = (2/3, 2/3), whatever a.
+    J = t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype)
+    result = IMTLG(TASKS3).aggregate(J)
+    close(result.weights, t([1.0, 1.0, 1.0]) / 3, dtype)
+    close(result.gradient, t([2.0, 2.0]) / 3, dtype)
+    assert (J @ result.gradient > 0).all()  # the paper's pseudo-inverse form gave d = 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_imtl_g_opposite_gradients_give_no_update(dtype):
+    # 1 is orthogonal to range(U) = span((1, −1)): no direction helps either task in the least-squares sense.
+    result = IMTLG(TASKS2).aggregate(t([[1.0, 0.0], [-2.0, 0.0]], dtype))
+    close(result.weights, t([0.0, 0.0]), dtype)
+
+
+def test_imtl_g_negative_weight_with_every_projection_positive():
+    # The issue's example: full row rank, so the paper's weights, one of them negative.
+    J = t([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.1]])
+    result = IMTLG(TASKS3).aggregate(J)
+    close(result.weights, _imtl_g_paper(J), torch.float64)
+    assert result.weights[2] < -0.9
+    assert (J @ result.gradient > 0).all()
+    assert not IMTLG.weigh_heads  # heads train on their own losses (see the engine test)
+
+
 # Aligned-MTL
 
 
@@ -254,16 +311,22 @@ def test_db_mtl_log_transform():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_db_mtl_max_norm_balancing_with_ema(dtype):
+def test_db_mtl_first_three_steps_match_the_reference_buffer_from_zero(dtype):
+    # LibMTL's DB_MTL: buffer ← g + β(buffer − g) from zeros, update Σ_t max||b|| / (||b_t|| + 1e-8) b_t.
     method = DBMTL(TASKS2)
-    # First step: ĝ = g, norms (3, 1): scales (1, 3), update (3, 0) + 3 (0, 1).
-    close(method.aggregate(t([[3.0, 0.0], [0.0, 1.0]], dtype)).gradient, t([3.0, 3.0]), dtype)
-    # Second step: ĝ = 0.9 ĝ + 0.1 g.
-    ema = t([[2.7, 0.3], [0.1, 0.9]])
-    norms = ema.norm(dim=1)
-    expected = (norms.max() / norms) @ ema
-    close(method.aggregate(t([[0.0, 3.0], [1.0, 0.0]], dtype)).gradient, expected, dtype)
-    close(method.grad_ema, ema, dtype)
+    steps = [t([[3.0, 0.0], [0.0, 1.0]]), t([[0.0, 3.0], [1.0, 0.0]]), t([[1.0, 1.0], [0.0, -2.0]])]
+    buffers = [
+        t([[0.3, 0.0], [0.0, 0.1]]),  # 0.1 g_1: the first update is 10× smaller than from ĝ = g_1
+        t([[0.27, 0.3], [0.1, 0.09]]),
+        t([[0.343, 0.37], [0.09, -0.119]]),
+    ]
+    for J, buffer in zip(steps, buffers):
+        norms = buffer.norm(dim=1)
+        expected = (norms.max() / (norms + 1e-8)) @ buffer
+        close(method.aggregate(J.to(dtype)).gradient, expected, dtype)
+        close(method.grad_ema, buffer, dtype)
+    # Step 1 by hand: norms (0.3, 0.1), scales (0.3/(0.3 + 1e-8), 0.3/(0.1 + 1e-8)): ≈ (0.3, 0.3), not (3, 3).
+    close(DBMTL(TASKS2).aggregate(steps[0].to(dtype)).gradient, t([0.09 / (0.3 + 1e-8), 0.03 / (0.1 + 1e-8)]), dtype)
 
 
 def test_db_mtl_lazy_ema_survives_a_checkpoint():

@@ -62,14 +62,14 @@ def _scale(G: torch.Tensor) -> torch.Tensor:
     return torch.where(top > 0, top, torch.ones_like(top))
 
 
-def _nonzero(G: torch.Tensor) -> torch.Tensor:
+def nonzero(G: torch.Tensor) -> torch.Tensor:
     """Tasks whose ||g_t||² exceeds 1e-13·max_s ||g_s||² (below, rounding dominates)."""
     return G.diagonal() > _RIDGE * _scale(G)
 
 
 def inverse_norms(G: torch.Tensor) -> torch.Tensor:
     """1/||g_t|| = diag(G)^-½, with the largest ||g_t|| standing in for zero gradients."""
-    return torch.where(_nonzero(G), G.diagonal(), _scale(G)).rsqrt()
+    return torch.where(nonzero(G), G.diagonal(), _scale(G)).rsqrt()
 
 
 def _step_to_boundary(v: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ def nonneg_qp(G: torch.Tensor, B: torch.Tensor, tol: float = TOL, max_iter: int 
     B_scaled = B_scaled / rho
     start = torch.ones_like(B_scaled)
     scaled = _interior_point(lambda x: (x @ G_scaled - B_scaled, G_scaled), start, False, tol, max_iter)
-    return (d * _nonzero(G))[:, None] * (rho * scaled).T
+    return (d * nonzero(G))[:, None] * (rho * scaled).T
 
 
 def min_norm_weights(G: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER) -> torch.Tensor:
@@ -240,7 +240,7 @@ def nash_weights(G: torch.Tensor, tol: float = TOL, max_iter: int = MAX_ITER) ->
     """
     G = _psd(G)
     d = inverse_norms(G)
-    ridge = torch.where(_nonzero(G), _RIDGE, 1.0)
+    ridge = torch.where(nonzero(G), _RIDGE, 1.0)
     C = d[:, None] * G * d[None, :] + torch.diag(ridge)
     beta = torch.ones_like(d)
     for it in range(max_iter):

@@ -14,7 +14,11 @@ from typing import Sequence
 
 import torch
 
+from mtl.weighting import solvers
 from mtl.weighting.base import Aggregation, GradientWeighting, GramianWeighting, compute_dtype, register_weighting
+
+
+_NORM_EPS = 1e-8  # DB-MTL's guard on ||ĝ_t|| in the reference code
 
 
 def _tiny(dtype: torch.dtype) -> float:
@@ -196,21 +200,57 @@ class IMTLG(GramianWeighting):
 
     Liu et al. 2021, "Towards Impartial Multi-task Learning" (gradient part). With
     u_t = g_t / ||g_t||, D = [g_1 − g_t]_{t=2..T}, U = [u_1 − u_t]_{t=2..T}:
-    α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹, α_1 = 1 − Σ_{t≥2} α_t, so (Σ_t α_t g_t)ᵀ u_t is the same for
-    every t and Σ_t α_t = 1. Computed from the Gramian JJᵀ (no [T, D] copies); a pseudo-inverse
-    replaces the inverse so that parallel task gradients give finite weights. The paper takes
-    the gradients at the shared representation (the default mode).
+    α_{2:T} = g_1 Uᵀ (D Uᵀ)⁻¹, α_1 = 1 − Σ_{t≥2} α_t, so that d = Σ_t α_t g_t has the same
+    projection dᵀu_t = c on every task and Σ_t α_t = 1. In Gramian terms, with n_t = ||g_t||
+    and the cosine matrix C = N⁻¹GN⁻¹ (N = diag(n)): γ = C⁻¹1, α = N⁻¹γ / Σ_t (γ_t / n_t),
+    c = 1 / Σ_t (γ_t / n_t) (Uᵀγ is the vector whose projection on every u_t is 1).
+
+    The closed form needs J of full row rank and no zero row. Elsewhere the paper's formula
+    stops training: a zero g_t makes u_t undefined (``J = [[1, 0], [0, 0]]`` gave weights
+    (0, 1), no update), and T > rank(J) makes D Uᵀ singular (``[[1, 0], [0, 1], [1, 1]]`` gave
+    d = 0 although no task conflicts). Generalisation used here, equal to the closed form
+    when J has full row rank and no zero row:
+
+    - a zero g_t (||g_t||² ≤ 1e-13·max_s ||g_s||²) gets α_t = 0 and is left out of C;
+    - γ = C⁺1, with C⁺ the pseudo-inverse (eigenvalues below T·10·eps of the input's dtype
+      times the largest are cut): Uᵀγ is the least-norm x whose projections p = Ux are the
+      least-squares fit to 1, i.e. p is the orthogonal projection of 1 onto range(U). The
+      fit is exact (p = 1, equal projections) whenever equal projections exist, which full
+      row rank guarantees;
+    - α = N⁻¹γ / Σ_t (γ_t / n_t) as above, so Σ_t α_t = 1 and dᵀu_t = c·p_t; where no
+      direction has a positive least-squares fit (p = 0, e.g. two opposite gradients), α = 0.
+
+    What holds for the update: on full row rank every task gets the same projection c, so d
+    descends every task iff c > 0, as in the paper; the paper's c can be negative (then d
+    ascends every task), e.g. J = [[1, 0, 0], [0, 1, 0], [0.35, 0.35, 0.05]]: this is kept,
+    to stay the paper's method. Weights can be negative (``[0.98, 0.98, −0.97]`` for
+    ``[[1, 0, 0], [0, 1, 0], [1, 1, 0.1]]``) although every projection is positive.
+
+    d updates the shared parameters only and each head gets the gradient of its own loss
+    (``weigh_heads`` False), as in LibMTL's ``IMTL`` (median-research-group/LibMTL,
+    ``LibMTL/weighting/IMTL.py``: the per-task backward fills the heads' gradients and only
+    the shared ones are replaced) and SamsungLabs/MTL's ``imtl`` balancer: with a negative
+    α_t, Σ_t α_t L_t would train head t to increase its own loss. The paper takes the
+    gradients at the shared representation (the default mode).
     """
 
     modes = ("representation", "parameters")
+    weigh_heads = False
 
     def weigh(self, G: torch.Tensor) -> torch.Tensor:
-        norms = G.diagonal().sqrt().clamp_min(_tiny(G.dtype))
-        M = G / norms  # M[a, b] = g_aᵀ u_b
-        b = M[0, 0] - M[0, 1:]  # g_1 Uᵀ
-        A = M[0, 0] - M[0, 1:] - M[1:, :1] + M[1:, 1:]  # D Uᵀ
-        rest = b @ torch.linalg.pinv(A)
-        return torch.cat([(1 - rest.sum()).unsqueeze(0), rest])
+        rtol = 10 * G.shape[0] * torch.finfo(G.dtype).eps
+        G = G.to(solvers.DTYPE)
+        keep = solvers.nonzero(G)
+        inverse_norms = torch.where(keep, solvers.inverse_norms(G), 0.0)
+        cosines = inverse_norms[:, None] * G * inverse_norms[None, :]
+        ones = torch.ones_like(inverse_norms)
+        gamma = torch.linalg.pinv(cosines, rtol=rtol, hermitian=True) @ ones
+        fit = cosines @ gamma  # p: the projections of Uᵀγ on the u_t
+        alpha = inverse_norms * gamma
+        total = alpha.sum()
+        # ||p||² = 1ᵀp; below rounding, 1 is orthogonal to range(U) and no direction helps.
+        usable = (ones @ fit > rtol * G.shape[0]) & (total != 0)
+        return torch.where(usable, alpha / torch.where(total != 0, total, 1.0), 0.0)
 
 
 @register_weighting("aligned_mtl")
@@ -223,7 +263,16 @@ class AlignedMTL(GramianWeighting):
     components) and the aligned gradients are BJ, whose singular values all equal σ_min. The
     update sums them, as the official code does (task importances w = 1, no 1/T):
     Jᵀ B 1, i.e. task weights w = B 1.
+
+    w can be negative (``[0.98, 0.98, −0.97]``-like weights on nearly dependent gradients):
+    w updates the shared parameters only and each head gets the gradient of its own loss
+    (``weigh_heads`` False), as in the official code (SamsungLabs/MTL,
+    ``code/optim/aligned/balancer.py``: each task's backward fills its decoder's gradient,
+    ``set_shared_grad`` replaces only the shared ones, and ``scale_decoder_grad`` is off by
+    default) and LibMTL's ``Aligned_MTL``.
     """
+
+    weigh_heads = False
 
     def weigh(self, G: torch.Tensor) -> torch.Tensor:
         eigenvalues, V = torch.linalg.eigh(G)
@@ -242,11 +291,15 @@ class DBMTL(GradientWeighting):
     """DB-MTL: log losses, EMA task gradients rescaled to the largest norm, then summed.
 
     Lin et al. 2023, "Dual-Balancing Multi-Task Learning". Loss balancing: the task objectives
-    are log(L_t + ε). Gradient balancing: ĝ_t ← β ĝ_t + (1−β) g_t (ĝ_t = g_t at the first step,
-    as in the authors' LibMTL code), update Σ_t (max_k ||ĝ_k|| / ||ĝ_t||) ĝ_t. The paper's
-    step-dependent β_k = β / k^σ is simplified to a constant β (LibMTL's default σ = 0).
-    The EMA buffer ``[T, D]`` is allocated at the first call with J's shape and device (in
-    float32 for half-precision J); it restarts if J's shape changes.
+    are log(L_t + ε). Gradient balancing: ĝ_t ← β ĝ_t + (1−β) g_t from ĝ_t = 0, and the update
+    Σ_t (max_k ||ĝ_k|| / (||ĝ_t|| + 1e-8)) ĝ_t, as in the authors' LibMTL code
+    (median-research-group/LibMTL, ``LibMTL/weighting/DB_MTL.py``: ``grad_buffer`` starts at
+    zeros, no bias correction, so the first update is (1−β) times that of a buffer started
+    at g_1: 10× smaller at β = 0.9). The paper's step-dependent β_k = β / k^σ is the constant
+    β (LibMTL's default σ = 0). The shared parameters get the update, each head the gradient
+    of its own log loss (as there). The EMA buffer ``[T, D]`` is allocated at the first call
+    with J's shape and device (in float32 for half-precision J); it restarts from zero if J's
+    shape changes.
     """
 
     modes = ("parameters", "last_shared")
@@ -266,13 +319,13 @@ class DBMTL(GradientWeighting):
     def aggregate(self, J: torch.Tensor) -> Aggregation:
         G = J.to(compute_dtype(J))
         if self.grad_ema.shape != G.shape:
-            self.grad_ema = G.clone()
+            self.grad_ema = torch.zeros_like(G)
         else:
             self.grad_ema = self.grad_ema.to(G.device, G.dtype)
-            # In place: a new [T, D] buffer each step cost more than the update itself on CPU.
-            self.grad_ema.lerp_(G, 1 - self.beta)
+        # In place: a new [T, D] buffer each step cost more than the update itself on CPU.
+        self.grad_ema.lerp_(G, 1 - self.beta)
         norms = self.grad_ema.norm(dim=1)
-        scales = torch.where(norms > 0, norms.max() / norms.clamp_min(_tiny(G.dtype)), 0.0)
+        scales = norms.max() / (norms + _NORM_EPS)
         return Aggregation(gradient=(scales @ self.grad_ema).to(J.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
