@@ -15,28 +15,31 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mtl import optim
+from mtl import contract, optim
 from mtl.config import ConfigError
-from mtl.data import dataset_targets
 from mtl.heads import HEADS, Head
 from mtl.model import MultiTaskModel
 from mtl.recipes import RECIPES, Recipe
 from mtl.registry import ComponentError, build
 from mtl.scheduler import SCHEDULERS, Sources, TaskScheduler
-from mtl.task import TASKS, Splits, Task
+from mtl.task import TASKS, Splits, Task, TaskArgumentError
 from mtl.trunks import Trunk, build_trunk, load_trunk_checkpoint
 from mtl.trunks.loading import read_checkpoint
 from mtl.weighting import WEIGHTINGS, Weighting
 
 logger = logging.getLogger(__name__)
 
+# Samples per split in the task-contract check: enough that a metric sees several classes.
+CHECK_BATCH = 256
+
 
 def _plain(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
 
-def _component(fn, *args: Any, where: str):
-    """Call a builder; turn a bad argument or value into a ConfigError naming ``where``."""
+def _component(fn, *args: Any, where: str, refused: tuple[type[Exception], ...] = (TypeError, ValueError)):
+    """Call a builder; turn a bad argument or value (an exception of a ``refused`` type) into a
+    ConfigError naming ``where``."""
     try:
         return fn(*args)
     except ConfigError:
@@ -44,7 +47,7 @@ def _component(fn, *args: Any, where: str):
     except ComponentError as e:
         message = str(e)
         raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
-    except (TypeError, ValueError) as e:
+    except refused as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
@@ -72,38 +75,66 @@ def build_tasks(cfg: DictConfig) -> tuple[dict[str, Task], dict[str, dict[str, A
         node = _plain(node)
         name = node.pop("name", key)
         head = node.pop("head", None) or {}
-        where = f"tasks.{key}"
-        task = _component(build, TASKS, {"name": name, **node}, where, where=where)
+        task = _build_task(key, name, node)
         task.name = key
+        contract.check_definition(key, task)
         heads[key] = head if "name" in head else {**task.head_config(), **head}
         tasks[key] = task
     return tasks, heads
 
 
-def check_metrics(tasks: dict[str, Task]) -> None:
-    for key, task in tasks.items():
-        metrics = task.metrics()
-        if task.primary_metric not in metrics:
-            raise ConfigError(
-                f"tasks.{key}: primary_metric {task.primary_metric!r} is not among its metrics ({', '.join(metrics)})."
-            )
-        for name, metric in metrics.items():
-            if getattr(metric, "higher_is_better", None) is None:
-                raise ConfigError(f"tasks.{key}: metric {name!r} has no direction; set higher_is_better on it.")
+def _build_task(key: str, name: str, node: dict[str, Any]) -> Task:
+    """A task from its config node; an exception in its ``__init__`` becomes one line naming
+    the config key, or the user's own file:line when their code raised it."""
+    where = f"tasks.{key}"
+    try:
+        return build(TASKS, {"name": name, **node}, where)
+    except TaskArgumentError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except ConfigError:
+        raise
+    except ComponentError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+    except Exception as e:
+        if isinstance(e, (TypeError, ValueError)):  # an argument its __init__ refuses
+            at = contract.user_location(e)
+            raise ConfigError(f"{where}: {contract.first_line(e)}{f' (at {at})' if at else ''}") from e
+        raise contract.raised(contract.describe(key, TASKS.get(name)), "__init__", e) from e
 
 
 def load_datasets(tasks: dict[str, Task]) -> dict[str, Splits]:
     splits = {}
     for key, task in tasks.items():
+        where = contract.describe(key, type(task))
         try:
             splits[key] = task.build_datasets()
         except (FileNotFoundError, ImportError, ValueError, TypeError) as e:
-            raise ConfigError(f"tasks.{key}: cannot load its data: {e}") from None
+            # The data source's own error (a missing file or package, a bad argument) names its fix.
+            at = contract.user_location(e)
+            raise ConfigError(f"tasks.{key}: cannot load its data: {contract.first_line(e)}{f' (at {at})' if at else ''}") from e
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise contract.raised(where, "build_datasets()", e) from e
+        if not isinstance(splits[key], Splits):
+            raise contract.TaskContractError(
+                f"{where}: build_datasets() must return Splits(train, val, test) (mtl.Splits; tensor_splits(x, y, self) builds one), "
+                f"got {contract.summarize(splits[key])}."
+            )
         for split, ds in splits[key].items():
-            if len(ds) == 0:  # type: ignore[arg-type]
+            size = contract.call(where, f"build_datasets(): len() of the {split} split", len, ds)
+            if size == 0:
                 raise ConfigError(
-                    f"tasks.{key}: the {split} split is empty; {type(task).__name__}.build_datasets must give every "
+                    f"{where}: the {split} split is empty; {type(task).__name__}.build_datasets must give every "
                     "split at least one sample (check its data source, val_fraction and test_fraction)."
+                )
+            # Heads are sized from the first training input: it must be a tensor in an (input, target) pair.
+            item = contract.call(where, f"build_datasets(): the {split} split's item 0", ds.__getitem__, 0)
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], torch.Tensor):
+                raise contract.TaskContractError(
+                    f"{where}: build_datasets(): the {split} split's items must be (input tensor, target) pairs, got "
+                    f"{contract.summarize(item)}; e.g. TensorDataset(x, y), or tensor_splits(x, y, self)."
                 )
     return splits
 
@@ -125,32 +156,18 @@ def build_heads(
                 f"(check trunk.in_channels or the task's image size). Torch said: {str(e).splitlines()[0]}"
             ) from None
         where = f"tasks.{key}.head"
-        heads[key] = _component(build, HEADS, head_nodes[key], where, features, task.num_outputs, where=where)
+        # torch refuses impossible layer sizes (hidden: [-1]) with a RuntimeError.
+        heads[key] = _component(
+            build, HEADS, head_nodes[key], where, features, task.num_outputs, where=where, refused=(TypeError, ValueError, RuntimeError)
+        )
     return heads
 
 
-@torch.no_grad()
-def _output_shape(head: Head) -> tuple[int, ...]:
-    """A head's output shape per sample, from a dry run on one zero feature (eval mode, no grad)."""
-    was_training = head.training
-    head.eval()
-    try:
-        return tuple(head(torch.zeros(1, *head.in_shape)).shape[1:])
-    finally:
-        head.train(was_training)
-
-
-def check_targets(tasks: dict[str, Task], heads: dict[str, Head], splits: dict[str, Splits]) -> None:
-    """Each task's targets against its head and loss, before training (see ``Task.check_targets``)."""
+def check_targets(tasks: dict[str, Task], trunk: Trunk, heads: dict[str, Head], splits: dict[str, Splits], batch_size: int) -> None:
+    """The task contract on real data (``mtl.contract``): each task's first batch of each split
+    through the trunk, its head, loss and metrics, and every in-memory target against the head."""
     for key, task in tasks.items():
-        if type(task).check_targets is Task.check_targets:
-            continue  # nothing to check: no file is read for it
-        shape = _output_shape(heads[key])
-        for split, ds in splits[key].items():
-            try:
-                task.check_targets(dataset_targets(ds), shape)
-            except ValueError as e:
-                raise ConfigError(f"tasks.{key}: {split} split: {e}") from None
+        contract.check_batches(key, task, trunk, heads[key], splits[key], batch_size)
 
 
 @dataclass
@@ -174,12 +191,11 @@ def build_components(cfg: DictConfig) -> Components:
     """Tasks and their data, trunk, heads (sized on the real inputs) and weighting."""
     import_plugins(cfg)
     tasks, head_nodes = build_tasks(cfg)
-    check_metrics(tasks)
     check_selection(cfg.trainer.select_on, tasks)
     splits = load_datasets(tasks)
     trunk = _component(build_trunk, _plain(cfg.trunk), where="trunk")
     heads = build_heads(trunk, tasks, head_nodes, splits)
-    check_targets(tasks, heads, splits)
+    check_targets(tasks, trunk, heads, splits, min(cfg.trainer.batch_size, CHECK_BATCH))
     model = MultiTaskModel(trunk, heads)
     if cfg.init_from:
         init_from(model, cfg.init_from)

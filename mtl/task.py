@@ -34,6 +34,43 @@ class Splits:
         return [("train", self.train), ("val", self.val), ("test", self.test)]
 
 
+class TaskArgumentError(ValueError):
+    """A task argument out of its range: ``key`` (the config key of the task node) and ``detail``."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(f"{key} {detail}")
+        self.key = key
+        self.detail = detail
+
+
+SEED_LIMIT = 2**32  # numpy's and Python's generators take seeds in [0, 2^32)
+
+
+def check_split_arguments(
+    *, val_fraction: Any, test_fraction: Any, split_seed: Any, train_fraction: Any, subset_seed: Any
+) -> None:
+    """The shared Task arguments, in range; run on construction and again by the contract
+    check (a subclass may have overwritten them in its own ``__init__``)."""
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction), ("train_fraction", train_fraction)):
+        # bool is an int to Python: `train_fraction: true` would keep the whole split.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TaskArgumentError(key, f"must be a number, got {value!r} ({type(value).__name__}).")
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 < value < 1:
+            raise TaskArgumentError(key, f"must be in (0, 1), got {value}.")
+    if val_fraction + test_fraction >= 1:
+        raise TaskArgumentError(
+            "val_fraction", f"val_fraction + test_fraction must be < 1 to leave a training split, got {val_fraction + test_fraction}."
+        )
+    if not 0 < train_fraction <= 1:
+        raise TaskArgumentError("train_fraction", f"must be in (0, 1] (the share of the training split kept), got {train_fraction}.")
+    for key, value in (("split_seed", split_seed), ("subset_seed", subset_seed)):
+        if value is None and key == "subset_seed":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+            raise TaskArgumentError(key, f"must be an integer in [0, 2^32), got {value!r}.")
+
+
 class Task:
     """Base class of tasks. Subclasses set ``num_outputs`` and ``primary_metric`` and
     implement ``build_datasets``; ``loss`` and ``metrics`` come from the subclasses below.
@@ -64,13 +101,10 @@ class Task:
         train_fraction: float = 1.0,
         subset_seed: int | None = None,
     ):
-        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0 < value < 1:
-                raise ValueError(f"{key} must be in (0, 1), got {value}.")
-        if val_fraction + test_fraction >= 1:
-            raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}.")
-        if not 0 < train_fraction <= 1:
-            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}.")
+        check_split_arguments(
+            val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed,
+            train_fraction=train_fraction, subset_seed=subset_seed,
+        )
         self.name = type(self).__name__
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -142,14 +176,27 @@ def _labelled(targets: torch.Tensor) -> torch.Tensor:
     return targets[keep]
 
 
+def _size(task: Task, key: str, given: int | None, default: int | None = None) -> int:
+    """A size argument (num_classes, num_labels, num_outputs): the config's value, else the
+    subclass's class attribute of that name, else ``default``."""
+    value = given if given is not None else getattr(type(task), key, default)
+    if value is None:
+        raise TaskArgumentError(key, f"is missing: set it in the task's config node, or as a class attribute ({key} = ...) of {type(task).__name__}.")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TaskArgumentError(key, f"must be a positive integer, got {value!r}.")
+    return value
+
+
 class ClassificationTask(Task):
-    """Single-label classification: cross-entropy; accuracy (higher is better)."""
+    """Single-label classification: cross-entropy; accuracy (higher is better).
+
+    ``num_classes`` comes from the config node or a class attribute of the subclass."""
 
     primary_metric = "accuracy"
 
-    def __init__(self, num_classes: int, **kwargs: Any):
+    def __init__(self, num_classes: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.num_outputs = num_classes
+        self.num_outputs = _size(self, "num_classes", num_classes)
 
     def check_targets(self, targets: torch.Tensor, output_shape: tuple[int, ...]) -> None:
         if type(self).loss is not ClassificationTask.loss:
@@ -189,14 +236,16 @@ class ClassificationTask(Task):
 
 
 class MultiLabelTask(Task):
-    """Independent binary labels: BCE with logits (mean over labels); accuracy and macro F1."""
+    """Independent binary labels: BCE with logits (mean over labels); accuracy and macro F1.
+
+    ``num_labels`` comes from the config node or a class attribute of the subclass."""
 
     primary_metric = "accuracy"
     default_head = "multilabel"
 
-    def __init__(self, num_labels: int, **kwargs: Any):
+    def __init__(self, num_labels: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.num_outputs = num_labels
+        self.num_outputs = _size(self, "num_labels", num_labels)
 
     def check_targets(self, targets: torch.Tensor, output_shape: tuple[int, ...]) -> None:
         if type(self).loss is not MultiLabelTask.loss:
@@ -234,14 +283,16 @@ class MultiLabelTask(Task):
 
 
 class RegressionTask(Task):
-    """Real-valued targets: mean squared error loss; MAE (primary) and RMSE, lower is better."""
+    """Real-valued targets: mean squared error loss; MAE (primary) and RMSE, lower is better.
+
+    ``num_outputs`` comes from the config node or a class attribute of the subclass (default 1)."""
 
     primary_metric = "mae"
     default_head = "regression"
 
-    def __init__(self, num_outputs: int = 1, **kwargs: Any):
+    def __init__(self, num_outputs: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.num_outputs = num_outputs
+        self.num_outputs = _size(self, "num_outputs", num_outputs, default=1)
 
     def check_targets(self, targets: torch.Tensor, output_shape: tuple[int, ...]) -> None:
         if type(self).loss is not RegressionTask.loss:
