@@ -100,7 +100,7 @@ class DeltaM:
     per_seed: np.ndarray
     low: float
     high: float
-    test: stats.Paired
+    test: stats.Difference
 
     @property
     def std(self) -> float:
@@ -130,7 +130,7 @@ def delta_m_paired(method: pd.DataFrame, baseline: pd.DataFrame, directions: Dir
     low, high = stats.bootstrap_ci(
         lambda mm, bb, axis: _relative_change(mm.mean(axis=axis), bb.mean(axis=axis), signs), (m, b)
     )
-    return DeltaM(list(keys), seeds, mean, per_seed, float(low), float(high), stats.Paired.of(per_seed))
+    return DeltaM(list(keys), seeds, mean, per_seed, float(low), float(high), stats.Difference.of(per_seed))
 
 
 # ---- the paired analysis every table, verdict and plot reads ----
@@ -144,7 +144,7 @@ class Comparison:
     fraction: float
     method: str
     on: str  # "tgt: mae" or "Δm%"
-    test: stats.Paired
+    test: stats.Difference
 
 
 @dataclass
@@ -190,7 +190,7 @@ def analyse(df: pd.DataFrame, metrics: str = "all") -> list[FractionAnalysis]:
                     pair = pd.concat([v.loc[both, key], base.loc[both, key]], axis=1).dropna()
                     if len(pair):
                         d = stats.paired_differences(pair.iloc[:, 0], pair.iloc[:, 1], directions[key] == "max")
-                        a.comparisons.append(Comparison(fraction, method, f"{task}: {key[1]}", stats.Paired.of(d)))
+                        a.comparisons.append(Comparison(fraction, method, f"{task}: {key[1]}", stats.Difference.of(d)))
             if a.delta[method] is not None:
                 a.comparisons.append(Comparison(fraction, method, "Δm%", a.delta[method].test))
     stats.correct([c.test for a in out for c in a.comparisons])

@@ -190,10 +190,33 @@ def decide(mean, p_holm, alpha: float = ALPHA) -> np.ndarray:
     return np.where(p_holm < alpha, np.sign(mean), 0.0).astype(int)
 
 
+def variance_ratio_power(sd_ratio: float, n, alpha: float = ALPHA) -> np.ndarray:
+    """Power of the two-sided F-test of :func:`variance_ratio_test` with n seeds in each group
+    (n may be an array) when the true ratio of standard deviations is ``sd_ratio``: s_a²/s_b²
+    divided by the true variance ratio follows F(n − 1, n − 1), so the test rejects with
+    probability P(F > c_hi / ρ) + P(F < c_lo / ρ), ρ = sd_ratio² (``scipy.stats.f``)."""
+    df = np.asarray(n, float) - 1
+    rho = sd_ratio**2
+    low, high = stats.f.ppf(alpha / 2, df, df), stats.f.isf(alpha / 2, df, df)
+    return stats.f.sf(high / rho, df, df) + stats.f.cdf(low / rho, df, df)
+
+
+def variance_ratio_seeds_needed(sd_ratio: float, alpha: float = ALPHA, target: float = POWER) -> int | None:
+    """Smallest n ≥ 2 seeds per group at which :func:`variance_ratio_power` reaches ``target``;
+    None for a ratio of 1 (or NaN) or beyond ``MAX_SEEDS``."""
+    if not np.isfinite(sd_ratio) or sd_ratio <= 0 or sd_ratio == 1:
+        return None
+    n = np.arange(2, MAX_SEEDS + 1)
+    reached = variance_ratio_power(sd_ratio, n, alpha) >= target
+    return int(n[reached.argmax()]) if reached.any() else None
+
+
 @dataclass
-class Paired:
-    """One comparison, method against baseline, from its per-seed differences (positive:
-    method better). ``p_holm`` is set by :func:`correct` over all comparisons of a report."""
+class Difference:
+    """One comparison, method against baseline (positive: method better): n seeds, the mean
+    difference and its 95% CI, the test's p-value, d_z. ``p_holm`` is set by :func:`correct`
+    over all comparisons of a report. Built by :meth:`of` from per-seed differences (paired),
+    or by :func:`welch_from_summary` where only means and stds were kept."""
 
     n: int
     mean: float
@@ -204,7 +227,7 @@ class Paired:
     p_holm: float = math.nan
 
     @classmethod
-    def of(cls, diffs) -> "Paired":
+    def of(cls, diffs) -> "Difference":
         d = np.asarray(diffs, float)
         mean, low, high = t_interval(d)
         return cls(len(d), float(mean), float(low), float(high), float(paired_t_test(d)), float(cohen_dz(d)))
@@ -226,7 +249,28 @@ class Paired:
         return text + f"; {more} seeds would resolve a difference of this size at {POWER:.0%} power"
 
 
-def correct(comparisons: list[Paired]) -> list[Paired]:
+def welch_from_summary(mean_a: float, sd_a: float, n_a: int, mean_b: float, sd_b: float, n_b: int) -> Difference:
+    """a − b from summaries only (mean, std, n of each), when per-seed values were not kept:
+    Welch's unpaired t-test (Welch 1947; ``scipy.stats.ttest_ind_from_stats``, equal_var=False)
+    and its CI with the Welch–Satterthwaite degrees of freedom. It cannot use the pairing, so
+    it gives up the power pairing would add when seeds move both runs alike. ``dz`` is the
+    difference over √(s_a² + s_b²), the d_z of paired differences if the runs of a seed were
+    uncorrelated, so the seeds it says would resolve a difference are those of a paired
+    design without that gain."""
+    diff = mean_a - mean_b
+    if min(n_a, n_b) < 2:
+        return Difference(min(n_a, n_b), diff, math.nan, math.nan, math.nan, math.nan)
+    va, vb = sd_a**2 / n_a, sd_b**2 / n_b
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return Difference(min(n_a, n_b), diff, diff, diff, 0.0 if diff else 1.0, math.copysign(math.inf, diff) if diff else math.nan)
+    df = (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+    half = stats.t.ppf(0.975, df) * se
+    p = float(stats.ttest_ind_from_stats(mean_a, sd_a, n_a, mean_b, sd_b, n_b, equal_var=False).pvalue)
+    return Difference(min(n_a, n_b), diff, diff - half, diff + half, p, diff / math.sqrt(sd_a**2 + sd_b**2))
+
+
+def correct(comparisons: list[Difference]) -> list[Difference]:
     """Set ``p_holm`` of every comparison, Holm over all of them (one report's family)."""
     adjusted = holm([c.p for c in comparisons]) if comparisons else []
     for c, p in zip(comparisons, adjusted):

@@ -44,18 +44,33 @@ def weighting_benchmark() -> str:
 
 
 def transfer_claims() -> str:
-    s = pd.read_csv(STUDIES / "transfer_claims" / "results" / "results.csv")
-    margins, gaps, stds = [], 0, 0
-    for pair, g in s.groupby("pair", sort=False):
-        low = g[g["fraction"] == g["fraction"].min()].set_index("method")
-        margins.append(100 * (low.drop(index=SCRATCH)["test_mean"].max() - low.loc[SCRATCH, "test_mean"]))
-        by = g.groupby("method")
-        gaps += int((by["gap"].mean().drop(SCRATCH) < by["gap"].mean()[SCRATCH]).any())
-        stds += int((by["test_std"].mean().drop(SCRATCH) < by["test_std"].mean()[SCRATCH]).any())
-    n = s["pair"].nunique()
-    return (f"(a) at the smallest labelled fraction the best transfer regime beats scratch on {sum(m > 0 for m in margins)}/{n} pairs "
-            f"({', '.join(f'{m:+.1f}' for m in margins)} points); (b) some transfer regime has a smaller train–test gap on {gaps}/{n}; "
-            f"(c) a smaller seed spread on {stds}/{n}; (d) a linear probe trains only the head")
+    from mtl.stats import seeds_needed
+    from paper_repro.transfer_claims.__main__ import NAMES, claim_tests
+
+    results = STUDIES / "transfer_claims" / "results"
+    per_seed = pd.read_csv(results / "per_seed.csv") if (results / "per_seed.csv").exists() else None
+    tests = claim_tests(pd.read_csv(results / "results.csv"), per_seed)
+    m = sum(1 for v in tests if v.test.p == v.test.p)
+    resolved = [v for v in tests if v.test.p_holm < 0.05]
+    a = [v for v in tests if v.claim == "a"]
+    lowest = {pair: min(v.fraction for v in a if v.pair == pair) for pair in {v.pair for v in a}}
+    head = max((v for v in a if v.fraction == lowest[v.pair]), key=lambda v: v.test.mean)
+
+    def listed(claim: str, sign: int) -> str:
+        found = [f"{NAMES[v.method]} on {v.pair} at {v.fraction:g}" for v in resolved if v.claim == claim and (v.test.mean > 0) == (sign > 0)]
+        return ", ".join(found) or "none"
+
+    test = "paired t-tests" if per_seed is not None else "Welch's test from means and stds (per-seed values not kept)"
+    b = (f"(b) smaller train–test gap resolved: {listed('b', 1)}" if per_seed is not None
+         else "(b) not tested (per-seed train accuracy not kept)")
+    # (c) compares the ratio scratch std / regime std with 1.
+    c_less = [v for v in resolved if v.claim == "c" and v.test.mean > 1]
+    return (f"{test}, Holm over {m} tests: (a) gains over scratch resolved: {listed('a', 1)}; losses resolved: {listed('a', -1)}; "
+            f"the largest gain at a pair's smallest fraction, {NAMES[head.method]} on {head.pair} at {head.fraction:g}, "
+            f"{head.test.mean:+.1f} points, p = {head.test.p:.2f}, is "
+            + ("resolved" if head.test.p_holm < 0.05 else f"not resolved (about {seeds_needed(head.test.dz)} seeds would resolve it alone at 80% power)")
+            + f"; {b}; (c) smaller seed spread resolved on {len(c_less)} of "
+            f"{sum(v.claim == 'c' for v in tests)} comparisons (F-test); (d) a linear probe trains only the head")
 
 
 LINES = {

@@ -89,6 +89,52 @@ def test_index_lines_come_from_the_committed_results():
             assert summary()
 
 
+def test_transfer_claims_committed_verdicts_are_regenerated_from_the_committed_results():
+    from paper_repro.transfer_claims.__main__ import verdicts
+
+    results = STUDIES / "transfer_claims" / "results"
+    per_seed = pd.read_csv(results / "per_seed.csv") if (results / "per_seed.csv").exists() else None
+    assert (results / "verdicts.md").read_text() == verdicts(pd.read_csv(results / "results.csv"), per_seed) + "\n"
+
+
+def claims_summary(seeds: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """results.csv and per_seed.csv of one pair at one fraction from {method: (test, train) per seed}."""
+    per_seed = pd.DataFrame([{"pair": "p", "method": m, "fraction": 0.1, "seed": i, "split": split, "value": v}
+                             for m, (test, train) in seeds.items() for split, values in (("test", test), ("train", train))
+                             for i, v in enumerate(values)])
+    test = per_seed[per_seed["split"] == "test"].groupby("method")["value"]
+    summary = pd.DataFrame({"pair": "p", "method": list(seeds), "fraction": 0.1})
+    summary["test_mean"] = summary["method"].map(test.mean())
+    summary["test_std"] = summary["method"].map(test.std())
+    summary["n_seeds"] = summary["method"].map(test.count())
+    return summary, per_seed
+
+
+def test_transfer_claims_verdicts_by_hand():
+    from scipy import stats as sps
+
+    from paper_repro.transfer_claims.__main__ import claim_tests, verdicts
+
+    scratch = ([0.60, 0.70, 0.65, 0.62], [0.90, 0.95, 0.92, 0.93])
+    fine = ([0.66, 0.74, 0.70, 0.69], [0.90, 0.95, 0.92, 0.93])  # +4 to +6 points at every seed
+    summary, per_seed = claims_summary({"single_task": scratch, "sequential/fine_tune": fine})
+    paired = {v.claim: v.test for v in claim_tests(summary, per_seed)}
+    p = sps.ttest_rel(fine[0], scratch[0]).pvalue
+    assert paired["a"].p == pytest.approx(p) and paired["a"].mean == pytest.approx(5.5)
+    assert paired["b"].mean == pytest.approx(5.5)  # the same train accuracy: the gap shrinks by the test gain
+    assert paired["c"].mean == pytest.approx(pd.Series(scratch[0]).std() / pd.Series(fine[0]).std())
+    # Holm over the three: (a) and (b) share the smallest p (the same differences), so both get 3p.
+    assert paired["b"].p == pytest.approx(p) and paired["c"].p > p
+    assert paired["a"].p_holm == pytest.approx(3 * p) and paired["b"].p_holm == pytest.approx(3 * p)
+    # Without per-seed values: Welch from the means and stds, and (b) untested.
+    unpaired = {v.claim: v.test for v in claim_tests(summary, None)}
+    assert unpaired["a"].p == pytest.approx(sps.ttest_ind(fine[0], scratch[0], equal_var=False).pvalue)
+    assert "b" not in unpaired and unpaired["a"].p > paired["a"].p  # the pairing was worth having
+    text = verdicts(summary, None)
+    assert "## (b) Better generalization\n\nNot tested: the train accuracy of each seed was not kept." in text
+    assert "Seeds needed for the headline difference" in text and "fine-tune on p at 0.1, +5.5 points" in text
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 
 
@@ -180,9 +226,13 @@ def test_transfer_claims_smoke(tmp_path):
     assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint"}
     params = df.groupby("method")["trainable_params"].max()
     assert params["sequential/linear_probe"] < params["single_task"] <= params["joint"]
-    text = (results / "results.md").read_text()
-    for claim in ("(a) Less labelled data", "(b) Better generalization", "(c) Less brittle", "(d) Fewer trainable parameters"):
-        assert claim in text
+    assert "(d) Fewer trainable parameters" in (results / "results.md").read_text()
+    verdicts = (results / "verdicts.md").read_text()
+    for claim in ("(a) Less labelled data", "(b) Better generalization", "(c) Less brittle"):
+        assert claim in verdicts
+    assert "one seed: no test" in verdicts and "better |" not in verdicts  # the smoke run has one seed
+    seeds = pd.read_csv(results / "per_seed.csv")
+    assert set(seeds["split"]) == {"train", "test"} and set(seeds["seed"]) == {0}
     assert (results / "lr_sweep.csv").exists() and (results / "data_efficiency.png").exists()
 
 

@@ -99,26 +99,48 @@ def test_variance_ratio_test():
     assert stats.variance_ratio_test(1.0, 3, math.sqrt(19), 3) == pytest.approx(0.1)
     assert stats.variance_ratio_test(2.0, 3, 1.0, 3) == pytest.approx(0.4)
     assert math.isnan(stats.variance_ratio_test(1.0, 1, 1.0, 3))
+    # With 3 seeds each the two-sided 5% critical ratio of variances is F_{0.975}(2, 2) = 39, a
+    # ratio of sds √39 = 6.24 (the "above about 6"); at that true ratio power is ≈ 0.5.
+    assert sps.f.isf(0.025, 2, 2) == pytest.approx(39.0)
+    assert stats.variance_ratio_power(math.sqrt(39), 3) == pytest.approx(0.5, abs=0.01)
+    assert stats.variance_ratio_power(1.0, 3) == pytest.approx(0.05)
+    assert stats.variance_ratio_seeds_needed(1.0) is None
+    k = stats.variance_ratio_seeds_needed(2.0)
+    assert stats.variance_ratio_power(2.0, k) >= 0.8 > stats.variance_ratio_power(2.0, k - 1)
+    assert stats.variance_ratio_seeds_needed(0.5) == k  # less spread is found as easily as more
 
 
 def test_verdicts_in_words():
-    better = stats.Paired.of([1.0, 1.2, 0.9, 1.1])
+    better = stats.Difference.of([1.0, 1.2, 0.9, 1.1])
     stats.correct([better])
     assert better.verdict() == "better"
-    worse = stats.Paired.of([-1.0, -1.2, -0.9, -1.1])
+    worse = stats.Difference.of([-1.0, -1.2, -0.9, -1.1])
     stats.correct([worse])
     assert worse.verdict() == "worse"
     # d = 1, 2, 3 alone has p = 0.074: not resolved; d_z = 2 needs 5 seeds at α = 0.05.
-    unresolved = stats.correct([stats.Paired.of([1.0, 2.0, 3.0])])[0]
+    unresolved = stats.correct([stats.Difference.of([1.0, 2.0, 3.0])])[0]
     assert unresolved.verdict() == "no resolved difference at 3 seeds; about 5 seeds would resolve a difference of this size at 80% power"
-    assert stats.Paired.of([0.4]).verdict() == "one seed: no test"
-    zero = stats.correct([stats.Paired.of([0.0, 0.0, 0.0])])[0]
+    assert stats.Difference.of([0.4]).verdict() == "one seed: no test"
+    zero = stats.correct([stats.Difference.of([0.0, 0.0, 0.0])])[0]
     assert zero.verdict() == "no resolved difference at 3 seeds; the observed difference is 0"
     # Holm over a family: p = 0.03 alone is "better", beside three others it is not.
-    one = stats.Paired(n=5, mean=1.0, low=0.1, high=1.9, p=0.03, dz=1.5)
-    others = [stats.Paired(n=5, mean=0.1, low=-1, high=1, p=0.5, dz=0.1) for _ in range(3)]
+    one = stats.Difference(n=5, mean=1.0, low=0.1, high=1.9, p=0.03, dz=1.5)
+    others = [stats.Difference(n=5, mean=0.1, low=-1, high=1, p=0.5, dz=0.1) for _ in range(3)]
     assert stats.correct([one])[0].verdict() == "better"
     assert stats.correct([one, *others])[0].verdict(m=4).startswith("no resolved difference at 5 seeds")
+
+
+def test_welch_from_summary_by_hand():
+    # Means 0.70 and 0.61, stds 0.11 and 0.0765, 3 seeds each: se = √(0.11²/3 + 0.0765²/3)
+    # = 0.07736, t = 1.1634, Welch df = 3.57; scipy on the raw values agrees.
+    a, b = np.array([0.58, 0.72, 0.80]), np.array([0.55, 0.60, 0.70])
+    d = stats.welch_from_summary(a.mean(), a.std(ddof=1), 3, b.mean(), b.std(ddof=1), 3)
+    assert d.p == pytest.approx(sps.ttest_ind(a, b, equal_var=False).pvalue)
+    assert d.mean == pytest.approx(a.mean() - b.mean()) and d.low < d.mean < d.high
+    assert d.dz == pytest.approx((a.mean() - b.mean()) / math.sqrt(a.var(ddof=1) + b.var(ddof=1)))
+    ci = sps.ttest_ind(a, b, equal_var=False).confidence_interval()
+    assert (d.low, d.high) == pytest.approx((ci.low, ci.high))
+    assert math.isnan(stats.welch_from_summary(0.7, 0.1, 1, 0.6, 0.1, 3).p)
 
 
 # ---- the verdict rule by simulation -----------------------------------------------------------

@@ -4,22 +4,32 @@
     python -m paper_repro.transfer_claims            # every pair of pairs/, the LR sweep, then results/
     python -m paper_repro.transfer_claims --smoke    # MNIST -> digits only, 2 steps, 1 seed (CI)
     python -m paper_repro.transfer_claims --report-only
+    python -m paper_repro.transfer_claims --verdicts   # results/verdicts.md from results/*.csv only
 
 Each pair of pairs/ merged over base.yaml is one `mtl compare` grid: scratch (single_task),
 linear probe, fine-tune and LP-FT from the source trunk, and joint training, at several
 labelled fractions of the target, 3 seeds. The learning-rate sweep reruns the first pair at
-one fraction with other target learning rates. Writes results/results.md, results/results.csv,
+one fraction with other target learning rates. Writes results/results.md, results/results.csv
+(per pair, method and fraction: mean and std over seeds), results/per_seed.csv (every seed's
+target accuracy on train and test, what the paired tests need), results/verdicts.md,
 results/data_efficiency.png and results/lr_sweep.png.
+
+Verdicts (results/verdicts.md) come from mtl.stats only, Holm-corrected over all of them:
+paired t-tests of per-seed differences when results/per_seed.csv exists, else Welch's test
+from the means and stds of results.csv (runs of this study before per_seed.csv was kept).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import dataclass
 
 import pandas as pd
 from matplotlib.figure import Figure
 
+from mtl import stats
 from paper_repro.common import SMOKE, STUDIES, fmt, folders, markdown, parser, primary_test, provenance, run_grid, write
 
 HERE = STUDIES / "transfer_claims"
@@ -43,8 +53,16 @@ def sweep_overrides(lr: float) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = parser("transfer_claims", __doc__).parse_args(argv)
+    p = parser("transfer_claims", __doc__)
+    p.add_argument("--verdicts", action="store_true", help="write results/verdicts.md from the results files alone; no grid is read")
+    args = p.parse_args(argv)
     runs, results = folders(args, "transfer_claims")
+    if args.verdicts:
+        per_seed = results / "per_seed.csv"
+        text = verdicts(pd.read_csv(results / "results.csv"), pd.read_csv(per_seed) if per_seed.exists() else None)
+        write(results, "verdicts.md", text)
+        print(text)
+        return 0
     pairs = ["mnist_to_digits"] if args.smoke else PAIRS
     sweep_pair = "mnist_to_digits" if args.smoke else SWEEP_PAIR
     lrs = SWEEP_LRS[:1] if args.smoke else SWEEP_LRS
@@ -87,12 +105,20 @@ def target_stats(df: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+def target_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """Every seed's target primary metric on train and test: method, fraction, seed, split, value."""
+    rows = pd.concat([primary_test(df, "train"), primary_test(df, "test")])
+    rows = rows[rows["task"] == TARGET]
+    return rows[["method", "fraction", "seed", "split", "value"]].reset_index(drop=True)
+
+
 def report(frames, sweep, walls, results, smoke) -> None:
-    records, sections, claims = [], [], {"a": [], "b": [], "c": [], "d": []}
+    records, seeds, sections, claims = [], [], [], {"d": []}
     for pair, df in frames.items():
         s = target_stats(df)
         s.insert(0, "pair", pair)
         records.append(s)
+        seeds.append(target_seeds(df).assign(pair=pair))
         fractions = sorted(s["fraction"].unique())
         cell = s.set_index(["method", "fraction"])
         methods = [m for m in REGIMES if m in set(s["method"])]
@@ -100,24 +126,7 @@ def report(frames, sweep, walls, results, smoke) -> None:
                  f"{cell.loc[m, 'trainable_params'].iloc[-1]:,.0f}"] for m in methods]
         sections.append("\n".join([f"### {pair}", "", "Target test accuracy (%), mean ± std over seeds, by labelled fraction of the target; trainable parameters of the target run.", "",
                                    markdown(["regime", *(f"fraction {f:g}" for f in fractions), "trainable params"], body)]))
-        low = fractions[0]
-        at = s[s["fraction"] == low].set_index("method")
-        if SCRATCH in at.index:
-            others = at.drop(index=SCRATCH)
-            best = others["test_mean"].idxmax()
-            margin = at.loc[best, "test_mean"] - at.loc[SCRATCH, "test_mean"]
-            noise = max(at.loc[best, "test_std"], at.loc[SCRATCH, "test_std"])
-            claims["a"].append(f"{pair} at fraction {low:g}: best {NAMES[best]} {fmt(at.loc[best, 'test_mean'])}% vs scratch "
-                               f"{fmt(at.loc[SCRATCH, 'test_mean'])}%: {margin * 100:+.1f} points"
-                               + ("" if pd.isna(noise) else " (beyond the seed std)" if margin > noise else " (within the seed std)" if margin > 0 else ""))
-            gaps = s.groupby("method")["gap"].mean()
-            better = [NAMES[m] for m in methods if m != SCRATCH and gaps[m] < gaps[SCRATCH]]
-            claims["b"].append(f"{pair}: mean train−test gap scratch {gaps[SCRATCH] * 100:.1f} points; smaller for "
-                               f"{', '.join(better) or 'no transfer regime'} ("
-                               + ", ".join(f"{NAMES[m]} {gaps[m] * 100:.1f}" for m in methods if m != SCRATCH) + ")")
-            stds = s.groupby("method")["test_std"].mean()
-            claims["c"].append(f"{pair}: seed std of test accuracy (mean over fractions) scratch {stds[SCRATCH] * 100:.2f}; "
-                               + ", ".join(f"{NAMES[m]} {stds[m] * 100:.2f}" for m in methods if m != SCRATCH))
+        if SCRATCH in set(s["method"]):
             params = s.groupby("method")["trainable_params"].max()
             claims["d"].append(f"{pair}: scratch {params[SCRATCH]:,.0f}; "
                                + ", ".join(f"{NAMES[m]} {params[m]:,.0f} ({params[m] / params[SCRATCH]:.2f}×)" for m in methods if m != SCRATCH))
@@ -125,17 +134,18 @@ def report(frames, sweep, walls, results, smoke) -> None:
     figure(frames, results)
     all_stats = pd.concat(records) if records else pd.DataFrame()
     all_stats.to_csv(results / "results.csv", index=False)
+    per_seed = pd.concat(seeds)[["pair", "method", "fraction", "seed", "split", "value"]] if seeds else None
+    if per_seed is not None:
+        per_seed.to_csv(results / "per_seed.csv", index=False)
+    verdict_text = verdicts(all_stats, per_seed) if records else "No pair finished: no verdicts."
+    write(results, "verdicts.md", verdict_text)
     command = "python -m paper_repro.transfer_claims" + (" --smoke" if smoke else "")
     text = "\n\n".join([
         "# The transfer-learning claims: results",
         provenance(command, sum(walls.values()) or None, smoke),
         "## What the numbers say, per claim (generated)",
-        "**(a) Less labelled data** — target accuracy at the smallest labelled fraction, best transfer regime against scratch:\n\n"
-        + "\n".join(f"- {c}" for c in claims["a"]),
-        "**(b) Better generalization** — train − test gap of the target's accuracy, mean over fractions (points; smaller is better):\n\n"
-        + "\n".join(f"- {c}" for c in claims["b"]),
-        "**(c) Less brittle** — spread of the target's test accuracy over seeds (points, std), and over the learning-rate sweep below:\n\n"
-        + "\n".join(f"- {c}" for c in claims["c"]),
+        "Claims (a)–(c) are judged in [verdicts.md](verdicts.md) (paired per-seed tests, Holm-corrected); "
+        "the tables below describe.",
         "**(d) Fewer trainable parameters** — parameters trained in the target run (joint: trunk and both heads):\n\n"
         + "\n".join(f"- {c}" for c in claims["d"]),
         "## Per pair", *sections,
@@ -143,6 +153,129 @@ def report(frames, sweep, walls, results, smoke) -> None:
         sweep_text,
     ])
     write(results, "results.md", text)
+
+
+CLAIMS = {
+    "a": ("(a) Less labelled data", "target test accuracy, transfer regime − scratch (points; + better)", ("better", "worse")),
+    "b": ("(b) Better generalization", "train − test gap of target accuracy, scratch − transfer regime (points; + smaller gap)",
+          ("smaller gap", "larger gap")),
+    "c": ("(c) Less brittle (seeds)", "std over seeds of target test accuracy, scratch / transfer regime (+: less spread); F-test",
+          ("less spread", "more spread")),
+}
+
+
+@dataclass
+class Verdict:
+    claim: str
+    pair: str
+    fraction: float
+    method: str
+    test: stats.Difference  # (c): mean is the ratio of stds, p the F-test's
+
+
+def claim_tests(summary: pd.DataFrame, per_seed: pd.DataFrame | None) -> list[Verdict]:
+    """Every transfer regime against scratch, per pair and fraction, for claims (a)–(c); Holm
+    over all of them. (a) and (b) are paired t-tests of per-seed differences when ``per_seed``
+    is given; (a) is Welch's test from the means and stds otherwise, and (b) is then left out
+    (the spread of the train accuracy was not kept). (c) is the F-test of the two variances."""
+    out = []
+    seeds = None if per_seed is None else per_seed.assign(fraction=per_seed["fraction"].round(6))
+    summary = summary.assign(fraction=summary["fraction"].round(6))
+    for (pair, fraction), group in summary.groupby(["pair", "fraction"], sort=False):
+        at = group.set_index("method")
+        if SCRATCH not in at.index:
+            continue
+        base = at.loc[SCRATCH]
+        for method in [m for m in REGIMES if m in at.index and m != SCRATCH]:
+            row = at.loc[method]
+            if seeds is None:
+                a = stats.welch_from_summary(100 * row.test_mean, 100 * row.test_std, int(row.n_seeds),
+                                             100 * base.test_mean, 100 * base.test_std, int(base.n_seeds))
+                out.append(Verdict("a", pair, fraction, method, a))
+            else:
+                values = seeds[(seeds["pair"] == pair) & (seeds["fraction"] == fraction)]
+                v = values.pivot_table(index="seed", columns=["method", "split"], values="value")
+                both = v[[(method, "test"), (SCRATCH, "test"), (method, "train"), (SCRATCH, "train")]].dropna()
+                test = 100 * (both[(method, "test")] - both[(SCRATCH, "test")])
+                gap = 100 * ((both[(SCRATCH, "train")] - both[(SCRATCH, "test")]) - (both[(method, "train")] - both[(method, "test")]))
+                out.append(Verdict("a", pair, fraction, method, stats.Difference.of(test.to_numpy())))
+                out.append(Verdict("b", pair, fraction, method, stats.Difference.of(gap.to_numpy())))
+            ratio = base.test_std / row.test_std if row.test_std > 0 else float("nan")
+            p = stats.variance_ratio_test(base.test_std, int(base.n_seeds), row.test_std, int(row.n_seeds))
+            n = int(min(base.n_seeds, row.n_seeds))
+            out.append(Verdict("c", pair, fraction, method, stats.Difference(n, ratio, float("nan"), float("nan"), p, float("nan"))))
+    stats.correct([v.test for v in out])
+    return out
+
+
+def _words(v: Verdict, m: int) -> str:
+    good, bad = CLAIMS[v.claim][2]
+    t = v.test
+    if v.claim != "c":
+        text = t.verdict(m=m)
+        return {"better": good, "worse": bad}.get(text, text)
+    if t.n < 2:
+        return "one seed: no test"
+    decision = stats.decide(math.log(t.mean) if t.mean > 0 else 0.0, t.p_holm)
+    if decision:
+        return good if decision > 0 else bad
+    k = stats.variance_ratio_seeds_needed(t.mean, stats.ALPHA / m)
+    more = f"more than {stats.MAX_SEEDS:,}" if k is None else f"about {k}"
+    return f"no resolved difference at {t.n} seeds; {more} seeds would resolve a ratio of this size at 80% power"
+
+
+def verdicts(summary: pd.DataFrame, per_seed: pd.DataFrame | None = None) -> str:
+    """results/verdicts.md: claims (a)–(c) judged by the tests of :func:`claim_tests` only."""
+    tests = claim_tests(summary, per_seed)
+    m = sum(1 for v in tests if not math.isnan(v.test.p))
+    how = ("paired t-tests of per-seed differences (results/per_seed.csv)" if per_seed is not None else
+           "Welch's unpaired t-test from the means and stds of results.csv: this run kept no per-seed values, so "
+           "the pairing by seed cannot be used, and claim (b) cannot be tested (the train accuracy's spread was not kept)")
+    lines = [
+        "# The transfer-learning claims: verdicts",
+        "_Generated by `python -m paper_repro.transfer_claims --verdicts` from the results files (no training). "
+        "Do not edit by hand._",
+        f"Every transfer regime against scratch, per pair and labelled fraction. Tests: {how}; claim (c): the F-test "
+        f"of the two variances. p (Holm): Holm-corrected over all {m} tests of this file. A verdict other than "
+        "\"no resolved difference\" needs p (Holm) < 0.05; the seeds that would resolve the observed difference at 80% "
+        f"power are at level 0.05/{m} (Holm's strictest step).",
+    ]
+    for claim, (title, what, _) in CLAIMS.items():
+        rows = [v for v in tests if v.claim == claim]
+        if not rows:
+            missing = "the train accuracy of each seed was not kept" if claim == "b" and per_seed is None else "no scratch rows"
+            lines.append(f"## {title}\n\nNot tested: {missing}.")
+            continue
+        body = []
+        for v in rows:
+            t = v.test
+            shown = (f"{t.mean:.2f}" if claim == "c" else
+                     f"{t.mean:+.1f}" + ("" if math.isnan(t.low) else f" [{t.low:+.1f}, {t.high:+.1f}]"))
+            p = "–" if math.isnan(t.p) else f"{t.p:.3f}"
+            ph = "–" if math.isnan(t.p_holm) else f"{t.p_holm:.3f}"
+            body.append([v.pair, f"{v.fraction:g}", NAMES[v.method], str(t.n), shown, p, ph, _words(v, max(m, 1))])
+        resolved = [v for v in rows if _words(v, max(m, 1)) in CLAIMS[claim][2]]
+        counts = ", ".join(f"{sum(_words(v, max(m, 1)) == w for v in resolved)} {w}" for w in CLAIMS[claim][2])
+        lines.append("\n\n".join([
+            f"## {title}",
+            f"{what}. Resolved: {counts}, of {len(rows)} comparisons; the rest not resolved.",
+            markdown(["pair", "fraction", "regime", "n", "difference [95% CI]" if claim != "c" else "std ratio",
+                      "p", "p (Holm)", "verdict"], body),
+        ]))
+    a = [v for v in tests if v.claim == "a" and not math.isnan(v.test.dz)]
+    if a:
+        lowest = {pair: min(v.fraction for v in a if v.pair == pair) for pair in {v.pair for v in a}}
+        head = max((v for v in a if v.fraction == lowest[v.pair]), key=lambda v: v.test.mean)
+        alone, holm = stats.seeds_needed(head.test.dz), stats.seeds_needed(head.test.dz, stats.ALPHA / max(m, 1))
+        lines.append("\n\n".join([
+            "## Seeds needed for the headline difference",
+            f"The largest gain over scratch at a pair's smallest labelled fraction: {NAMES[head.method]} on {head.pair} at "
+            f"{head.fraction:g}, {head.test.mean:+.1f} points (d_z ≈ {head.test.dz:.2f}"
+            + (", from the stds assuming uncorrelated seeds" if per_seed is None else "")
+            + f"). At 80% power it would take about {alone} seeds as the only test at α = 0.05, and about {holm} at "
+            f"Holm's level 0.05/{m} among this file's tests.",
+        ]))
+    return "\n\n".join(lines)
 
 
 def lr_sweep(sweep: dict[float, pd.DataFrame], results) -> str:
