@@ -13,6 +13,7 @@ the graph, else one backward per task. The method's ``Aggregation`` becomes the 
 task weights alone → one backward of Σ_t w_t o_t (exact for every parameter); a combined
 gradient → written into the shared parameters, while the heads get the gradient of their
 own objectives. Weights can be recomputed every ``every`` steps and reused in between.
+A method with ``max_norm`` > 0 (Nash-MTL) has the trunk's gradient clipped to that norm.
 
 A ``GramianWeighting`` in a parameter mode gets only G = JJᵀ, computed stage by stage
 without J where the trunk's graph has cuts (``mtl.gramian``; ``staged=False`` forms J);
@@ -86,7 +87,26 @@ class GradientEngine:
     ) -> dict[str, torch.Tensor]:
         """Forward, per-task gradients, aggregation and the backward; returns the task losses.
 
-        ``loss_fn(outputs, targets)`` returns each task's loss (``mtl.losses.task_losses``)."""
+        ``loss_fn(outputs, targets)`` returns each task's loss (``mtl.losses.task_losses``).
+        With ``weighting.max_norm`` > 0 the trunk's gradient is then clipped to that norm."""
+        losses = self._update(inputs, members, targets, loss_fn, step, penalty_fn)
+        if self.weighting.max_norm > 0:
+            self._cap(self.weighting.max_norm)
+        return losses
+
+    def _cap(self, max_norm: float) -> None:
+        """Clips the trunk's gradient to ``max_norm`` (Nash-MTL's official code clips the shared
+        parameters after its backward). Under torchrun the norm must be that of the global
+        update, so the trunk's gradients are averaged here; the trainer's later average of
+        these equal tensors leaves them as they are."""
+        trunk = [p for p in self.model.trunk.parameters() if p.grad is not None]
+        if not trunk:
+            return
+        if self.ctx.active:
+            self.ctx.mean_([p.grad for p in trunk])
+        torch.nn.utils.clip_grad_norm_(trunk, max_norm)
+
+    def _update(self, inputs, members, targets, loss_fn, step, penalty_fn) -> dict[str, torch.Tensor]:
         w = self.weighting
         reuse = self._weights is not None and step % self.every != 0
         representation = w.mode == "representation"
@@ -196,19 +216,29 @@ class GradientEngine:
 
     def _apply(self, weights, objectives, penalty, shared, features, leaf) -> None:
         """The update of task weights: Σ_t w_t o_t back-propagated. A method whose weights make
-        a modified shared gradient (PCGrad, GradVac, CAGrad: ``weigh_heads`` False) gets it on
-        the shared parameters only, and each head the gradient of its own objective."""
+        a modified shared gradient or can be negative (PCGrad, GradVac, CAGrad, IMTL-G,
+        Aligned-MTL: ``weigh_heads`` False) gets it on the shared parameters (or the
+        representation) only, and each head the gradient of its own objective."""
         total = (weights.to(objectives.dtype) * objectives).sum()
-        if features is None and isinstance(self.weighting, GramianWeighting) and not self.weighting.weigh_heads:
-            heads_total = objectives.sum()
-            if penalty is not None:
-                total, heads_total = total + penalty, heads_total + penalty
-            others = self._others(shared)
-            torch.autograd.backward(total, inputs=shared, retain_graph=bool(others))
-            if others:
-                torch.autograd.backward(heads_total, inputs=others)
+        if not (isinstance(self.weighting, GramianWeighting) and not self.weighting.weigh_heads):
+            self._backward(total, penalty, features, leaf)
             return
-        self._backward(total, penalty, features, leaf)
+        if features is not None:
+            (gradient,) = torch.autograd.grad(total, leaf, retain_graph=True)
+            heads = [p for p in self.model.heads.parameters() if p.requires_grad]
+            torch.autograd.backward(objectives.sum(), inputs=heads)
+            if features.requires_grad:
+                features.backward(gradient)
+            if penalty is not None:
+                penalty.backward()
+            return
+        heads_total = objectives.sum()
+        if penalty is not None:
+            total, heads_total = total + penalty, heads_total + penalty
+        others = self._others(shared)
+        torch.autograd.backward(total, inputs=shared, retain_graph=bool(others))
+        if others:
+            torch.autograd.backward(heads_total, inputs=others)
 
     def _record(self, gram: torch.Tensor, weights: torch.Tensor | None) -> None:
         """Norms and pairwise cosines from the Gramian (a [T, T] matrix, no copy of J)."""

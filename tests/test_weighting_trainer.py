@@ -166,3 +166,104 @@ def test_methods_run_under_bf16_autocast_and_channels_last(name, tmp_path):
     assert main(["train", QUICKSTART, *quick(run, 1, 3, *args)]) == 0
     results = json.loads((run / "results.json").read_text())
     assert all(math.isfinite(m["loss"]) for m in results["splits"]["test"].values())
+
+
+@functools.cache
+def _model_and_batch_for(extra):
+    """A trainer's model and one batch, built once per config (the tests only read gradients)."""
+    from mtl.trainer import Trainer
+
+    cfg = load_config(QUICKSTART, quick("/tmp/unused-engine-run", 1, 1, "trunk.dropout=0.0", *extra))
+    t = Trainer(cfg)
+    batches = {n: t.sources[n].next() for n in t.sources}
+    inputs = {n: b[0] for n, b in batches.items()}
+    targets = {task: y for n, b in batches.items() for task, y in zip(t.groups[n], b[1:])}
+    return t, inputs, targets
+
+
+def _own_head_gradients(t, inputs, targets):
+    """Each task's head parameters and the gradient of that task's own loss w.r.t. them."""
+    losses = task_losses(t.tasks, t.model.forward_groups(inputs, t.groups), targets)
+    out = {}
+    for task, loss in losses.items():
+        params = [p for p in t.model.heads[task].parameters() if p.requires_grad]
+        out[task] = (params, torch.autograd.grad(loss, params, retain_graph=True))
+    return out
+
+
+@pytest.mark.parametrize("name", ["imtl_g", "aligned_mtl"])
+@pytest.mark.parametrize("mode, extra, staged", [("parameters", (), True), ("parameters", (), False), ("representation", tuple(MULTI_MNIST), False)])
+def test_heads_get_their_own_gradient_whatever_the_task_weights(name, mode, extra, staged):
+    """IMTL-G's and Aligned-MTL's weights can be negative: Σ_t w_t L_t would then train a head to
+    increase its own loss. Each head gets its own loss's gradient, when the weights are computed
+    (step 0) and when they are reused (step 1, weighting_every=2); the shared update is Σ_t w_t g_t."""
+    torch.manual_seed(0)
+    t, inputs, targets = _model_and_batch_for(extra)
+    method = WEIGHTINGS.get(name)(list(t.tasks), mode=mode)
+    engine = GradientEngine(t.model, method, every=2, staged=staged)
+    for step in (0, 1):
+        expected = _own_head_gradients(t, inputs, targets)
+        t.model.zero_grad(set_to_none=True)
+        engine.backward(inputs, t.groups, targets, functools.partial(task_losses, t.tasks), step, lambda: None)
+        for task, (params, grads) in expected.items():
+            for p, g in zip(params, grads):
+                torch.testing.assert_close(p.grad, g, msg=f"{task} head at step {step}")
+    # The trunk's update is the weighted one: Σ_t w_t g_t with the reused weights.
+    w = engine._weights
+    losses = task_losses(t.tasks, t.model.forward_groups(inputs, t.groups), targets)
+    trunk = [p for p in t.model.trunk.parameters() if p.requires_grad]
+    weighted = torch.autograd.grad(sum(w[i] * losses[k] for i, k in enumerate(method.tasks)), trunk)
+    for p, g in zip(trunk, weighted):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_imtl_g_negative_weight_does_not_make_its_head_ascend():
+    # The issue's three gradients, as the gradients of three linear heads on a shared weight
+    # vector θ: L_t = a_tᵀθ + ½||φ_t||², so g_t = a_t and IMTL-G's third weight is −0.97.
+    from mtl.weighting.surgery import IMTLG
+
+    J = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.1]])
+    w = IMTLG(["a", "b", "c"]).weigh(J @ J.T)
+    assert w[2] < 0
+    head = torch.nn.Parameter(torch.ones(3))  # φ_t, one entry per task
+    theta = torch.nn.Parameter(torch.zeros(3))
+    losses = J @ theta + 0.5 * head**2
+    engine = GradientEngine(torch.nn.ParameterList([theta, head]), IMTLG(["a", "b", "c"], mode="parameters"))
+    engine._apply(w, losses, None, [theta], None, None)
+    torch.testing.assert_close(theta.grad, w.float() @ J)
+    torch.testing.assert_close(head.grad, head.detach())  # ∂L_t/∂φ_t = φ_t: every head descends
+
+
+def _engine_grads(method, t, inputs, targets):
+    t.model.zero_grad(set_to_none=True)
+    GradientEngine(t.model, method).backward(inputs, t.groups, targets, functools.partial(task_losses, t.tasks), 0, lambda: None)
+    return {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+
+
+def test_nash_mtl_caps_the_trunk_update_norm_as_the_official_code():
+    from mtl.weighting.projection import NashMTL
+
+    t, inputs, targets = _model_and_batch_for(())
+    tasks = list(t.tasks)
+    assert NashMTL(tasks).max_norm == 1.0  # the official default
+    free = _engine_grads(NashMTL(tasks, max_norm=0), t, inputs, targets)
+    trunk = [n for n in free if n.startswith("trunk.")]
+    norm = torch.linalg.vector_norm(torch.stack([free[n].norm() for n in trunk]))
+    capped = _engine_grads(NashMTL(tasks, max_norm=float(norm) / 2), t, inputs, targets)
+    for n in free:
+        # torch's clip_grad_norm_: scale max_norm / (norm + 1e-6); the heads are not clipped.
+        scale = (norm / 2) / (norm + 1e-6) if n in trunk else 1.0
+        torch.testing.assert_close(capped[n], free[n] * scale, msg=n)
+    # A cap above the norm changes nothing.
+    loose = _engine_grads(NashMTL(tasks, max_norm=float(norm) * 2), t, inputs, targets)
+    for n in free:
+        torch.testing.assert_close(loose[n], free[n], msg=n)
+
+
+
+@pytest.mark.parametrize("value", [-1.0, float("nan")])
+def test_nash_mtl_bad_max_norm_names_the_key(value):
+    from mtl.weighting.projection import NashMTL
+
+    with pytest.raises(ValueError, match="weighting.max_norm must be >= 0"):
+        NashMTL(["a", "b"], max_norm=value)

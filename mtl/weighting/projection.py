@@ -32,11 +32,14 @@ class MGDA(GramianWeighting):
     ``mode="representation"`` is MGDA-UB, the paper's upper bound, on the gradients w.r.t.
     the shared representation (also registered as ``mgda_ub``).
 
-    ``normalization`` as in the paper's code (``gradient_normalizers``), applied to the g_t
-    before the solve while α weighs the raw losses (as there): g_t / n_t with n_t = 1
-    (``"none"``, default), ||g_t|| (``"l2"``), L_t (``"loss"``) or L_t·||g_t|| (``"loss+"``, the
-    paper's choice for MultiMNIST and CelebA). The loss-based ones take this step's losses
-    from ``observe(losses)``, which the engine calls before ``aggregate``.
+    ``normalization`` as in the authors' code (isl-org/MultiObjectiveOptimization,
+    ``multi_task/min_norm_solvers.py``, ``gradient_normalizers``), applied to the g_t before
+    the solve while α weighs the raw losses (as there): g_t / n_t with n_t = 1 (``"none"``,
+    default: the paper's method), ||g_t|| (``"l2"``), L_t (``"loss"``) or L_t·||g_t||
+    (``"loss+"``, the setting of the code's ``sample.json``). None of them is in the paper:
+    a comment in ``multi_task/train_multi_task.py`` marks the step as optional and absent
+    from the paper. The loss-based ones take this step's losses from
+    ``observe(losses)``, which the engine calls before ``aggregate``.
     """
 
     modes = ("parameters", "representation")
@@ -123,11 +126,27 @@ class NashMTL(GramianWeighting):
     with α > 0 solving g_tᵀd = 1/α_t for every t, i.e. Gα = 1/α element-wise (G = J Jᵀ).
     Returns the weights α (not normalized, as in the paper: they scale as 1/||g||).
 
-    The official code approximates α by up to 20 convex-concave iterations of cvxpy; here a
-    damped Newton solve to a tolerance (``solvers.nash_weights``). Its other options are
-    elsewhere: ``update_weights_every`` is the engine's every-k-steps option, and its
-    gradient clipping (``max_norm=1``) the trainer's.
+    The official code (AvivNavon/nash-mtl, ``methods/weight_methods.py``, ``NashMTL``) has
+    the defaults ``optim_niter=20``, ``update_weights_every=1`` and ``max_norm=1.0``:
+
+    - ``optim_niter``: up to 20 convex-concave iterations of cvxpy (ECOS), warm-started from
+      the previous step's α and stopped once ||Gα − 1/α|| < 1e-3 on G / ||G||_F; here a
+      damped Newton solve of the same equation to a tolerance (``solvers.nash_weights``),
+      so α is the solution the official iterations approach;
+    - ``update_weights_every``: the engine's every-k-steps option, ``trainer.weighting_every``
+      (default 1, as there);
+    - ``max_norm``: after the backward of Σ_t α_t L_t the official code clips the gradient of
+      the shared parameters to norm ``max_norm`` (``clip_grad_norm_``; the heads are not
+      clipped). Here the same (default 1.0; 0 turns it off): the engine caps the trunk's
+      gradient after the method's update (``GradientWeighting.max_norm``), before
+      ``trainer.grad_clip``, which clips every parameter together.
     """
+
+    def __init__(self, tasks: Sequence[str], mode: str | None = None, max_norm: float = 1.0):
+        super().__init__(tasks, mode)
+        if not max_norm >= 0:
+            raise ValueError(f"weighting.max_norm must be >= 0 (0: no cap), got {max_norm!r}.")
+        self.max_norm = float(max_norm)
 
     def weigh(self, G: torch.Tensor) -> torch.Tensor:
         return solvers.nash_weights(G.to(solvers.DTYPE))
