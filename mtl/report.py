@@ -696,7 +696,8 @@ def _data_efficiency(df: pd.DataFrame, out: Path, primary: dict[str, str], direc
 
 def _generalization_stats(df: pd.DataFrame, primary: dict[str, str], directions: Directions) -> pd.DataFrame:
     """Per (method, fraction, task): the train − test gap of the primary metric (signed so that
-    positive means train better than test), mean over seeds; the std over seeds of the test value."""
+    positive means train better than test), mean over seeds and the half-width of its 95% t
+    interval; the std over seeds of the test value."""
     records = []
     for method in _methods(df):
         for fraction in sorted(df["fraction"].unique()):
@@ -710,19 +711,20 @@ def _generalization_stats(df: pd.DataFrame, primary: dict[str, str], directions:
                 records.append({
                     "method": method, "fraction": fraction, "task": task,
                     "gap": math.nan if gap is None else gap.mean(),
+                    "gap_ci": math.nan if gap is None else _ci_halfwidth(gap),
                     "brittleness": test[(task, metric)].std(),
                 })
     return pd.DataFrame(records)
 
 
 def _generalization(df: pd.DataFrame, out: Path, primary: dict[str, str], directions: Directions) -> str:
-    stats = _generalization_stats(df, primary, directions)
-    tasks = list(pd.unique(stats["task"]))
+    gen = _generalization_stats(df, primary, directions)
+    tasks = list(pd.unique(gen["task"]))
     header = ["method", "fraction"]
     for task in tasks:
         header += [f"{task} gap", f"{task} seed std"]
     body = []
-    for (method, fraction), group in stats.groupby(["method", "fraction"], sort=False):
+    for (method, fraction), group in gen.groupby(["method", "fraction"], sort=False):
         by_task = group.set_index("task")
         row = [method, f"{fraction:g}"]
         for task in tasks:
@@ -732,13 +734,15 @@ def _generalization(df: pd.DataFrame, out: Path, primary: dict[str, str], direct
         body.append(row)
 
     colors = _colors(df)
-    fractions = sorted(stats["fraction"].unique())
+    fractions = sorted(gen["fraction"].unique())
     fig = Figure(figsize=(3.8 * len(tasks), 5.6))
     axes = fig.subplots(2, len(tasks), squeeze=False)
     for col, task in enumerate(tasks):
-        for method, group in stats[stats["task"] == task].groupby("method", sort=False):
+        by_method = list(gen[gen["task"] == task].groupby("method", sort=False))
+        for i, (method, group) in enumerate(by_method):
             style = {"marker": "o", "color": colors[method], "label": method}
-            axes[0, col].plot(group["fraction"], group["gap"], **style)
+            x = group["fraction"] * 10 ** _dodge(i, len(by_method), 0.03)  # log axis: dodge by a factor
+            axes[0, col].errorbar(x, group["gap"], group["gap_ci"].fillna(0), capsize=3, **style)
             axes[1, col].plot(group["fraction"], group["brittleness"], **style)
         axes[0, col].set_title(f"{task} ({primary[task]})")
         axes[0, col].set_ylabel("train − test gap (+: train better)")
@@ -752,7 +756,8 @@ def _generalization(df: pd.DataFrame, out: Path, primary: dict[str, str], direct
     return "\n".join([
         "## Generalization and brittleness",
         "",
-        "At every labelled fraction, per task's primary metric. Gap: train − test, mean over seeds, "
+        "At every labelled fraction, per task's primary metric. Gap: train − test, mean over seeds "
+        "(plot: with its 95% t interval), "
         "signed so that **a positive gap means train is better than test** (for lower-is-better "
         "metrics the difference is negated). Seed std: std over seeds of the test value "
         "(brittleness; lower is steadier; descriptive: with few seeds a std is itself very uncertain). "
