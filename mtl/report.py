@@ -604,6 +604,7 @@ def _ranks(analyses: list[FractionAnalysis], metrics: str) -> str:
 def _paired_plot(analyses: list[FractionAnalysis], out: Path, metrics: str) -> str:
     """Method − single-task per comparison target, with its 95% CI and a zero line."""
     panels = list(dict.fromkeys(c.on for a in analyses for c in a.comparisons))
+    panels.sort(key=lambda on: on == "Δm%")  # the summary last, after the tasks it summarizes
     if not panels:
         return ""
     methods = list(dict.fromkeys(c.method for a in analyses for c in a.comparisons))
@@ -655,8 +656,14 @@ def _convergence(df: pd.DataFrame, out: Path) -> str:
         + (f"; {len(conv) - len(judged)} not judged (fewer than 2 validations)." if len(judged) < len(conv) else ".")
     )
     if not flagged.empty:
-        body = [[r.method, f"{r.fraction:g}", str(r.seed), r.task, str(r.epochs), f"`{r.cell}`"] for r in flagged.itertuples()]
-        lines += ["", "**Still improving:**", "", _markdown(["method", "fraction", "seed", "task", "epochs", "cell"], body)]
+        body = []
+        for (method, fraction, task), group in judged.groupby(["method", "fraction", "task"], sort=False):
+            seeds = group.loc[group["still_improving"].astype(bool), "seed"]
+            if len(seeds):
+                body.append([method, f"{fraction:g}", task, f"{len(seeds)} of {len(group)}", ", ".join(str(s) for s in sorted(seeds)),
+                             f"{group['epochs'].min()}" if group["epochs"].nunique() == 1 else f"{group['epochs'].min()}–{group['epochs'].max()}"])
+        lines += ["", "**Still improving** (each cell's folder: the `cell` column of results.csv):", "",
+                  _markdown(["method", "fraction", "task", "cells flagged", "seeds", "epochs"], body)]
     return "\n".join(lines)
 
 

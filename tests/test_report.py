@@ -231,7 +231,7 @@ def test_convergence_is_flagged_from_each_cells_metrics_jsonl(results, tmp_path)
     assert conv["still_improving"].sum() == 1 and (conv["epochs"] == 5).all()
     text = write_report(results, tmp_path)
     assert "1 of " in text and "judged (cell, task) pairs flagged" in text
-    assert "| joint | 0.1 | 1 | tgt | 5 | `joint/tgt/0.1/1` |" in text
+    assert "| joint | 0.1 | tgt | 1 of 2 | 1 | 5 |" in text
 
 
 def test_report_counts_single_task_params_over_its_runs(results, tmp_path):

@@ -238,7 +238,9 @@ def verdicts(summary: pd.DataFrame, per_seed: pd.DataFrame | None = None) -> str
         f"Every transfer regime against scratch, per pair and labelled fraction. Tests: {how}; claim (c): the F-test "
         f"of the two variances. p (Holm): Holm-corrected over all {m} tests of this file. A verdict other than "
         "\"no resolved difference\" needs p (Holm) < 0.05; the seeds that would resolve the observed difference at 80% "
-        f"power are at level 0.05/{m} (Holm's strictest step).",
+        f"power are at level 0.05/{m} (Holm's strictest step)." if m else
+        "**One seed: no test is possible**, so no claim is judged; run 2 or more seeds (3 or more to resolve anything "
+        "but very large differences).",
     ]
     for claim, (title, what, _) in CLAIMS.items():
         rows = [v for v in tests if v.claim == claim]
