@@ -16,11 +16,18 @@ with the stage's tasks, recipe and overrides. Built-in regimes:
 A finished cell (its last stage wrote results.json) is skipped when the grid is rerun; an
 interrupted stage resumes from its last checkpoint. Model selection is on validation in
 every stage; the test split is only evaluated on the selected checkpoint.
+
+The output directory is the comparison's: its config.yaml and written_by.json say which
+grid wrote it, and another grid, another config or `mtl train` is refused there before
+anything runs, so results are never silently replaced. Every W&B run of the comparison
+(each stage of each cell, and the report run) keeps its files in ``<output_dir>/wandb``:
+``wandb sync <output_dir>/wandb`` uploads them all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +37,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mtl import distributed
-from mtl.config import ConfigError, resolve, to_dict
+from mtl.config import ConfigError, resolve, save_config, to_dict
 from mtl.registry import did_you_mean
 
 BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages")
@@ -168,18 +175,39 @@ def _cell_dir(root: Path, cell: Cell) -> Path:
     return root / "cells" / cell.regime / cell.variant / f"f{cell.fraction:g}" / f"seed{cell.seed}"
 
 
+def comparison_name(cfg: DictConfig) -> str:
+    """The W&B group of every run of the comparison."""
+    return cfg.compare.name or Path(cfg.output_dir).name
+
+
+def cell_identity(cell: Cell, index: int, targets: list[str]) -> dict[str, Any]:
+    """What one stage's run is in the grid: its W&B run config's ``cell``. (The run config's
+    ``compare`` holds the comparison's values as the user set them.)"""
+    stage = cell.stages[index]
+    shared = cell.shared_source and index == 0  # one source stage per seed serves every recipe and fraction
+    return {
+        "regime": cell.regime,
+        "method": None if shared else cell.label,
+        "recipe": None if shared else cell.recipe,
+        "stage": stage.name,
+        "tasks": list(stage.tasks),
+        "seed": cell.seed,
+        "fraction": None if shared else cell.fraction,
+        "targets": [t for t in stage.tasks if t in targets],  # the tasks trained on that fraction of their labels
+    }
+
+
 def stage_config(cfg: DictConfig, cell: Cell, index: int, run_dir: Path, init: dict[str, Any], targets: list[str]) -> DictConfig:
     """The ordinary run config of one stage of a cell."""
     stage = cell.stages[index]
     base = to_dict(cfg)
-    base.pop("compare")
     tasks = {}
     for name in stage.tasks:
         node = dict(base["tasks"][name] or {})
         if name in targets:
             node.update(train_fraction=cell.fraction, subset_seed=cell.seed)
         tasks[name] = node
-    group = cfg.compare.name or Path(cfg.output_dir).name
+    group = comparison_name(cfg)
     if cell.shared_source and index == 0:
         tags, name = ["source", f"seed={cell.seed}"], f"{cell.regime}/source/s{cell.seed}"
     else:
@@ -237,24 +265,26 @@ class Grid:
         return {"init_from": str(previous / "checkpoints" / "best.pt")}
 
     def preflight(self) -> None:
-        """Build (not train) one stage config per distinct stage, so bad input fails first;
-        and check that stages run earlier in this output_dir ran with the same config."""
-        from mtl.trainer import RESUMABLE_CHANGES, Trainer, config_changes
+        """Check that output_dir holds nothing of another command or grid, then build (not
+        train) one stage config per distinct stage, so bad input fails first."""
+        from mtl.trainer import RESUMABLE_CHANGES, UNREAD_BY_TRAINING, Trainer, written_by
 
+        command = written_by(self.root)
+        if command == "train":
+            raise ConfigError(
+                f"output_dir: {str(self.root)!r} holds a training run (written by mtl train); the comparison would mix its "
+                f"files with that run's. Choose another output_dir, e.g. output_dir={self.root}-compare."
+            )
         # Unlike one run, a grid may not change its epochs midway: finished cells are never
         # retrained, so the cells of one table would have trained for different lengths.
         allowed = tuple(k for k in RESUMABLE_CHANGES if k != "trainer.epochs")
+        if command == "compare":  # the grid itself: a smaller or other grid would replace the report of this one
+            self._check_same_config(self.root, self.cfg, allowed)
         for cell in self.cells:
             for i in range(len(cell.stages)):
-                saved = cell.dirs[i] / "config.yaml"
-                if saved.exists():
+                if (cell.dirs[i] / "config.yaml").exists():
                     cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
-                    changed = config_changes(OmegaConf.to_container(OmegaConf.load(saved)), to_dict(cfg), allowed=allowed)
-                    if changed:
-                        raise ConfigError(
-                            f"output_dir: {saved.parent} was run with another config ({', '.join(changed[:5])} differ); "
-                            "rerun with the config it was run with, or use a new output_dir so results are not mixed."
-                        )
+                    self._check_same_config(cell.dirs[i], cfg, allowed + UNREAD_BY_TRAINING)
         trunks: dict[tuple, dict[str, tuple[int, ...]]] = {}  # a distinct stage -> its trunk's shapes
         for cell in self.cells:
             keys = [(cell.regime, cell.recipe, i, tuple(stage.tasks)) for i, stage in enumerate(cell.stages)]
@@ -272,10 +302,31 @@ class Grid:
                 if i and trunks[keys[i]] != trunks[keys[i - 1]]:
                     raise ConfigError(_trunk_mismatch(cell, i, trunks[keys[i - 1]], trunks[keys[i]]))
 
-    def run(self) -> None:
+    def _check_same_config(self, directory: Path, cfg: DictConfig, allowed: tuple[str, ...]) -> None:
+        from mtl.trainer import config_changes
+
+        saved = OmegaConf.to_container(OmegaConf.load(directory / "config.yaml"))
+        changed = config_changes(saved, to_dict(cfg), allowed=allowed)
+        if changed:
+            raise ConfigError(
+                f"output_dir: {directory} was run with another config ({', '.join(changed[:5])} differ); rerun with the "
+                f"config it was run with (its config.yaml) to resume it, or use a new output_dir (e.g. output_dir={self.root}-2) "
+                "so results are not replaced or mixed."
+            )
+
+    def claim(self) -> None:
+        """Mark output_dir as this comparison's, before any cell trains (``preflight`` first)."""
+        from mtl.trainer import mark_written_by
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.root / "config.yaml")
+        mark_written_by(self.root, "compare")  # after config.yaml: a marked directory always has its config
+
+    def run(self) -> int:
+        """Train the cells not finished yet; the number of stages trained."""
         from mtl.trainer import Trainer
 
-        total = len(self.cells)
+        total, trained = len(self.cells), 0
         for n, cell in enumerate(self.cells, 1):
             variant = f"[{cell.variant}]" if cell.regime == "single_task" else ""
             what = f"[{n}/{total}] {cell.label}{variant} f={cell.fraction:g} seed={cell.seed}"
@@ -287,8 +338,10 @@ class Grid:
                 if (cell.dirs[i] / "results.json").exists():
                     continue
                 cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
-                Trainer(cfg).fit()
+                Trainer(cfg, cell=cell_identity(cell, i, self.targets), wandb_dir=self.root).fit()
+                trained += 1
             self.log(f"{what}: done in {time.perf_counter() - start:.1f}s")
+        return trained
 
     def rows(self) -> list[dict[str, Any]]:
         rows = []
@@ -334,44 +387,40 @@ def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
     ctx = distributed.setup(cfg.device)
     grid = Grid(cfg, log if ctx.is_main else (lambda *_: None))
     grid.preflight()
-    grid.run()
+    ctx.barrier()  # every rank has read output_dir's config before rank 0 writes its own
+    if ctx.is_main:
+        grid.claim()
+    trained = grid.run()
     df = pd.DataFrame(grid.rows())
     root = grid.root
     table = comparison_table(df)
     if not ctx.is_main:  # under torchrun every rank trains the cells; rank 0 writes the comparison
         return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(grid.cells)}
     write_text(df.to_csv(index=False), root / "results.csv")
-    title = f"Comparison: {cfg.compare.name or root.name}"
-    write_report(df, root, title=title)
-    _log_wandb(cfg, root, table)
+    write_report(df, root, title=f"Comparison: {comparison_name(cfg)}")
+    mode = os.environ.get("WANDB_MODE") or cfg.logging.wandb.mode
+    # A rerun that trained nothing has nothing new for the report run (when there is one already).
+    if mode != "disabled" and (trained or not (root / "wandb_run_id").exists()):
+        _log_wandb(cfg, root, table)
+    if mode == "offline":
+        log(f"W&B: the comparison's offline runs are in {root / 'wandb'}; upload them all with: wandb sync {root / 'wandb'}")
     return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(grid.cells)}
 
 
 def _log_wandb(cfg: DictConfig, root: Path, table) -> None:
-    """One report run in the comparison's group: the table as a W&B Table, the plots as images."""
-    import os
+    """The comparison's report run, in its group: the table as a W&B Table, the plots as images.
+    Its id is kept in output_dir, so a rerun updates the same run instead of adding one."""
+    from mtl.loggers import WandbLogger
 
-    mode = os.environ.get("WANDB_MODE") or cfg.logging.wandb.mode
-    if mode == "disabled":
-        return
+    name = comparison_name(cfg)
+    config = to_dict(cfg)
+    config["logging"]["wandb"].update(group=name, job_type="report", name=f"{name}/report")
     try:
         import wandb
 
-        w = cfg.logging.wandb
-        run = wandb.init(
-            project=w.project,
-            entity=w.entity,
-            group=cfg.compare.name or root.name,
-            job_type="report",
-            name=f"{cfg.compare.name or root.name}/report",
-            tags=list(w.tags),
-            dir=str(root),
-            mode=mode,
-            config=to_dict(cfg),
-            settings=wandb.Settings(console="off", silent=True),
-        )
-        run.log({"comparison": wandb.Table(dataframe=table.reset_index() if table.index.name else table)})
-        run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(root.glob("*.png"))})
-        run.finish()
+        logger = WandbLogger(OmegaConf.create(config["logging"]["wandb"]), root, config, resume=True)
+        logger.run.log({"comparison": wandb.Table(dataframe=table.reset_index() if table.index.name else table)})
+        logger.run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(root.glob("*.png"))})
+        logger.close()
     except Exception as e:  # the local report is complete without W&B
         warnings.warn(f"W&B report run not logged ({type(e).__name__}: {e}); see {root / 'report.md'}.")

@@ -21,7 +21,7 @@ class MetricLogger(Protocol):
 
     def log_summary(self, summary: dict[str, Any]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, exit_code: int = 0) -> None: ...
 
 
 def _json_safe(value: Any) -> Any:
@@ -60,16 +60,20 @@ class DiskLogger:
     def log_summary(self, summary: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self._file.close()
 
 
 class WandbLogger:
     """Weights & Biases run: ``global_step`` is the step metric; config uploaded; final
     metrics in the run summary. The run id is kept in the run directory so a resumed
-    run continues the same W&B run."""
+    run continues the same W&B run. W&B's own files go under ``wandb_dir/wandb`` (default:
+    the run directory), where `wandb sync` finds them."""
 
-    def __init__(self, cfg: WandbConfig, run_dir: str | os.PathLike, config: dict[str, Any], resume: bool = False):
+    def __init__(
+        self, cfg: WandbConfig, run_dir: str | os.PathLike, config: dict[str, Any], resume: bool = False,
+        wandb_dir: str | os.PathLike | None = None,
+    ):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or cfg.mode
@@ -83,7 +87,7 @@ class WandbLogger:
             tags=list(cfg.tags),
             name=cfg.name,
             config=config,
-            dir=str(run_dir),
+            dir=str(wandb_dir or run_dir),
             mode=mode,
             id=run_id,
             resume="allow" if run_id else None,
@@ -99,8 +103,9 @@ class WandbLogger:
     def log_summary(self, summary: dict[str, Any]) -> None:
         self.run.summary.update(summary)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, exit_code: int = 0) -> None:
+        # Non-zero: W&B marks the run failed instead of finished.
+        self.run.finish(exit_code=exit_code)
 
 
 class Loggers:
@@ -126,18 +131,19 @@ class Loggers:
     def log_summary(self, summary: dict[str, Any]) -> None:
         self._each("log_summary", summary)
 
-    def close(self) -> None:
-        self._each("close")
+    def close(self, exit_code: int = 0) -> None:
+        self._each("close", exit_code)
 
 
 def build_loggers(
-    cfg: WandbConfig, run_dir: str | os.PathLike, config: dict[str, Any], resume: bool, resume_step: int | None = None
+    cfg: WandbConfig, run_dir: str | os.PathLike, config: dict[str, Any], resume: bool, resume_step: int | None = None,
+    wandb_dir: str | os.PathLike | None = None,
 ) -> Loggers:
     loggers: list[MetricLogger] = [DiskLogger(run_dir, resume_step)]
     mode = os.environ.get("WANDB_MODE") or cfg.mode
     if mode != "disabled":
         try:
-            loggers.append(WandbLogger(cfg, run_dir, config, resume))
+            loggers.append(WandbLogger(cfg, run_dir, config, resume, wandb_dir))
         except Exception as e:  # W&B down, bad key or project: the local logs still hold everything
             warnings.warn(f"W&B logging is off for this run ({type(e).__name__}: {e}); local logs in {run_dir} are complete.")
     return Loggers(loggers)

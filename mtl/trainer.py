@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import random
@@ -47,6 +48,22 @@ from mtl.results import directions, evaluate, flatten, selection_score, write_js
 # How a run is computed, not what it computes: a resume may change these (e.g. a smaller
 # jacobian_chunk after running out of memory).
 RESUMABLE_CHANGES = ("resume", "trainer.epochs", "device", "logging", "trainer.jacobian_chunk", "trainer.staged_gramian")
+# Read by `mtl compare` only: a training run (a comparison's cell too) is judged without them.
+UNREAD_BY_TRAINING = ("compare",)
+# Which command wrote a directory ({"command": "train" | "compare"}), so that one command
+# never writes its files over the other's; its config is the config.yaml beside it.
+MARKER = "written_by.json"
+
+
+def written_by(directory: Path) -> str | None:
+    """The command whose files ``directory`` holds, or None when no mtl command wrote there."""
+    path = directory / MARKER
+    return json.loads(path.read_text())["command"] if path.is_file() else None
+
+
+def mark_written_by(directory: Path, command: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json({"command": command}, directory / MARKER)
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "", allowed: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
@@ -101,10 +118,16 @@ def deferred_signals(on_signal):
 
 
 class Trainer:
-    """``Trainer(cfg)`` builds and checks everything and writes nothing; ``fit()`` trains."""
+    """``Trainer(cfg)`` builds and checks everything and writes nothing; ``fit()`` trains.
 
-    def __init__(self, cfg: DictConfig):
+    ``mtl compare`` also passes ``cell``, the identity of the comparison cell this stage
+    belongs to (the W&B run config's ``cell``), and ``wandb_dir``, the one folder that holds
+    the W&B files of every run of the comparison (default: the run directory)."""
+
+    def __init__(self, cfg: DictConfig, cell: dict[str, Any] | None = None, wandb_dir: Path | None = None):
         self.cfg = cfg
+        self.cell = cell
+        self.wandb_dir = wandb_dir
         t = cfg.trainer
         self.dist = distributed.setup(cfg.device)
         self.device = resolve_device(cfg.device)
@@ -125,7 +148,7 @@ class Trainer:
                 path, self._resume_state = checkpoint.latest(self.checkpoint_dir)
             except checkpoint.CheckpointError as e:
                 raise ConfigError(f"resume: {e}") from None
-            changed = config_changes(self._resume_state["config"], to_dict(cfg))
+            changed = config_changes(self._resume_state["config"], to_dict(cfg), allowed=RESUMABLE_CHANGES + UNREAD_BY_TRAINING)
             if changed:
                 raise ConfigError(
                     f"resume: {path} was written with another config ({', '.join(changed)} differ); "
@@ -247,19 +270,27 @@ class Trainer:
     def _open_run(self) -> None:
         """The first write to the run directory: nothing is written while the setup is checked."""
         cfg = self.cfg
+        if written_by(self.run_dir) == "compare":
+            # Checked here, not when built: `mtl validate` of a comparison's config builds a Trainer on its directory.
+            raise ConfigError(
+                f"output_dir: {str(self.run_dir)!r} holds a comparison (written by mtl compare); this run's files would "
+                f"replace and mix with its own. Choose another output_dir, e.g. output_dir={self.run_dir}-train."
+            )
         if self._resume_state is not None:
             self._load(self._resume_state)
         if not self.dist.is_main:  # only rank 0 writes files and talks to W&B
             self.loggers = Loggers([])
             return
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mark_written_by(self.run_dir, "train")
             save_config(cfg, self.run_dir / "config.yaml")
         except OSError as e:
             raise ConfigError(f"output_dir: cannot write to {str(self.run_dir)!r}: {e}") from None
+        wandb_config = {**to_dict(cfg), "cell": self.cell} if self.cell else to_dict(cfg)
         self.loggers = build_loggers(
-            cfg.logging.wandb, self.run_dir, to_dict(cfg), resume=cfg.resume,
+            cfg.logging.wandb, self.run_dir, wandb_config, resume=cfg.resume,
             resume_step=self.step,  # a fresh start (0) also drops the lines of a run killed before its first checkpoint
+            wandb_dir=self.wandb_dir,
         )
 
     def fit(self) -> dict[str, Any]:
@@ -272,10 +303,20 @@ class Trainer:
             with deferred_signals(self._on_signal):
                 while self.epoch < self.cfg.trainer.epochs:
                     self._train_epoch()
-        except BaseException:
-            self.loggers.close()  # the W&B run ends too; local files are already complete
+        except BaseException as e:
+            self._close_stopped(e)
             raise
         return self._finish()
+
+    def _close_stopped(self, error: BaseException) -> None:
+        """The logs of a run that did not finish say so: a ``stopped`` line in metrics.jsonl,
+        and the W&B run ends with the exit code of the command (130 for Ctrl-C), not as finished."""
+        interrupted = isinstance(error, KeyboardInterrupt)
+        reason = str(error) or type(error).__name__
+        # A full disk is one reason a run stops: its error, not a second one from the log, is reported.
+        with contextlib.suppress(OSError):
+            self.loggers.log({"stopped": "interrupted" if interrupted else type(error).__name__, "reason": reason}, self.step)
+        self.loggers.close(exit_code=130 if interrupted else 1)
 
     def _train_epoch(self) -> None:
         t = self.cfg.trainer

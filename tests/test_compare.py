@@ -177,40 +177,6 @@ def test_plan_counts_cells():
 
 
 @pytest.mark.slow
-def test_every_cell_is_a_wandb_run_in_one_group_and_the_table_is_logged(tmp_path):
-    from test_wandb import read_records
-
-    out = tmp_path / "run"
-    args = [
-        f"output_dir={out}",
-        "compare.seeds=[0]",
-        "compare.fractions=[1.0]",
-        "~compare.regimes.joint",  # a mapping override merges; ~ removes a key
-        "compare.regimes.sequential.recipes=[linear_probe]",
-        "trainer.epochs=1",
-        "trainer.steps_per_epoch=2",
-        "logging.wandb.mode=offline",
-    ]
-    assert main(["compare", QUICKSTART, *args]) == 0
-    runs = []
-    for wandb_dir in out.rglob("wandb"):
-        if wandb_dir.is_dir() and list(wandb_dir.glob("offline-run-*")):
-            records = read_records(wandb_dir.parent)
-            runs.append((next(r["run"] for r in records if r["type"] == "run"), records))
-    infos = [run for run, _ in runs]
-    assert len(infos) == 5  # mnist and digits alone, the source stage, the probe, the report
-    assert {r["run_group"] for r in infos} == {"quickstart"}
-    assert sorted(r["job_type"] for r in infos) == ["report", "sequential", "sequential", "single_task", "single_task"]
-    probe = next(r for r in infos if r["job_type"] == "sequential" and "linear_probe" in r["tags"])
-    assert "fraction=1" in probe["tags"]
-    report_records = next(rec for run, rec in runs if run["job_type"] == "report")
-    logged = {k: v for r in report_records if r["type"] == "history" for k, v in r["history"]["item"].items()}
-    # The reader flattens logged media into "<key>.<field>".
-    assert logged["comparison._type"] == "table-file"
-    assert logged["plots/generalization._type"] == logged["plots/parameters._type"] == "image-file"
-
-
-@pytest.mark.slow
 def test_rerun_with_another_config_is_refused_before_training(grid_dir, capsys):
     assert main(["compare", QUICKSTART, *grid_args(grid_dir, "trainer.optimizer.lr=0.1")]) == 2
     err = capsys.readouterr().err
@@ -223,6 +189,39 @@ def test_rerun_with_more_epochs_is_refused_not_silently_mixed(grid_dir, capsys):
     assert main(["compare", QUICKSTART, *grid_args(grid_dir, "trainer.epochs=9")]) == 2
     err = capsys.readouterr().err
     assert "was run with another config" in err and "trainer.epochs" in err
+
+
+def _files(folder):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_another_command_or_grid_never_writes_into_a_comparison(tmp_path, capsys, one_thread):
+    out = tmp_path / "cmp"
+    grid = [f"output_dir={out}", "compare.seeds=[0]", "compare.fractions=[1.0]", "compare.regimes={joint: {}}", *SHORT]
+    assert main(["compare", QUICKSTART, *grid]) == 0
+    written = _files(out)
+    capsys.readouterr()
+    # `mtl train` of the same config file: its run files would land beside the report.
+    assert main(["train", QUICKSTART, f"output_dir={out}", *SHORT]) == 2
+    err = capsys.readouterr().err
+    assert "holds a comparison" in err and f"output_dir={out}-train" in err, err
+    # A smaller or other grid: its report would replace this one.
+    assert main(["compare", QUICKSTART, *grid, "compare.fractions=[0.5,1.0]"]) == 2
+    err = capsys.readouterr().err
+    assert "was run with another config (compare.fractions differ)" in err and f"output_dir={out}-2" in err, err
+    assert _files(out) == written
+    # The same grid again: nothing to train, nothing refused.
+    assert main(["compare", QUICKSTART, *grid]) == 0
+    assert "finished earlier, skipped" in capsys.readouterr().out
+    # And a comparison is not written into a training run's directory.
+    run = tmp_path / "train"
+    assert main(["train", QUICKSTART, f"output_dir={run}", *SHORT]) == 0
+    written = _files(run)
+    capsys.readouterr()
+    assert main(["compare", QUICKSTART, *grid, f"output_dir={run}"]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+    assert _files(run) == written
 
 
 def test_a_source_that_is_also_a_target_is_refused(tmp_path, capsys):

@@ -106,6 +106,13 @@ def test_resume_refuses_a_changed_config_but_allows_more_epochs(tmp_path, capsys
     assert lrs and all(lr > 0 for lr in lrs[:-1])
 
 
+def test_resume_ignores_the_compare_node_that_train_never_reads(tmp_path, one_thread):
+    run = tmp_path / "run"
+    assert main(["train", QUICKSTART, *quick(run, 1, 2)]) == 0
+    assert main(["train", QUICKSTART, *quick(run, 2, 2, "resume=true", "compare.seeds=[5]", "compare.regimes={joint: {}}")]) == 0
+    assert _results(run)["steps"] == 4
+
+
 def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     assert main(["train", QUICKSTART, *quick(run, 1, 4, "logging.log_every=1")]) == 0

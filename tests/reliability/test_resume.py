@@ -43,7 +43,8 @@ def _assert_same_run(run_dir, reference_dir):
     a = json.loads((run_dir / "results.json").read_text())
     b = json.loads((reference_dir / "results.json").read_text())
     assert a["splits"] == b["splits"] and a["steps"] == b["steps"] == 18 and a["best_epoch"] == b["best_epoch"]
-    assert comparable_metrics(run_dir) == comparable_metrics(reference_dir)
+    # The log of an interrupted run says where it stopped; the rest is as if never stopped.
+    assert [l for l in comparable_metrics(run_dir) if "stopped" not in l] == comparable_metrics(reference_dir)
     mine = checkpoint.latest(run_dir / "checkpoints")[1]
     theirs = checkpoint.latest(reference_dir / "checkpoints")[1]
     for part in ("model", "weighting", "optimizer", "scheduler", "sources", "rng"):
@@ -80,16 +81,26 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(setup, kills, refer
 
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_continues_exactly(reference, tmp_path):
+    from test_wandb import exit_code, read_offline_run
+
     run_dir = tmp_path / "run"
-    args = _args(run_dir, PCGRAD)
+    args = [*_args(run_dir, PCGRAD), "logging.wandb.mode=offline"]
     proc = run_until("train", args, lambda: last_step(run_dir / "metrics.jsonl") >= 3, sig=signal.SIGINT)
     assert proc.returncode == 130, proc.stderr
     assert "SIGINT at step" in proc.stderr and "resume=true" in proc.stderr
     # The checkpoint is of the step the signal interrupted, not the last periodic one.
-    assert checkpoint.latest(run_dir / "checkpoints")[1]["step"] == last_step(run_dir / "metrics.jsonl") >= 3
+    step = checkpoint.latest(run_dir / "checkpoints")[1]["step"]
+    assert step == last_step(run_dir / "metrics.jsonl") >= 3
+    stopped = [l for l in comparable_metrics(run_dir) if "stopped" in l]
+    assert stopped == [{"step": step, "stopped": "interrupted", "reason": stopped[0]["reason"]}]
+    assert stopped[0]["reason"].startswith(f"SIGINT at step {step}")
+    (interrupted,) = (run_dir / "wandb").glob("offline-run-*")
+    assert exit_code(read_offline_run(interrupted)) == 130  # W&B shows it failed, not finished
     done = run("train", args + ["resume=true"])
     assert done.returncode == 0, done.stderr
     _assert_same_run(run_dir, reference["pcgrad"])
+    (resumed,) = set((run_dir / "wandb").glob("offline-run-*")) - {interrupted}
+    assert exit_code(read_offline_run(resumed)) == 0
 
 
 def test_killed_comparison_resumes_to_the_same_table(tmp_path):
