@@ -29,8 +29,9 @@ from mtl.weighting import WEIGHTINGS, Weighting
 
 logger = logging.getLogger(__name__)
 
-# Samples per split in the task-contract check: enough that a metric sees several classes.
-CHECK_BATCH = 256
+# Samples per split in the task-contract check, run on the CPU before the model moves to its
+# device: enough for shapes, losses and metrics, few enough that a large trunk costs little.
+CHECK_BATCH = 16
 
 
 def _plain(node: Any) -> dict[str, Any]:

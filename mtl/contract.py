@@ -235,20 +235,54 @@ def _valid_mask(where: str, task: Task, target: torch.Tensor, split: str) -> tor
     return mask
 
 
-def _fingerprints(x: torch.Tensor) -> torch.Tensor:
-    """``[N]`` int64: one value per sample from its exact bits (equal samples, equal values;
-    distinct ones differ but with negligible probability), in integer arithmetic so the order
-    of summation cannot change it."""
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """``[N, D]``: each sample's values as integers of the same width (their exact bits)."""
     flat = x.reshape(len(x), -1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    flat = flat.contiguous().view(bits) if flat.dtype not in (torch.uint8, torch.int16, torch.int32, torch.int64) else flat
-    weights = torch.randint(1, 2**62, (flat.shape[1],), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
-    out = torch.empty(len(flat), dtype=torch.int64)
-    for start in range(0, len(flat), 4096):  # bounds the int64 copy of large datasets
-        out[start : start + 4096] = (flat[start : start + 4096].long() * weights).sum(dim=1)
+    if flat.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        return flat
+    return flat.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+
+
+def _fingerprints(bits: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N]`` int64, one value per sample of ``bits`` (on ``columns`` only, if given): equal
+    samples give equal values, distinct ones differ but with negligible probability. Integer
+    arithmetic, so no summation order can change a value."""
+    if columns is not None:
+        bits = bits[:, columns]
+    weights = torch.randint(1, 2**62, (bits.shape[1],), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    out = torch.empty(len(bits), dtype=torch.int64)
+    for start in range(0, len(bits), 4096):  # bounds the int64 copy of large datasets
+        out[start : start + 4096] = (bits[start : start + 4096].long() * weights).sum(dim=1)
     return out
+
+
+# Splits are first compared on this many fixed columns of each sample (cheap); only samples
+# that agree there are compared on all their values.
+_PROBE_COLUMNS = 64
+
+
+def _probe(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split's inputs as integer bits, and their fingerprints on the probe columns."""
+    bits = _bits(x)
+    width = bits.shape[1]
+    columns = torch.randperm(width, generator=torch.Generator().manual_seed(0))[:_PROBE_COLUMNS] if width > _PROBE_COLUMNS else None
+    return bits, _fingerprints(bits, columns)
+
+
+def _shared(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For two probed splits: which samples of ``a`` occur in ``b`` and which of ``b`` occur
+    in ``a`` (``[N]`` bool each), compared on all values where the probe columns agree."""
+    (bits_a, probe_a), (bits_b, probe_b) = a, b
+    in_b, in_a = torch.zeros(len(bits_a), dtype=torch.bool), torch.zeros(len(bits_b), dtype=torch.bool)
+    if bits_a.shape[1:] != bits_b.shape[1:] or bits_a.dtype != bits_b.dtype:
+        return in_b, in_a
+    maybe_a, maybe_b = torch.isin(probe_a, probe_b), torch.isin(probe_b, probe_a)
+    if maybe_a.any():
+        full_a, full_b = _fingerprints(bits_a[maybe_a]), _fingerprints(bits_b[maybe_b])
+        in_b[maybe_a], in_a[maybe_b] = torch.isin(full_a, full_b), torch.isin(full_b, full_a)
+    return in_b, in_a
 
 
 def check_disjoint(where: str, splits: Splits) -> None:
@@ -262,22 +296,22 @@ def check_disjoint(where: str, splits: Splits) -> None:
     inputs = {split: _tensors(ds) for split, ds in items}
     if any(t is None for t in inputs.values()):
         return
-    prints = {split: _fingerprints(t[0]) for split, t in inputs.items()}
-    names = list(prints)
+    probes = {split: _probe(t[0]) for split, t in inputs.items()}
+    names = list(probes)
+    overlaps = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            same = torch.isin(prints[b], prints[a])
-            if len(prints[a]) == len(prints[b]) and same.all() and torch.isin(prints[a], prints[b]).all():
+            a_in_b, b_in_a = _shared(probes[a], probes[b])
+            if len(a_in_b) == len(b_in_a) and a_in_b.all() and b_in_a.all():
                 raise TaskContractError(
-                    f"{where}: build_datasets(): the {a} and {b} splits hold the same {len(prints[a])} inputs; "
+                    f"{where}: build_datasets(): the {a} and {b} splits hold the same {len(a_in_b)} inputs; "
                     f"{'test' if 'test' in (a, b) else 'validation'} scores would be measured on training data. Split the data "
                     "into disjoint parts, e.g. tensor_splits(x, y, self)."
                 )
-            if same.any():
-                logger.warning(
-                    "%s: %d of the %d %s inputs also occur in the %s split; its scores are partly measured on seen data.",
-                    where, int(same.sum()), len(prints[b]), b, a,
-                )
+            if b_in_a.any():
+                overlaps.append(f"{int(b_in_a.sum())} of the {len(b_in_a)} {b} inputs occur in the {a} split")
+    if overlaps:
+        logger.warning("%s: splits overlap: %s; their scores are partly measured on seen data.", where, ", ".join(overlaps))
 
 
 def check_batches(key: str, task: Task, trunk: torch.nn.Module, head: torch.nn.Module, splits: Splits, batch_size: int) -> None:
@@ -319,7 +353,11 @@ def _check_split(key, where, task, trunk, head, split, ds, batch_size, shapes) -
         indices = labelled[:batch_size].tolist()
     else:
         indices = list(range(min(batch_size, n)))
-    x, y = _batch(where, split, ds, indices)
+    if in_memory is not None:  # as the trainer batches it: by indexing the tensors
+        index = torch.as_tensor(indices, dtype=torch.long)
+        x, y = in_memory[0][index], in_memory[1][index]
+    else:
+        x, y = _batch(where, split, ds, indices)
     for what, value in (("inputs", x), ("targets", y)):
         per_sample = (tuple(value.shape[1:]), value.dtype)
         seen = shapes.setdefault(what, (split, per_sample))
