@@ -191,13 +191,19 @@ class BatchSource:
         self._iter = None
 
 
-def eval_batches(dataset: Dataset, batch_size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The dataset in order, in batches, on ``device``."""
+def eval_batches(
+    dataset: Dataset, batch_size: int, device: torch.device, part: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The dataset in order, in batches, on ``device``; with ``part=(rank, world)`` only the
+    rank-th of ``world`` contiguous shares (sizes differ by at most one, no sample repeated),
+    so ranks that each evaluate their share see every sample exactly once."""
+    rank, world = part
     tensors = _tensors(dataset)
     if tensors is not None:
-        x, y = tensors[0], tensors[1]
+        x, y = tensors[0].tensor_split(world)[rank], tensors[1].tensor_split(world)[rank]
         for i in range(0, len(x), batch_size):
             yield x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
     else:
-        for x, y in DataLoader(dataset, batch_size=batch_size):
+        share = torch.arange(len(dataset)).tensor_split(world)[rank].tolist()  # type: ignore[arg-type]
+        for x, y in DataLoader(Subset(dataset, share) if world > 1 else dataset, batch_size=batch_size):
             yield x.to(device), y.to(device)

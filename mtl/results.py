@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from mtl import distributed
 from mtl.data import eval_batches
 from mtl.model import MultiTaskModel
 from mtl.task import Task
@@ -22,29 +25,43 @@ TaskMetrics = dict[str, dict[str, float]]
 def evaluate(
     model: MultiTaskModel, tasks: dict[str, Task], datasets: dict[str, Any], batch_size: int, device: torch.device
 ) -> TaskMetrics:
-    """Streaming metrics (and the mean loss) of each task over its dataset; missing labels skipped."""
+    """Streaming metrics (and the mean loss) of each task over its dataset; missing labels skipped.
+
+    Under torchrun every rank evaluates its own contiguous share of each dataset (every
+    sample once over all ranks, uneven sizes included), so every rank must call this; the
+    loss sums of all tasks are summed over ranks in one all-reduce, and each metric's states
+    by torchmetrics' own synchronisation in ``compute`` (sum-type states would count a
+    sample once per rank if every rank evaluated the whole split). Every rank returns the
+    same results."""
+    ctx = distributed.current()
     was_training = model.training
     model.eval()
-    results: TaskMetrics = {}
-    for name, task in tasks.items():
-        metrics = {k: m.to(device) for k, m in task.metrics().items()}
-        loss_sum = torch.zeros((), device=device)
-        labelled = torch.zeros((), device=device)
-        for x, y in eval_batches(datasets[name], batch_size, device):
+    metrics = {name: {k: m.to(device) for k, m in task.metrics().items()} for name, task in tasks.items()}
+    # Per task: the labelled samples' loss sum and their number.
+    sums = torch.zeros(len(tasks), 2, device=device)
+    for i, (name, task) in enumerate(tasks.items()):
+        for x, y in eval_batches(datasets[name], batch_size, device, part=(ctx.rank, ctx.world)):
             out = model(x, [name])[name].float()
             scores = task.metric_inputs(out)
             mask = task.valid_mask(y)
             n = mask.sum()
-            loss_sum += task.masked_loss(out, y) * n
-            labelled += n
+            sums[i, 0] += task.masked_loss(out, y) * n
+            sums[i, 1] += n
             if n.item() > 0:  # metrics reject empty batches; evaluation may sync
-                for metric in metrics.values():
+                for metric in metrics[name].values():
                     metric.update(scores[mask], y[mask])
-        if labelled.item() == 0:
-            results[name] = {k: math.nan for k in [*metrics, "loss"]}
-        else:
-            results[name] = {k: float(m.compute()) for k, m in metrics.items()}
-            results[name]["loss"] = float(loss_sum / labelled)
+    if ctx.active:
+        dist.all_reduce(sums)
+    results: TaskMetrics = {}
+    for (name, task_metrics), (loss_sum, labelled) in zip(metrics.items(), sums.tolist()):
+        if labelled == 0:  # the same on every rank: all or none of them synchronise the metrics
+            results[name] = {k: math.nan for k in [*task_metrics, "loss"]}
+            continue
+        with warnings.catch_warnings():
+            # A rank whose share holds no labelled sample has no update; its zero states still count.
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+            results[name] = {k: float(m.compute()) for k, m in task_metrics.items()}
+        results[name]["loss"] = loss_sum / labelled
     model.train(was_training)
     return results
 

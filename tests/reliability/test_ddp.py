@@ -59,6 +59,39 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
     assert len(lines) == len((tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
 
 
+
+def test_ranks_evaluate_disjoint_shares_with_sum_type_metrics(tmp_path):
+    # digits split 1257/181/359: every split's shares differ in size between the 2 ranks, and
+    # batches of 50 end part-full. Counting metrics are N-fold too large if ranks evaluate the
+    # same samples (torchmetrics sums their states); the best epoch is chosen on the loss,
+    # which is wrong if a rank's share stands for the split.
+    args = [
+        *COMMON, "tasks.digits.name=counted_digits:CountedDigits", "tasks.digits.val_fraction=0.1006",
+        "trainer.eval_batch_size=50", "trainer.select_on=loss",
+    ]
+    single = run("train", [f"output_dir={tmp_path / 'one'}", *args], PYTHONPATH=PATH)
+    assert single.returncode == 0, single.stderr
+    double = torchrun([f"output_dir={tmp_path / 'two'}", *args])
+    assert double.returncode == 0, double.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert b["processes"] == 2 and a["best_epoch"] == b["best_epoch"]
+    for split, size in {"train": 1257, "val": 181, "test": 359}.items():
+        assert a["splits"][split]["digits"]["samples"] == b["splits"][split]["digits"]["samples"] == size
+        assert a["splits"][split]["digits"]["correct"] == b["splits"][split]["digits"]["correct"]
+        for task, metrics in a["splits"][split].items():
+            for name, value in metrics.items():
+                assert b["splits"][split][task][name] == pytest.approx(value, abs=1e-5), (split, task, name)
+    # The validation lines of every epoch, which select the model, agree too.
+    def val_lines(run):
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k.startswith("val/")} for line in lines if "epoch" in line]
+
+    assert len(val_lines("one")) == len(val_lines("two")) == 2
+    for one, two in zip(val_lines("one"), val_lines("two")):
+        assert one["val/digits/samples"] == two["val/digits/samples"] == 181
+        assert two == pytest.approx(one, abs=1e-5)
+
 def test_a_batch_that_does_not_split_evenly_is_refused_before_training(tmp_path):
     done = torchrun([f"output_dir={tmp_path / 'run'}", *COMMON, "trainer.batch_size=63"])
     assert done.returncode != 0
