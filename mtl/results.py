@@ -6,11 +6,13 @@ import json
 import math
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torchmetrics
 
 from mtl import distributed
 from mtl.data import eval_batches
@@ -36,7 +38,9 @@ def evaluate(
     ctx = distributed.current()
     was_training = model.training
     model.eval()
-    metrics = {name: {k: m.to(device) for k, m in task.metrics().items()} for name, task in tasks.items()}
+    metrics = {name: {k: m.to(device) for k, m in _metrics(task).items()} for name, task in tasks.items()}
+    for metric in (m for task_metrics in metrics.values() for m in task_metrics.values()):
+        metric.reset()
     # Per task: the labelled samples' loss sum and their number.
     sums = torch.zeros(len(tasks), 2, device=device)
     for i, (name, task) in enumerate(tasks.items()):
@@ -66,11 +70,24 @@ def evaluate(
     return results
 
 
+# Each task's metric objects, built once: building torchmetrics objects costs about as much as
+# evaluating a small validation split, and the trainer evaluates (and ranks) every epoch.
+_TASK_METRICS: weakref.WeakKeyDictionary[Task, dict[str, torchmetrics.Metric]] = weakref.WeakKeyDictionary()
+
+
+def _metrics(task: Task) -> dict[str, torchmetrics.Metric]:
+    """``task.metrics()``, built on the first call (an evaluation resets them before use)."""
+    metrics = _TASK_METRICS.get(task)
+    if metrics is None:
+        metrics = _TASK_METRICS[task] = task.metrics()
+    return metrics
+
+
 def directions(tasks: dict[str, Task]) -> dict[str, dict[str, str]]:
     """``{task: {metric: "max" | "min"}}``; the loss is always "min"."""
     out = {}
     for name, task in tasks.items():
-        out[name] = {k: "max" if m.higher_is_better else "min" for k, m in task.metrics().items()}
+        out[name] = {k: "max" if m.higher_is_better else "min" for k, m in _metrics(task).items()}
         out[name]["loss"] = "min"
     return out
 
