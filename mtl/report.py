@@ -472,9 +472,10 @@ def _header(df: pd.DataFrame, title: str, primary: dict[str, str], directions: D
         f"- Tasks (primary metric, ↑ higher / ↓ lower is better): {tasks}",
         "",
         "Every comparison is with single-task and paired by seed: a seed fixes the targets' "
-        "labelled subset and the initialisation and batch order of every method (the val/test "
-        "split is the same for all seeds), so per-seed differences cancel what a seed's subset "
-        "does to both.",
+        "labelled subset (the same in every regime; the val/test split is the same for all seeds) "
+        "and seeds the initialisation (the same trunk initialisation in every regime; a sequential "
+        "target stage starts from the trunk its seed's source stage trained) and the batch order, "
+        "so per-seed differences cancel what a seed's subset does to both.",
     ]
     if len(seeds) < 2:
         lines += ["", "**One seed: no test is possible.** Differences are shown without a confidence "
