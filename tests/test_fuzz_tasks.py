@@ -412,7 +412,13 @@ def folder():
         yield Path(d)
 
 
-@pytest.mark.parametrize("param", [c.param for c in CASES if c.kind == "ok"])
+# Two correct tasks train by default; the others with the slow tests (each trains).
+FAST = ("readme", "classification_task_num_classes_attribute")
+
+
+@pytest.mark.parametrize(
+    "param", [c.param if c.param in FAST else pytest.param(c.param, marks=pytest.mark.slow) for c in CASES if c.kind == "ok"]
+)
 def test_correct_tasks_train(folder, one_thread, param):
     case = next(c for c in CASES if c.kind == "ok" and c.param == param)
     _check(case, run_case(case, folder))
