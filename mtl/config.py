@@ -8,13 +8,15 @@ checked against the component's signature when it is built (``mtl.builders``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtl.registry import did_you_mean
@@ -164,6 +166,13 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+# YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent, so `lr: 1e-3` was the
+# string '1e-3'; YAML 1.2, OmegaConf's own overrides and Python read it as a number.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -174,24 +183,52 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{where}{getattr(e, 'problem', None) or e}{context}."
 
 
-def _parse_override(item: str) -> DictConfig:
-    """One ``key=value`` override; a value that is not YAML, or a flow mapping written without
-    the space YAML needs after ':' (``{name:sgd}`` is one key 'name:sgd'), names the override."""
+def _parse_override(item: str) -> tuple[str, Any]:
+    """One ``key=value`` override as (key, value); a value that is not YAML, or a flow mapping
+    written without the space YAML needs after ':' (``{name:sgd}`` is one key 'name:sgd'),
+    names the override."""
+    key, _, text = item.partition("=")
     try:
-        parsed = OmegaConf.from_dotlist([item])
+        # OmegaConf's own YAML reading of the value (1e-3 is a float), under a key of ours.
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
     except yaml.YAMLError as e:
         raise ConfigError(
             f"override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}). Put a space after each ':' in a mapping "
             "and quote the whole override for the shell, e.g. 'trainer.optimizer={name: sgd, lr: 0.1}'."
         ) from None
-    glued = [k for k in _keys(OmegaConf.to_container(parsed)) if ":" in k]
+    glued = [k for k in _keys(value) if ":" in k]
     if glued:
-        key, _, value = glued[0].partition(":")
+        head, _, rest = glued[0].partition(":")
         raise ConfigError(
             f"override {item!r}: {glued[0]!r} reads as one key with no value; YAML needs a space after ':' "
-            f"({{{key}: {value}}}). Quote the whole override for the shell."
+            f"({{{head}: {rest}}}). Quote the whole override for the shell."
         )
-    return parsed
+    return key.strip(), value
+
+
+def _kind(value: Any) -> str:
+    return "mapping" if isinstance(value, dict) else "list" if isinstance(value, list) else "single value"
+
+
+def _clash(default: Any, given: Any, parts: list | None = None) -> tuple[str, Any, Any]:
+    """The first key where ``given`` has a list for a mapping of ``default``, or the reverse
+    (what OmegaConf's merge refuses without naming the key)."""
+    parts = parts or []
+    if isinstance(default, dict) and isinstance(given, dict):
+        for key in given:
+            found = _clash(default.get(key), given[key], [*parts, key])
+            if found[0]:
+                return found
+    elif {type(default), type(given)} == {dict, list}:
+        return _path(parts), default, given
+    return "", None, None
+
+
+def _omegaconf_problem(e: Exception) -> str:
+    """OmegaConf's several-line report as one line: the key's path, then what was wrong."""
+    key = getattr(e, "full_key", None)
+    msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+    return f"{key}: {msg}" if key else msg
 
 
 def _keys(node: Any) -> list[str]:
@@ -203,8 +240,8 @@ def _keys(node: Any) -> list[str]:
     return []
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
-    """Read a YAML config, apply overrides, check it against the schema; raise ConfigError."""
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The config file as written, before overrides and the schema; raise ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found; check the path (relative paths start from {os.getcwd()}).")
@@ -214,8 +251,16 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfi
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read it as text ({e}).") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
+    return raw
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfig:
+    """Read a YAML config, apply overrides, check it against the schema; raise ConfigError."""
+    raw = read_yaml(path)
     try:
         return resolve(raw, list(overrides))
     except ConfigError as e:
@@ -225,23 +270,42 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> DictConfi
 def resolve(raw: dict, overrides: list[str] = ()) -> DictConfig:
     sets, deletes = parse_overrides(list(overrides))
     try:
-        cfg = OmegaConf.merge(OmegaConf.create(raw), *(_parse_override(item) for item in sets))
-        for key in deletes:
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            if not isinstance(node, DictConfig) or leaf not in node:
-                raise ConfigError(f"~{key}: no such key to delete.")
-            del node[leaf]
+        cfg = OmegaConf.create(raw)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot read the config: {_omegaconf_problem(e)}") from None
+    for item in sets:
+        key, value = _parse_override(item)
+        # update, not a merge of a dotlist: a list item can be set by index (compare.seeds[2]=8).
+        # A mapping merges into a mapping; anything else replaces what was there, so that a
+        # list given for a mapping is reported by the checks below as the wrong type.
+        try:
+            merge = isinstance(value, dict) and isinstance(OmegaConf.select(cfg, key, default=None), DictConfig)
+            OmegaConf.update(cfg, key, value, merge=merge)
+        except (OmegaConfBaseException, ValueError, TypeError, IndexError) as e:
+            raise ConfigError(
+                f"override {item!r}: {_omegaconf_problem(e)}; set a mapping's key (a.b=1), a list item by its index "
+                "(a.b[0]=1) or a whole list (a.b=[1, 2])."
+            ) from None
+    for key in deletes:
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node:
+            raise ConfigError(f"~{key}: no such key to delete.")
+        del node[leaf]
+    try:
         plain = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read the config: {e}") from None
+        raise ConfigError(f"cannot read the config: {_omegaconf_problem(e)}") from None
     _check_keys(plain, RunConfig, "")
+    check_numbers(plain)
+    schema = OmegaConf.structured(RunConfig)
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
+        typed = OmegaConf.merge(schema, plain)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{key}: {msg}") from None
+        raise ConfigError(_omegaconf_problem(e)) from None
+    except TypeError:  # "Cannot merge incompatible container types", without the key
+        where, default, given = _clash(OmegaConf.to_container(schema), plain)
+        raise ConfigError(f"{where}: must be a {_kind(default)}, got {given!r}.") from None
     _replace_component_nodes(typed, plain, RunConfig, "")
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
@@ -276,24 +340,128 @@ def _must(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+SEEDS = 2**32  # numpy, and so every library seeded from a run's seed, takes seeds in [0, 2^32)
+
+
+def _path(parts: list) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_numbers(node: Any, parts: list | None = None) -> None:
+    """Checks on every number of the config, components' arguments included: each is finite
+    (NaN or inf is never a setting; null says "no limit" where a key allows it), and every
+    seed (a key ``seed`` or ``*_seed``, an item of ``seeds``) is an integer in [0, 2^32)."""
+    parts = parts or []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            check_numbers(value, [*parts, key])
+        return
+    if isinstance(node, list):
+        for i, value in enumerate(node):
+            check_numbers(value, [*parts, i])
+        return
+    where = _path(parts)
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{where}: {node} is not a finite number; give a finite value (or null where the key allows no limit).")
+    leaf = parts[-1] if parts else ""
+    name = parts[-2] if isinstance(leaf, int) and len(parts) > 1 else leaf
+    if isinstance(name, str) and (name in ("seed", "seeds") or name.endswith("_seed")) and _is_number(node):
+        _must(float(node).is_integer() and 0 <= node < SEEDS, where, f"a seed must be an integer in [0, 2^32), got {node}.")
+
+
+def _at_least(value: Any, key: str, low: int, note: str = "") -> None:
+    _must(value >= low, key, f"must be >= {low}{note}, got {value}.")
+
+
+def check_optimizer(node: DictConfig) -> None:
+    """Hyper-parameters every torch optimizer names alike, before the optimizer exists (torch
+    accepts an infinite LR, and compares a quoted '1e-3' with 0 only to fail in a TypeError)."""
+    where = "trainer.optimizer"
+    for key, low, strict in (("lr", 0, True), ("weight_decay", 0, False), ("eps", 0, True), ("momentum", 0, False)):
+        if key not in node:
+            continue
+        value = node[key]
+        _must(_is_number(value), f"{where}.{key}", f"expected a number, got {value!r} ({type(value).__name__}); write it unquoted, e.g. {where}.{key}=0.001.")
+        _must(value > low if strict else value >= low, f"{where}.{key}", f"must be {'>' if strict else '>='} {low}, got {value}; e.g. {where}.{key}=0.001.")
+    if "momentum" in node:
+        _must(node.momentum < 1, f"{where}.momentum", f"must be in [0, 1), got {node.momentum}.")
+    if "betas" in node:
+        betas = node.betas
+        ok = isinstance(betas, ListConfig) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
+        _must(ok, f"{where}.betas", f"must be two numbers in [0, 1), e.g. [0.9, 0.999], got {_plain(betas)!r}.")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+def check_compare(c: DictConfig) -> None:
+    """The compare node's own values and shapes; whether its tasks exist is judged by
+    `mtl compare` (and `mtl validate --for compare`), since `mtl train` never reads it."""
+    # A typed list lets a nested list or mapping through as an item.
+    for key in ("targets", "sources"):
+        for i, name in enumerate(c[key] or []):
+            _must(isinstance(name, str), f"compare.{key}[{i}]", f"must be a task name, got {_plain(name)!r}.")
+    _must(len(c.fractions) >= 1, "compare.fractions", "list at least one labelled fraction, e.g. [1.0].")
+    for i, f in enumerate(c.fractions):
+        _must(_is_number(f), f"compare.fractions[{i}]", f"must be a number in (0, 1], got {_plain(f)!r}.")
+        _must(0 < f <= 1, f"compare.fractions[{i}]", f"{f} is outside (0, 1]; a fraction is the share of the targets' training labels kept.")
+    _must(len(set(c.fractions)) == len(c.fractions), "compare.fractions", f"each fraction once, got {list(c.fractions)}.")
+    _must(len(c.seeds) >= 1, "compare.seeds", "list at least one seed, e.g. [0, 1, 2].")
+    for i, seed in enumerate(c.seeds):
+        _must(_is_number(seed), f"compare.seeds[{i}]", f"must be an integer in [0, 2^32), got {_plain(seed)!r}.")
+    _must(len(set(c.seeds)) == len(c.seeds), "compare.seeds", f"each seed once (a seed names a cell), got {list(c.seeds)}.")
+    _must(len(c.regimes) >= 1, "compare.regimes", "name at least one regime, e.g. {single_task: {}, joint: {}}.")
+    for label, node in c.regimes.items():
+        where = f"compare.regimes.{label}"
+        _must(node is None or isinstance(node, DictConfig), where,
+              f"must be a mapping (or {{}}), got {_plain(node)!r}; e.g. {where}: {{}} or {where}: {{recipes: [fine_tune]}}.")
+        if node is None:
+            continue
+        _must(isinstance(node.get("kind", ""), str), f"{where}.kind", "must be a regime kind: single_task, sequential, joint or stages.")
+        recipes = node.get("recipes")
+        if recipes is not None:
+            _must(isinstance(recipes, ListConfig) and len(recipes) >= 1, f"{where}.recipes",
+                  f"must be a list of recipes, e.g. [linear_probe, {{name: lp_ft, probe_epochs: 3}}], got {_plain(recipes)!r}.")
+            for i, r in enumerate(recipes):
+                _must(isinstance(r, str) or (isinstance(r, DictConfig) and isinstance(r.get("name"), str)), f"{where}.recipes[{i}]",
+                      f"must be a recipe name or {{name: ..., **arguments}} (see `mtl list recipes`), got {_plain(r)!r}.")
+        stages = node.get("stages")
+        if stages is not None:
+            _must(isinstance(stages, ListConfig) and all(isinstance(x, DictConfig) for x in stages), f"{where}.stages",
+                  f"must be a list of stage mappings, e.g. [{{tasks: [a]}}, {{tasks: [b]}}], got {_plain(stages)!r}.")
+    for role, node in c.stages.items():
+        _must(node is None or isinstance(node, DictConfig), f"compare.stages.{role}",
+              f"must be a mapping of config overrides, e.g. {{trainer: {{epochs: 5}}}}, got {_plain(node)!r}.")
+
+
 def check_values(cfg: DictConfig) -> None:
     """Range and choice checks the types alone cannot express."""
+    _must(bool(cfg.output_dir.strip()), "output_dir", "is empty; name the run directory, e.g. output_dir=runs/my_run.")
+    for i, module in enumerate(cfg.imports):
+        _must(isinstance(module, str) and bool(module.strip()), f"imports[{i}]", f"must name a module to import, e.g. my_tasks, got {_plain(module)!r}.")
+    for i, tag in enumerate(cfg.logging.wandb.tags):
+        _must(isinstance(tag, str), f"logging.wandb.tags[{i}]", f"must be a string, got {_plain(tag)!r}.")
+    _must(cfg.init_from is None or bool(cfg.init_from.strip()), "init_from", "is empty; give a checkpoint path or null.")
     t = cfg.trainer
-    _must(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}.")
-    _must(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}.")
-    lr = t.optimizer.get("lr")
-    _must(not isinstance(lr, (int, float)) or lr > 0, "trainer.optimizer.lr", f"must be > 0, got {lr}; e.g. trainer.optimizer.lr=0.001.")
-    _must(t.eval_batch_size >= 1, "trainer.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}.")
+    _at_least(t.epochs, "trainer.epochs", 1)
+    _at_least(t.batch_size, "trainer.batch_size", 1)
+    _at_least(t.eval_batch_size, "trainer.eval_batch_size", 1)
     _must(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", f"must be > 0 or null, got {t.grad_clip}.")
-    _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", "must be >= 1 or null.")
+    _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", f"must be >= 1 or null, got {t.steps_per_epoch}.")
     _must(t.precision in ("fp32", "bf16"), "trainer.precision", f"must be fp32 or bf16, got {t.precision!r}.")
-    _must(t.weighting_every >= 1, "trainer.weighting_every", f"must be >= 1, got {t.weighting_every}.")
-    _must(t.checkpoint_every >= 0, "trainer.checkpoint_every", f"must be >= 0 (0: at epoch ends only), got {t.checkpoint_every}.")
-    _must(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1 (resuming needs one), got {t.keep_checkpoints}.")
+    _at_least(t.weighting_every, "trainer.weighting_every", 1)
+    _at_least(t.checkpoint_every, "trainer.checkpoint_every", 0, " (0: at epoch ends only)")
+    _at_least(t.keep_checkpoints, "trainer.keep_checkpoints", 1, " (resuming needs one)")
     _must(t.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}.")
-    _must(t.jacobian_chunk >= 0, "trainer.jacobian_chunk", f"must be >= 0 (0: all tasks at once), got {t.jacobian_chunk}.")
-    _must(t.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {t.num_workers}.")
-    _must(cfg.logging.log_every >= 1, "logging.log_every", f"must be >= 1, got {cfg.logging.log_every}.")
+    _at_least(t.jacobian_chunk, "trainer.jacobian_chunk", 0, " (0: all tasks at once)")
+    _at_least(t.num_workers, "trainer.num_workers", 0)
+    _at_least(t.device_data_limit_mb, "trainer.device_data_limit_mb", 0)
+    _at_least(cfg.logging.log_every, "logging.log_every", 1)
     modes = ("online", "offline", "disabled")
     _must(cfg.logging.wandb.mode in modes, "logging.wandb.mode", f"must be one of {', '.join(modes)}, got {cfg.logging.wandb.mode!r}.")
     dev = cfg.device
@@ -301,9 +469,15 @@ def check_values(cfg: DictConfig) -> None:
     _must(len(cfg.tasks) >= 1, "tasks", "define at least one task, e.g. tasks: {mnist: {}}.")
     for name, node in cfg.tasks.items():
         _must(node is None or isinstance(node, DictConfig), f"tasks.{name}", "must be a mapping, e.g. {name: mnist}.")
+        head = node.get("head") if node is not None else None
+        _must(head is None or isinstance(head, DictConfig), f"tasks.{name}.head", f"must be a mapping, e.g. {{name: mlp, hidden: [64]}}, got {_plain(head)!r}.")
     for key in ("trunk", "weighting", "scheduler", "recipe", "trainer.optimizer", "trainer.lr_schedule"):
         node = OmegaConf.select(cfg, key)
         _must("name" in node, f"{key}.name", "missing: name a registered component (see `mtl list`) or an import path.")
+        _must(isinstance(node.name, str) and bool(node.name.strip()), f"{key}.name",
+              f"must be a registered name (see `mtl list`) or an import path, got {_plain(node.name)!r}.")
+    check_optimizer(t.optimizer)
+    check_compare(cfg.compare)
     select = t.select_on
     if select not in ("primary_mean", "loss"):
         task, _, metric = select.partition("/")
