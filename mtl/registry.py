@@ -87,9 +87,8 @@ class Registry(Generic[T]):
         if not self._loaded:
             self._loaded = True
             for module in self._builtins:
-                before = len(self._entries)
                 _import_builtin(module)
-                if len(self._entries) == before:
+                if not any(_defined_in(entry, module) for entry in self._entries.values()):
                     raise ComponentError(
                         f"the built-in {self.kind} module {module!r} registered no {self.kind}; "
                         f"check that {ROOT / module.replace('.', '/')} is mtl's own and intact (reinstall with `make install`)."
@@ -135,6 +134,12 @@ class Registry(Generic[T]):
 def _inside(module: Any, folder: Path) -> bool:
     origin = getattr(module, "__file__", None)
     return origin is not None and Path(origin).resolve().is_relative_to(folder)
+
+
+def _defined_in(obj: Any, module: str) -> bool:
+    """``obj`` comes from ``module`` or a submodule (a package such as ``tasks``)."""
+    name = getattr(obj, "__module__", "") or ""
+    return name == module or name.startswith(module + ".")
 
 
 def _inside_mtl(obj: Any) -> bool:

@@ -121,3 +121,11 @@ def test_a_registered_class_by_import_path_is_accepted():
     from mtl.weighting.surgery import PCGrad
 
     assert registry("weightings").get("mtl.weighting.surgery:PCGrad") is PCGrad
+
+
+def test_builtins_imported_before_the_registry_is_read_still_count():
+    # Importing one task module first (as paper_repro does) registers the whole library early.
+    code = "import tasks.fashion_mnist; from mtl.task import TASKS; print(len(TASKS.names()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) > 10
