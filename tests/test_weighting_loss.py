@@ -182,6 +182,25 @@ def test_imtl_l_value_and_gradient():
     assert torch.allclose(imtl.weights(), torch.tensor([0.5, 4.0]))
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
+def test_imtl_l_and_uncertainty_train_bit_identically(optimizer):
+    """IMTL-L is uncertainty weighting with s = −s' (see IMTLLoss): the same run, to the bit."""
+    runs = []
+    for method in (IMTLLoss(TASKS2), UncertaintyWeighting(TASKS2)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        x, y = torch.randn(16, 4), torch.randn(16, 2)
+        opt = optimizer([{"params": model.parameters()}, {"params": method.parameters(), "weight_decay": 0.0}], lr=0.05)
+        for _ in range(25):
+            opt.zero_grad()
+            method(((model(x) - y) ** 2).mean(dim=0) * torch.tensor([1.0, 30.0])).backward()
+            opt.step()
+        runs.append((model.weight.detach().clone(), model.bias.detach().clone(), next(method.parameters()).detach().clone()))
+    (w1, b1, s1), (w2, b2, s2) = runs
+    assert torch.equal(w1, w2) and torch.equal(b1, b2) and torch.equal(s1, -s2)
+    assert s1.abs().max() > 0.5  # the scales did move
+
+
 def test_famo_loss_gives_the_normalised_direction():
     famo = FAMO(TASKS2)
     with torch.no_grad():

@@ -164,6 +164,14 @@ class IMTLLoss(LossWeighting):
     ICLR 2021 (the loss-balance part, IMTL-L). The −s_t term keeps exp(s_t) from collapsing
     to 0; at the optimum exp(s_t) L_t = 1, so every scaled loss is balanced. s_t starts at 0
     and trains with the model's optimizer.
+
+    This is uncertainty weighting (``uncertainty``, L = Σ_t exp(−s'_t) L_t + s'_t) with
+    s'_t = −s_t: the same objective, from the same start (0). The gradient w.r.t. s_t is minus
+    that w.r.t. s'_t and the model's gradients are equal, so under any optimizer whose step is
+    odd in the gradient (SGD, Adam, AdamW with s excluded from weight decay, as the trainer
+    does) s_t = −s'_t at every step and the two runs are bit-identical (tested). Benchmarks
+    count them as one method. The paper combines IMTL-L with IMTL-G (the full IMTL, as
+    LibMTL's ``IMTL``); here each is a separate weighting.
     """
 
     def __init__(self, tasks: Sequence[str]):

@@ -25,6 +25,9 @@ from paper_repro.weighting_benchmark.published import SOURCE, tables_markdown
 HERE = STUDIES / "weighting_benchmark"
 BASE = STUDIES / "multi_mnist" / "multi_fashion.yaml"
 METHODS = HERE / "methods.yaml"
+# Registered weightings that are another method under a new name, run once under that name:
+# IMTL-L's objective Σ exp(s)L − s is uncertainty weighting's with s = −s' (IMTLLoss docstring).
+SAME_AS = {"imtl_l": "uncertainty"}
 # CI has no Fashion-MNIST: the smoke run puts the same methods on MultiMNIST (5k MNIST, bundled).
 SMOKE_DATA = ["tasks.left.name=multi_mnist_left", "tasks.right.name=multi_mnist_right"]
 
