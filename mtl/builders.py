@@ -167,8 +167,9 @@ def build_heads(
 def check_targets(tasks: dict[str, Task], trunk: Trunk, heads: dict[str, Head], splits: dict[str, Splits], batch_size: int) -> None:
     """The task contract on real data (``mtl.contract``): each task's first batch of each split
     through the trunk, its head, loss and metrics, and every in-memory target against the head."""
+    features: dict = {}
     for key, task in tasks.items():
-        contract.check_batches(key, task, trunk, heads[key], splits[key], batch_size)
+        contract.check_batches(key, task, trunk, heads[key], splits[key], batch_size, features)
 
 
 @dataclass

@@ -314,8 +314,13 @@ def check_disjoint(where: str, splits: Splits) -> None:
         logger.warning("%s: splits overlap: %s; their scores are partly measured on seen data.", where, ", ".join(overlaps))
 
 
-def check_batches(key: str, task: Task, trunk: torch.nn.Module, head: torch.nn.Module, splits: Splits, batch_size: int) -> None:
-    """One real batch per split through trunk, head, loss, masked_loss and the metrics."""
+def check_batches(
+    key: str, task: Task, trunk: torch.nn.Module, head: torch.nn.Module, splits: Splits, batch_size: int,
+    features: dict[Hashable, torch.Tensor] | None = None,
+) -> None:
+    """One real batch per split through trunk, head, loss, masked_loss and the metrics.
+    ``features``, shared across the calls for one run's tasks, keeps the trunk's features of
+    shared-input tasks (one ``input_key``): forty CelebA attributes run the trunk once per split."""
     where = describe(key, type(task))
     check_disjoint(where, splits)
     shapes: dict[str, tuple] = {}
@@ -326,13 +331,13 @@ def check_batches(key: str, task: Task, trunk: torch.nn.Module, head: torch.nn.M
     head.eval()
     try:
         for split, ds in splits.items():
-            _check_split(key, where, task, trunk, head, split, ds, batch_size, shapes)
+            _check_split(key, where, task, trunk, head, split, ds, batch_size, shapes, {} if features is None else features)
     finally:
         trunk.train(trunk_mode)
         head.train(head_mode)
 
 
-def _check_split(key, where, task, trunk, head, split, ds, batch_size, shapes) -> None:
+def _check_split(key, where, task, trunk, head, split, ds, batch_size, shapes, cache) -> None:
     n = len(ds)
     if split == "train" and n < 2:
         raise TaskContractError(
@@ -372,14 +377,20 @@ def _check_split(key, where, task, trunk, head, split, ds, batch_size, shapes) -
     mask = _valid_mask(where, task, y, split)
     if not mask.any():
         raise TaskContractError(f"{where}: the first {len(y)} samples of the {split} split have no labelled sample per valid_mask; check its targets and valid_mask.")
+    shared = task.input_key()
+    # The inputs' shape in the key too: input_key's promise of identical inputs is checked only later.
+    slot = None if shared is None else (shared, split, tuple(indices), tuple(x.shape), x.dtype)
+    cached = None if slot is None else cache.get(slot)
     try:
         with torch.no_grad():
-            features = trunk(x)
+            features = trunk(x) if cached is None else cached
     except Exception as e:
         raise TaskContractError(
             f"{where}: its {split} inputs ({x.dtype}, shape {tuple(x.shape[1:])} per sample) cannot go through trunk "
             f"{type(trunk).__name__}: {first_line(e)}; give inputs the trunk takes (images as float tensors [C, H, W])."
         ) from e
+    if slot is not None:
+        cache[slot] = features
     features = features.detach().requires_grad_()
     output = call(where, f"head {type(head).__name__}", head, features)
     out_shape = tuple(output.shape[1:])

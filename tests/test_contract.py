@@ -385,3 +385,20 @@ def test_split_comparison_is_exact_where_the_probe_columns_agree():
     rows[:, 700] = torch.arange(50.0)  # equal on almost every column, the probed ones too
     in_b, in_a = _shared(_probe(rows), _probe(torch.cat([rows[:5], rows[5:] + 1])))
     assert in_b.tolist() == [True] * 5 + [False] * 45 and in_a.tolist() == in_b.tolist()
+
+
+def test_shared_input_tasks_run_the_trunk_once_per_split():
+    calls = []
+
+    class Counting(Flatten):
+        def forward(self, x):
+            calls.append(len(x))
+            return super().forward(x)
+
+    tasks = {n: TASKS.get(f"multi_mnist_{n}")() for n in ("left", "right")}
+    features = {}
+    for name, task in tasks.items():
+        splits = task.build_datasets()
+        trunk = Counting(splits.train[0][0].numel())
+        check_batches(name, task, trunk, HEADS.get("linear")((16,), 10), splits, 16, features)
+    assert calls == [16, 16, 16]  # left's three splits; right reuses them
