@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl import checks
 from mtl.registry import Registry
 
 
@@ -53,7 +54,7 @@ class LinearHead(Head):
 
     def __init__(self, in_shape: Sequence[int], num_outputs: int, dropout: float = 0.0):
         super().__init__(in_shape, num_outputs)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(checks.probability(dropout, "head.dropout"))
         self.fc = nn.Linear(self.in_features, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,8 @@ class MLPHead(Head):
 
     def __init__(self, in_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (256,), dropout: float = 0.0):
         super().__init__(in_shape, num_outputs)
-        sizes = [self.in_features, *hidden]
+        checks.probability(dropout, "head.dropout")
+        sizes = [self.in_features, *checks.sizes(hidden, "head.hidden", "[256]", allow_empty=True)]
         layers: list[nn.Module] = []
         for a, b in zip(sizes, sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
@@ -107,6 +109,7 @@ class DenseHead(Head):
             raise ValueError(self._needs_maps(self.in_shape))
         if len(out_size) != 2 or min(out_size) < 1:
             raise ValueError(f"out_size must be [height, width], got {list(out_size)}.")
+        checks.number(hidden, "head.hidden", 1, integer=True)
         self.out_size = (int(out_size[0]), int(out_size[1]))
         self.net = nn.Sequential(
             nn.Conv2d(self.in_shape[0], hidden, 3, padding=1, bias=False),

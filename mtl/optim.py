@@ -12,6 +12,7 @@ from typing import Any, Iterable
 
 import torch
 
+from mtl import checks
 from mtl.registry import Registry, build
 
 OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer", torch.optim.Optimizer)
@@ -24,8 +25,7 @@ class LRSchedule:
     """Base class: ``self(step) -> factor`` of the initial LR at optimizer step ``step``."""
 
     def __init__(self, total_steps: int, warmup_steps: int = 0):
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+        checks.number(warmup_steps, "trainer.lr_schedule.warmup_steps", 0, integer=True)
         self.total_steps = max(1, total_steps)
         self.warmup_steps = warmup_steps
 
@@ -51,11 +51,12 @@ class Constant(LRSchedule):
 
 @LR_SCHEDULES.register("cosine")
 class Cosine(LRSchedule):
-    """Cosine decay to min_factor × LR over the run (Loshchilov & Hutter 2017, no restarts)."""
+    """Cosine decay to min_factor × LR over the run (Loshchilov & Hutter 2017, no restarts);
+    min_factor in [0, 1]."""
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0):
         super().__init__(total_steps, warmup_steps)
-        self.min_factor = min_factor
+        self.min_factor = checks.number(min_factor, "trainer.lr_schedule.min_factor", 0, 1)
 
     def decay(self, step: int, steps: int) -> float:
         progress = min(step / steps, 1.0)
@@ -64,11 +65,11 @@ class Cosine(LRSchedule):
 
 @LR_SCHEDULES.register("linear")
 class Linear(LRSchedule):
-    """Linear decay from the LR to end_factor × LR over the run."""
+    """Linear decay from the LR to end_factor × LR over the run; end_factor in [0, 1]."""
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, end_factor: float = 0.0):
         super().__init__(total_steps, warmup_steps)
-        self.end_factor = end_factor
+        self.end_factor = checks.number(end_factor, "trainer.lr_schedule.end_factor", 0, 1)
 
     def decay(self, step: int, steps: int) -> float:
         return 1 + (self.end_factor - 1) * min(step / steps, 1.0)
@@ -76,14 +77,12 @@ class Linear(LRSchedule):
 
 @LR_SCHEDULES.register("step")
 class Step(LRSchedule):
-    """Multiply the LR by gamma every step_size optimizer steps."""
+    """Multiply the LR by gamma (in (0, 1]) every step_size optimizer steps."""
 
     def __init__(self, total_steps: int, step_size: int, gamma: float = 0.1, warmup_steps: int = 0):
         super().__init__(total_steps, warmup_steps)
-        if step_size < 1:
-            raise ValueError(f"step_size must be >= 1, got {step_size}.")
-        self.step_size = step_size
-        self.gamma = gamma
+        self.step_size = checks.number(step_size, "trainer.lr_schedule.step_size", 1, integer=True)
+        self.gamma = checks.number(gamma, "trainer.lr_schedule.gamma", 0, 1, low_open=True)
 
     def decay(self, step: int, steps: int) -> float:
         return self.gamma ** (step // self.step_size)

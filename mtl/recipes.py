@@ -5,6 +5,7 @@ A recipe is called by the trainer at fixed points:
   ``param_groups(model)`` once, to build the optimizer (each group may carry ``lr_scale``);
   ``start_epoch(model, epoch)`` after ``model.train()`` at each epoch start: sets
     ``requires_grad`` and puts frozen parts in eval mode (BatchNorm statistics frozen);
+  ``distinct_epochs(model, epochs)`` to count what trains without visiting every epoch;
   ``penalty(model)`` each step: a term added to the loss, or None.
 Frozen parameters stay in the optimizer with ``requires_grad=False``: they get no gradient,
 so no optimizer updates them (nor decays them), and a recipe can unfreeze them later.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtl import checks
 from mtl.model import MultiTaskModel
 from mtl.registry import Registry
 
@@ -37,6 +39,12 @@ class Recipe:
     def start_epoch(self, model: MultiTaskModel, epoch: int) -> None:
         model.requires_grad_(True)
 
+    def distinct_epochs(self, model: MultiTaskModel, epochs: int) -> range | list[int]:
+        """Epochs whose ``start_epoch`` may train another set of parameters than the epochs
+        before them; every other epoch repeats one of these. A recipe that overrides
+        ``start_epoch`` without this method is asked at every epoch."""
+        return range(min(epochs, 1)) if type(self).start_epoch is Recipe.start_epoch else range(epochs)
+
     def penalty(self, model: MultiTaskModel) -> torch.Tensor | None:
         return None
 
@@ -58,6 +66,9 @@ class LinearProbe(Recipe):
         model.heads.requires_grad_(True)
         freeze(model.trunk)
 
+    def distinct_epochs(self, model: MultiTaskModel, epochs: int) -> range | list[int]:
+        return range(min(epochs, 1))
+
 
 @register_recipe("lp_ft")
 class LPFT(Recipe):
@@ -65,15 +76,16 @@ class LPFT(Recipe):
     probe for ``probe_epochs`` epochs, then full fine-tuning starting from the probed head."""
 
     def __init__(self, probe_epochs: int = 1):
-        if probe_epochs < 1:
-            raise ValueError(f"recipe.probe_epochs must be >= 1, got {probe_epochs}.")
-        self.probe_epochs = probe_epochs
+        self.probe_epochs = checks.number(probe_epochs, "recipe.probe_epochs", 1, integer=True)
 
     def start_epoch(self, model: MultiTaskModel, epoch: int) -> None:
         if epoch < self.probe_epochs:
             LinearProbe().start_epoch(model, epoch)
         else:
             model.requires_grad_(True)
+
+    def distinct_epochs(self, model: MultiTaskModel, epochs: int) -> range | list[int]:
+        return [e for e in (0, self.probe_epochs) if e < epochs]
 
 
 @register_recipe("gradual_unfreezing")
@@ -83,9 +95,7 @@ class GradualUnfreezing(Recipe):
     at epoch e the last ⌊e / every⌋ groups are unfrozen."""
 
     def __init__(self, every: int = 1):
-        if every < 1:
-            raise ValueError(f"recipe.every must be >= 1, got {every}.")
-        self.every = every
+        self.every = checks.number(every, "recipe.every", 1, integer=True)
 
     def start_epoch(self, model: MultiTaskModel, epoch: int) -> None:
         model.heads.requires_grad_(True)
@@ -102,6 +112,10 @@ class GradualUnfreezing(Recipe):
             else:
                 freeze(module)
 
+    def distinct_epochs(self, model: MultiTaskModel, epochs: int) -> range | list[int]:
+        # One more group every `every` epochs until all of them (and the stem's rest) train.
+        return range(0, min(epochs, self.every * len(model.trunk.layer_groups()) + 1), self.every)
+
 
 @register_recipe("layerwise_lr_decay")
 class LayerwiseLRDecay(Recipe):
@@ -111,9 +125,7 @@ class LayerwiseLRDecay(Recipe):
     group train at the stem's LR."""
 
     def __init__(self, decay: float = 0.5):
-        if not 0 < decay <= 1:
-            raise ValueError(f"recipe.decay must be in (0, 1], got {decay}.")
-        self.decay = decay
+        self.decay = checks.number(decay, "recipe.decay", 0, 1, low_open=True)
 
     def param_groups(self, model: MultiTaskModel) -> list[dict]:
         groups = model.trunk.layer_groups()
@@ -138,10 +150,8 @@ class L2SP(Recipe):
     without the optimizer's own weight decay."""
 
     def __init__(self, alpha: float = 0.01, beta: float = 0.01):
-        if alpha < 0 or beta < 0:
-            raise ValueError(f"recipe.alpha and recipe.beta must be >= 0, got {alpha}, {beta}.")
-        self.alpha = alpha
-        self.beta = beta
+        self.alpha = checks.number(alpha, "recipe.alpha", 0)
+        self.beta = checks.number(beta, "recipe.beta", 0)
         self.reference: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     def setup(self, model: MultiTaskModel) -> None:

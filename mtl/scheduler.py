@@ -9,12 +9,12 @@ pass (``mtl.data.BatchSource``); nothing caches an epoch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
+from mtl import checks
 from mtl.registry import Registry
 
 
@@ -125,10 +125,9 @@ class Temperature(SamplingScheduler):
 
     def __init__(self, sources: Sources, tau: float = 2.0, cap: int | None = None):
         super().__init__(sources)
-        if not tau > 0:
-            raise ValueError(f"scheduler.tau must be > 0, got {tau}.")
-        if cap is not None and cap < 1:
-            raise ValueError(f"scheduler.cap must be >= 1 or null, got {cap}.")
+        checks.number(tau, "scheduler.tau", 0, low_open=True)
+        if cap is not None:
+            checks.number(cap, "scheduler.cap", 1, integer=True)
         self.tau = tau
         self.cap = cap
 
@@ -148,8 +147,7 @@ class Annealed(SamplingScheduler):
 
     def __init__(self, sources: Sources, alpha_end: float = 0.2):
         super().__init__(sources)
-        if not 0 <= alpha_end <= 1:
-            raise ValueError(f"scheduler.alpha_end must be in [0, 1], got {alpha_end}.")
+        checks.number(alpha_end, "scheduler.alpha_end", 0, 1)
         self.alpha_end = alpha_end
 
     def alpha(self, step: int) -> float:
@@ -174,8 +172,10 @@ class Weighted(SamplingScheduler):
         missing = [t for t in self.names if t not in weights]
         if missing:
             raise ValueError(f"scheduler.weights gives no weight for {', '.join(missing)}.")
-        if any(not (w >= 0 and math.isfinite(w)) for w in weights.values()) or not sum(weights.values()) > 0:
-            raise ValueError("scheduler.weights must be finite, >= 0, and not all 0.")
+        for task, w in weights.items():
+            checks.number(w, f"scheduler.weights.{task}", 0)
+        if not sum(weights.values()) > 0:
+            raise ValueError("scheduler.weights must be >= 0 and not all 0.")
         self.weights = torch.tensor([float(weights[n]) for n in self.names], dtype=torch.float64)
 
     def probabilities(self, step: int) -> torch.Tensor:

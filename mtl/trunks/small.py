@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl import checks
 from mtl.trunks.base import Trunk, register_trunk
 
 
@@ -18,6 +19,9 @@ class _LeNetConvs(Trunk):
 
     def __init__(self, in_channels: int = 1, features: int = 50, dropout: float = 0.5):
         super().__init__()
+        checks.number(in_channels, "trunk.in_channels", 1, integer=True)
+        checks.number(features, "trunk.features", 1, integer=True)
+        checks.probability(dropout, "trunk.dropout")
         self.conv1 = nn.Conv2d(in_channels, 10, kernel_size=5)
         self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
         self.conv2_drop = nn.Dropout2d(dropout)
@@ -58,8 +62,9 @@ class MLP(Trunk):
 
     def __init__(self, in_features: int, hidden: Sequence[int] = (64, 64), dropout: float = 0.0):
         super().__init__()
-        if not hidden:
-            raise ValueError("trunk.hidden must list at least one layer size, e.g. [64, 64].")
+        checks.number(in_features, "trunk.in_features", 1, integer=True)
+        hidden = checks.sizes(hidden, "trunk.hidden")
+        checks.probability(dropout, "trunk.dropout")
         sizes = [in_features, *hidden]
         self.layers = nn.ModuleList(
             nn.Sequential(nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)) for a, b in zip(sizes, sizes[1:])
