@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-import yaml
+import traceback
 from typing import Sequence
 
-from mtl.config import ConfigError, load_config
+from mtl.config import ConfigError, load_config, read_yaml
 from mtl.listing import KINDS
 from mtl.registry import ComponentError
 
@@ -26,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help_)
         c.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml")
         c.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), ~key deletes a key")
+        if name == "validate":
+            c.add_argument(
+                "--for", dest="judge", choices=("train", "compare"), default=None,
+                help="judge what `mtl train` or `mtl compare` would run; default: both if the config has a compare node, else train",
+            )
     ls = sub.add_parser("list", help="what is registered; with NAME, its docstring and config arguments")
     ls.add_argument("kind", choices=sorted(KINDS))
     ls.add_argument("name", nargs="?", help="one component, e.g. `mtl list weightings pcgrad`")
@@ -61,24 +65,42 @@ def cmd_compare(config: str, overrides: Sequence[str]) -> int:
     return 0
 
 
-def cmd_validate(config: str, overrides: Sequence[str]) -> int:
+def _judged(config: str, overrides: Sequence[str], judge: str | None) -> tuple[str, ...]:
+    """What validate checks: the commands named by --for, else both when the config (or an
+    override) has a compare node, else what `mtl train` runs."""
+    if judge:
+        return (judge,)
+    written = "compare" in read_yaml(config) or any(o.split("=")[0].split(".")[0] == "compare" for o in overrides)
+    return ("train", "compare") if written and "~compare" not in overrides else ("train",)
+
+
+def cmd_validate(config: str, overrides: Sequence[str], judge: str | None = None) -> int:
     from mtl.trainer import Trainer
 
+    commands = _judged(config, overrides, judge)
     cfg = load_config(config, list(overrides))
-    trainer = Trainer(cfg)  # builds and checks everything, writes nothing
-    print(f"{config}: OK")
-    for name, task in trainer.tasks.items():
-        sizes = ", ".join(f"{split} {len(ds)}" for split, ds in trainer.splits[name].items())
-        print(f"  task {name}: {type(task).__name__}, {sizes}; head {type(trainer.model.heads[name]).__name__}")
-    params = trainer.parameters
-    print(f"  trunk {type(trainer.model.trunk).__name__}; recipe {cfg.recipe.name}: {params['trainable']:,} of {params['total']:,} parameters train")
-    print(f"  {cfg.trainer.epochs} epochs of {trainer.steps_per_epoch} steps")
-    if "compare" in (yaml.safe_load(open(config)) or {}):
+    print(f"{config}: judged for {' and '.join(f'`mtl {c}`' for c in commands)}"
+          f"{'' if judge else ' (--for train or --for compare judges one)'}")
+    if "train" in commands:
+        trainer = Trainer(cfg)  # builds and checks everything, writes nothing
+        for name, task in trainer.tasks.items():
+            sizes = ", ".join(f"{split} {len(ds)}" for split, ds in trainer.splits[name].items())
+            print(f"  task {name}: {type(task).__name__}, {sizes}; head {type(trainer.model.heads[name]).__name__}")
+        params = trainer.parameters
+        print(f"  trunk {type(trainer.model.trunk).__name__}; recipe {cfg.recipe.name}: {params['trainable']:,} of {params['total']:,} parameters train")
+        print(f"  {cfg.trainer.epochs} epochs of {trainer.steps_per_epoch} steps")
+    if "compare" in commands:
         from mtl.compare import Grid
 
-        grid = Grid(cfg)
-        grid.preflight()
+        try:
+            grid = Grid(cfg)
+            grid.preflight()
+        except ConfigError as e:
+            if judge:
+                raise
+            raise ConfigError(f"{e} (judged for `mtl compare`, as the config has a compare node; `--for train` judges only what `mtl train` runs)") from None
         print(f"  compare: {len(grid.cells)} cells; every distinct stage builds")
+    print(f"{config}: OK")
     return 0
 
 
@@ -97,7 +119,13 @@ def cmd_list(kind: str, name: str | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides after an option (`validate CONFIG --for train a=1`) are left over by argparse.
+    if extra and (args.command == "list" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     # Import paths in a config (my_tasks:MyTask) resolve from the working directory, as with `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -107,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ConfigError, ComponentError) as e:
             print(f"mtl: error: {e}", file=sys.stderr)
             return 2
+        except Exception as e:
+            if os.environ.get("MTL_DEBUG", "") not in ("", "0"):
+                raise
+            print(_unexpected(args.command, e), file=sys.stderr)
+            return 1
     # Imported here, not at the top: `mtl list` answers without importing torch.
     from mtl import distributed
     from mtl.engine import NonFiniteError
@@ -116,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args.config, args.overrides)
         if args.command == "compare":
             return cmd_compare(args.config, args.overrides)
-        return cmd_validate(args.config, args.overrides)
+        return cmd_validate(args.config, args.overrides, args.judge)
     except ConfigError as e:
         print(f"mtl: error: {e}", file=sys.stderr)
         return 2
@@ -126,8 +159,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"mtl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("MTL_DEBUG", "") not in ("", "0"):
+            raise
+        print(_unexpected(args.command, e), file=sys.stderr)
+        return 1
     finally:
         distributed.shutdown()
+
+
+def _unexpected(command: str, e: Exception) -> str:
+    """One line for an error no check foresaw: what failed and where, instead of a page of
+    traceback; the traceback is one environment variable away."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return (
+        f"mtl: error: {command} failed with an unexpected {type(e).__name__}{where}"
+        f"{': ' + message if message else ''}. Run with MTL_DEBUG=1 for the full traceback, and please report it."
+    )
 
 
 if __name__ == "__main__":
