@@ -211,7 +211,8 @@ class IMTLG(GramianWeighting):
     d = 0 although no task conflicts). Generalisation used here, equal to the closed form
     when J has full row rank and no zero row:
 
-    - a zero g_t (||g_t||² ≤ 1e-13·max_s ||g_s||²) gets α_t = 0 and is left out of C;
+    - a zero g_t (``solvers.nonzero``: ||g_t||² ≤ 1e-30·max_s ||g_s||²) gets α_t = 0 and is
+      left out of C;
     - γ = C⁺1, with C⁺ the pseudo-inverse (eigenvalues below T·10·eps of the input's dtype
       times the largest are cut): Uᵀγ is the least-norm x whose projections p = Ux are the
       least-squares fit to 1, i.e. p is the orthogonal projection of 1 onto range(U). The
