@@ -70,8 +70,8 @@ def evaluate(
     return results
 
 
-# Each task's metric objects, built once: building torchmetrics objects costs about as much as
-# evaluating a small validation split, and the trainer evaluates (and ranks) every epoch.
+# Each task's metric objects, built once: building a classification task's two torchmetrics
+# objects costs about 3 ms on a CPU, and the trainer evaluates and ranks (directions) every epoch.
 _TASK_METRICS: weakref.WeakKeyDictionary[Task, dict[str, torchmetrics.Metric]] = weakref.WeakKeyDictionary()
 
 
