@@ -365,12 +365,16 @@ def test_errors_are_config_errors():
     assert issubclass(TaskContractError, ConfigError)
 
 
-@pytest.mark.parametrize("name, node", [("celeba", {"size": 32}), ("celeba_attribute", {"attribute": "Smiling", "size": 32}), ("cifar10", {})])
+@pytest.mark.parametrize(
+    "name, node",
+    [("celeba", {"size": 32}), ("celeba_attribute", {"attribute": "Smiling", "size": 32}), ("cifar10", {}), ("office31", {"domain": "amazon", "size": 16})],
+)
 def test_data_root_tasks_meet_the_contract_on_a_tiny_tree(tmp_path, name, node):
-    from test_task_library_images import write_celeba, write_cifar10
+    from test_task_library_images import OFFICE31_CLASSES, write_celeba, write_cifar10, write_office
 
     write_celeba(tmp_path)
     write_cifar10(tmp_path)
+    write_office(tmp_path, ("amazon", "dslr", "webcam"), OFFICE31_CLASSES)
     task = TASKS.get(name)(root=str(tmp_path), **node)
     splits = task.build_datasets()
     trunk = Flatten(splits.train[0][0].numel())
