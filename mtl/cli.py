@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mtl: error: {e}", file=sys.stderr)
             return 2
         except Exception as e:
-            if os.environ.get("MTL_DEBUG", "") not in ("", "0"):
+            if _debug():
                 raise
             print(_unexpected(args.command, e), file=sys.stderr)
             return 1
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args.config, args.overrides)
         return cmd_validate(args.config, args.overrides, args.judge)
     except ConfigError as e:
-        print(f"mtl: error: {e}", file=sys.stderr)
+        print(f"mtl: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"mtl: error: {e}", file=sys.stderr)
@@ -160,12 +160,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mtl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     except Exception as e:
-        if os.environ.get("MTL_DEBUG", "") not in ("", "0"):
+        if _debug():
             raise
         print(_unexpected(args.command, e), file=sys.stderr)
         return 1
     finally:
         distributed.shutdown()
+
+
+def _debug() -> bool:
+    return os.environ.get("MTL_DEBUG", "") not in ("", "0")
+
+
+def _first_line(e: Exception) -> str:
+    """A config error is one line; a library's message wrapped into it (torch appends its C++
+    stack) is cut to its first line unless MTL_DEBUG is set."""
+    lines = str(e).strip().splitlines()
+    if len(lines) <= 1 or _debug():
+        return str(e).strip()
+    return f"{lines[0]} (cut at the first of {len(lines)} lines; MTL_DEBUG=1 prints them all)"
 
 
 def _unexpected(command: str, e: Exception) -> str:

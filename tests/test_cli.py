@@ -53,6 +53,15 @@ class Exploding(Trunk):
         raise RuntimeError("boom\nsecond line")
 
 
+def test_a_library_message_inside_a_config_error_is_cut_to_one_line(capsys, monkeypatch):
+    # torch's overflow message carries its C++ stack: a dozen lines inside the error for trunk.features.
+    monkeypatch.delenv("MTL_DEBUG", raising=False)
+    assert main(["validate", QUICKSTART, "--for", "train", "trunk.features=18446744073709551616"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("mtl: error: ") and "trunk" in err, err
+    assert "MTL_DEBUG=1 prints them all" in err
+
+
 def test_an_unexpected_error_is_one_line_without_a_traceback(capsys, monkeypatch):
     monkeypatch.delenv("MTL_DEBUG", raising=False)
     argv = ["validate", QUICKSTART, "--for", "train", f"trunk.name={__name__}:Exploding"]
