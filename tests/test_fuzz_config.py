@@ -14,7 +14,7 @@ override, runs ``mtl validate`` in this process and classifies what happened:
 
 Mutations outside the ``compare`` node are made to the quickstart without that node (what
 ``mtl train`` runs, the cheaper check); mutations of the node itself keep it, so validate
-judges the comparison. MTL_FUZZ_EXAMPLES sets the number of examples (CI: 30);
+judges the comparison. MTL_FUZZ_EXAMPLES sets the number of examples (CI: 50, about 90 s);
 MTL_FUZZ_RECORD=FILE records each example's outcome as a JSON line and asserts nothing,
 to count outcomes over a long run.
 """
@@ -39,7 +39,7 @@ from mtl.cli import main
 
 from conftest import QUICKSTART
 
-EXAMPLES = int(os.environ.get("MTL_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("MTL_FUZZ_EXAMPLES", "50"))
 RECORD = os.environ.get("MTL_FUZZ_RECORD")
 TIMEOUT_S = 60
 
