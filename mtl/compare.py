@@ -387,6 +387,9 @@ def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
     ctx = distributed.setup(cfg.device)
     grid = Grid(cfg, log if ctx.is_main else (lambda *_: None))
     grid.preflight()
+    if len(cfg.compare.seeds) < 2:
+        log("compare.seeds: one seed, so the report gives differences without a CI or test and no verdict; "
+            "list 2 or more seeds (3 or more to resolve anything but large differences).")
     ctx.barrier()  # every rank has read output_dir's config before rank 0 writes its own
     if ctx.is_main:
         grid.claim()

@@ -9,7 +9,7 @@ import torch
 
 from mtl import checkpoint
 from mtl.cli import main
-from mtl.compare import Grid
+from mtl.compare import Grid, run_compare
 from mtl.config import ConfigError, load_config
 
 from conftest import QUICKSTART
@@ -92,6 +92,21 @@ def test_rerun_skips_finished_cells_and_restarts_an_interrupted_one(grid_dir, ca
     assert sum("skipped" in l for l in lines) == len(lines) - 1
     assert (cell / "results.json").exists()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_one_seed_is_said_before_any_training(tmp_path):
+    class Said(Exception):
+        pass
+
+    def log(message, *_):
+        if "one seed" in str(message):
+            raise Said(message)
+
+    out = tmp_path / "run"
+    cfg = load_config(QUICKSTART, [f"output_dir={out}", "compare.seeds=[0]", "compare.fractions=[1.0]", *SHORT])
+    with pytest.raises(Said, match="no verdict; list 2 or more seeds"):
+        run_compare(cfg, log=log)
+    assert not (out / "cells").exists() and not (out / "sources").exists()
 
 
 @pytest.mark.slow
