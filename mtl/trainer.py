@@ -217,7 +217,9 @@ class Trainer:
             raise ConfigError(
                 f"weighting.mode: representation needs one shared representation, i.e. every task fed by one input batch "
                 f"(tasks with one input_key, e.g. MultiMNIST left/right); here the tasks have separate inputs "
-                f"({', '.join(self.groups)}). Use weighting.mode=parameters."
+                f"({', '.join(self.groups)}). "
+                + ("Use weighting.mode=parameters." if "parameters" in type(w).modes
+                   else f"{self.cfg.weighting.name!r} works on a shared representation only; use weighting.name=mgda, its parameter-gradient form.")
             )
         return GradientEngine(
             self.model, w, every=self.cfg.trainer.weighting_every, chunk=self.cfg.trainer.jacobian_chunk, ctx=self.dist,
@@ -258,7 +260,7 @@ class Trainer:
     def _count_parameters(self) -> dict[str, int]:
         """Total parameters, and those the recipe trains in at least one epoch of the stage."""
         trainable: dict[int, int] = {}
-        for epoch in range(self.cfg.trainer.epochs):
+        for epoch in self.recipe.distinct_epochs(self.model, self.cfg.trainer.epochs):
             self.recipe.start_epoch(self.model, epoch)
             trainable.update((id(p), p.numel()) for p in self.model.parameters() if p.requires_grad)
         if not trainable:

@@ -27,7 +27,6 @@ def test_validate_judges_what_the_command_will_run(capsys):
     assert "judged for `mtl train`\n" in out and "2 epochs of" in out and "compare:" not in out
 
 
-@pytest.mark.xfail(strict=True, reason="Trainer._count_parameters still visits every epoch; it should visit recipe.distinct_epochs(model, epochs)")
 def test_validate_is_bounded_whatever_the_epochs(capsys):
     """Checking a config does no work per epoch: the run's length is a number, not a loop."""
     import signal

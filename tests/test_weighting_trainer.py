@@ -40,12 +40,21 @@ def test_parameter_mode_methods_also_run_on_the_representation(name, tmp_path):
     assert main(["train", QUICKSTART, *quick(run, 1, 3, f"weighting.name={name}", "weighting.mode=representation", *MULTI_MNIST)]) == 0
 
 
-def test_representation_mode_without_shared_inputs_names_the_fix(tmp_path):
+@pytest.mark.parametrize(
+    "weighting, fix, advised",
+    [
+        (["weighting.name=mgda", "weighting.mode=representation"], "Use weighting.mode=parameters", ["weighting.mode=parameters"]),
+        # MGDA-UB has no parameter mode: advising one would send the user to a second refusal.
+        (["weighting.name=mgda_ub"], "'mgda_ub' works on a shared representation only; use weighting.name=mgda", ["weighting.name=mgda"]),
+    ],
+)
+def test_representation_mode_without_shared_inputs_names_a_fix_that_works(weighting, fix, advised, tmp_path):
     from mtl.trainer import Trainer
 
-    cfg = load_config(QUICKSTART, quick(tmp_path / "run", 1, 3, "weighting.name=mgda_ub"))
-    with pytest.raises(ConfigError, match="weighting.mode: representation needs one shared representation.*Use weighting.mode=parameters"):
+    cfg = load_config(QUICKSTART, quick(tmp_path / "run", 1, 3, *weighting))
+    with pytest.raises(ConfigError, match=f"weighting.mode: representation needs one shared representation.*{fix}"):
         Trainer(cfg)
+    Trainer(load_config(QUICKSTART, quick(tmp_path / "run", 1, 3, *weighting, *advised)))
 
 
 def test_weightings_needing_every_task_refuse_a_sampling_scheduler(tmp_path):
