@@ -151,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_compare(args.config, args.overrides)
         return cmd_validate(args.config, args.overrides, args.judge)
     except ConfigError as e:
+        if _debug():  # the chained cause is the user's own exception (a task method that raised)
+            traceback.print_exception(e)
         print(f"mtl: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:

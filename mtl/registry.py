@@ -209,7 +209,9 @@ def bind_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], where: str,
     hints = _hints(builder)
     for key, value in kwargs.items():
         expected = _SCALARS.get(hints.get(key))
-        if expected and value is not None and not isinstance(value, expected):
+        # bool is an int to isinstance: `size: true` would build a size-1 input.
+        wrong_bool = isinstance(value, bool) and bool not in (expected or ())
+        if expected and value is not None and (not isinstance(value, expected) or wrong_bool):
             names = " or ".join(t.__name__ for t in expected)
             raise ComponentError(f"{where}.{key}: expected {names}, got {value!r} ({type(value).__name__}).")
 

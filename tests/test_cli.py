@@ -90,3 +90,19 @@ def test_train_bad_input_writes_nothing(tmp_path, capsys):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "mtl", "list", "heads"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "linear" in done.stdout
+
+
+def test_mtl_debug_shows_the_users_own_traceback_behind_a_task_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / "raising_tasks.py").write_text(
+        "from tasks.digits import Digits\n\n\nclass Raising(Digits):\n    def build_datasets(self):\n        raise ValueError('no data here')\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", QUICKSTART, "--for", "train", "tasks.digits.name=raising_tasks:Raising"]
+    monkeypatch.delenv("MTL_DEBUG", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no data here" in err and "Traceback" not in err
+    monkeypatch.setenv("MTL_DEBUG", "1")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "raising_tasks.py" in err and err.strip().splitlines()[-1].startswith("mtl: error:")

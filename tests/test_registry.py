@@ -64,6 +64,17 @@ def test_bind_kwargs_names_unknown_and_missing_arguments():
         bind_kwargs(f, {}, "x", skip=1)
 
 
+def test_bind_kwargs_refuses_a_bool_for_a_number():
+    def f(size: int = 28, scale: float = 1.0, flag: bool = False):
+        return None
+
+    bind_kwargs(f, {"size": 8, "scale": 2, "flag": True}, "x")
+    with pytest.raises(ComponentError, match=r"x.size: expected int, got True \(bool\)"):
+        bind_kwargs(f, {"size": True}, "x")
+    with pytest.raises(ComponentError, match=r"x.scale: expected int or float, got False \(bool\)"):
+        bind_kwargs(f, {"scale": False}, "x")
+
+
 def test_build_passes_runtime_arguments_positionally():
     head = build(HEADS, {"name": "mlp", "hidden": [7]}, "tasks.t.head", (5,), 3)
     assert isinstance(head, Head)
