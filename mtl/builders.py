@@ -111,9 +111,9 @@ def load_datasets(tasks: dict[str, Task]) -> dict[str, Splits]:
         try:
             splits[key] = task.build_datasets()
         except (FileNotFoundError, ImportError, ValueError, TypeError) as e:
-            # The data source's own error (a missing file or package, a bad argument) names its fix.
+            # The data source's own error (a missing file or package, a bad argument) names its fix, at its end: kept whole.
             at = contract.user_location(e)
-            raise ConfigError(f"tasks.{key}: cannot load its data: {contract.first_line(e)}{f' (at {at})' if at else ''}") from e
+            raise ConfigError(f"tasks.{key}: cannot load its data: {contract.first_line(e, limit=None)}{f' (at {at})' if at else ''}") from e
         except ConfigError:
             raise
         except Exception as e:

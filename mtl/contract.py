@@ -72,12 +72,13 @@ def describe(key: str, cls: type) -> str:
     return f"tasks.{key} ({cls.__module__}:{cls.__qualname__})"
 
 
-def first_line(error: BaseException, limit: int = 240) -> str:
+def first_line(error: BaseException, limit: int | None = 240) -> str:
+    """The error's first line, cut at ``limit`` characters (None: never, for messages that end in their fix)."""
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
     if isinstance(error, KeyError) and line:
         line = f"key {line}"
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
 
 
 def raised(where: str, method: str, error: BaseException, fix: str = "") -> TaskContractError:

@@ -60,7 +60,7 @@ def check_split_arguments(
             raise TaskArgumentError(key, f"must be in (0, 1), got {value}.")
     if val_fraction + test_fraction >= 1:
         raise TaskArgumentError(
-            "val_fraction", f"val_fraction + test_fraction must be < 1 to leave a training split, got {val_fraction + test_fraction}."
+            "val_fraction", f"+ test_fraction must be < 1 to leave a training split, got {val_fraction + test_fraction}."
         )
     if not 0 < train_fraction <= 1:
         raise TaskArgumentError("train_fraction", f"must be in (0, 1] (the share of the training split kept), got {train_fraction}.")

@@ -303,11 +303,11 @@ def test_sizes_can_be_class_attributes():
 @pytest.mark.parametrize(
     "key, value, expected",
     [
-        ("train_fraction", True, "tasks.parity: train_fraction must be a number, got True"),
+        ("train_fraction", True, "tasks.parity.train_fraction: expected int or float, got True (bool)"),
         ("train_fraction", 0, "tasks.parity: train_fraction must be in (0, 1]"),
         ("split_seed", -1, "split_seed"),
         ("split_seed", 2**32, "split_seed"),
-        ("test_fraction", False, "tasks.parity: test_fraction must be a number, got False"),
+        ("test_fraction", False, "tasks.parity.test_fraction: expected int or float, got False (bool)"),
     ],
 )
 def test_task_arguments_name_the_key(key, value, expected):
