@@ -129,6 +129,9 @@ class Trainer:
         self.cell = cell
         self.wandb_dir = wandb_dir
         t = cfg.trainer
+        # Settings read at every step, as plain values: an OmegaConf lookup costs tens of microseconds.
+        self._bf16, self._channels_last, self._grad_clip = t.precision == "bf16", t.channels_last, t.grad_clip
+        self._log_every, self._checkpoint_every = cfg.logging.log_every, t.checkpoint_every
         self.dist = distributed.setup(cfg.device)
         self.device = resolve_device(cfg.device)
         if self.dist.active and self.device.type == "cuda":
@@ -338,11 +341,11 @@ class Trainer:
         tick, samples = time.perf_counter(), 0
         for _ in bar:
             samples += self._train_step()
-            if self.step % self.cfg.logging.log_every == 0:
+            if self.step % self._log_every == 0:
                 self._log_train(bar, samples / (time.perf_counter() - tick))
                 tick, samples = time.perf_counter(), 0
             last_of_epoch = self.step == (epoch + 1) * self.steps_per_epoch
-            if not last_of_epoch and t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            if not last_of_epoch and self._checkpoint_every and self.step % self._checkpoint_every == 0:
                 self._save_checkpoint(start)
                 start = time.perf_counter()
             self._stop_if_signalled(start)
@@ -409,7 +412,7 @@ class Trainer:
         return self.dist.global_losses(losses, {t: self.tasks[t].valid_mask(targets[t]).sum() for t in losses})
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.trainer.channels_last and x.dim() == 4 else x
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last and x.dim() == 4 else x
 
     def _loss_vector(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every task in weighting order; a task absent from this step (only with weightings
@@ -440,7 +443,7 @@ class Trainer:
         targets = {task: self.dist.shard(y) for n, b in batches.items() for task, y in zip(self.groups[n], b[1:])}
         self.optimizer.zero_grad(set_to_none=True)
         problem = None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
             try:
                 losses, vector = self._backward(names, inputs, targets)
             except NonFiniteError as e:  # the engine's check, before a method sees the gradients
@@ -476,8 +479,8 @@ class Trainer:
         values = torch.stack([loss.detach().float() for loss in losses.values()])
         model = [p for p in self.model.parameters() if p.grad is not None]
         norm = utils.get_total_norm([p.grad for p in model]) if model else values.new_zeros(())
-        if self.cfg.trainer.grad_clip and model:
-            utils.clip_grads_with_norm_(model, self.cfg.trainer.grad_clip, norm)
+        if self._grad_clip and model:
+            utils.clip_grads_with_norm_(model, self._grad_clip, norm)
         # Learned loss scales (uncertainty) train outside the model: their gradients count too.
         own = [p.grad for p in self.weighting.parameters() if p.grad is not None]
         checks = [values, norm.float().reshape(1)]

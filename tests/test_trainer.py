@@ -168,3 +168,14 @@ def test_grad_clip_bounds_the_update_of_one_sgd_step(tmp_path, one_thread):
     after = checkpoint.latest(run_dir / "checkpoints")[1]["model"]
     moved = torch.cat([(after[k] - before[k]).flatten() for k in before if before[k].is_floating_point()]).norm()
     assert moved.item() == pytest.approx(0.001, rel=1e-3)
+
+
+def test_a_training_step_reads_no_config_node(run_dir):
+    # An OmegaConf lookup costs tens of microseconds; a step reads the settings as plain values.
+    from mtl.trainer import Trainer
+
+    trainer = Trainer(load_config(QUICKSTART, quick(run_dir)))
+    trainer.cfg = None
+    for _ in range(3):
+        trainer._train_step()
+    assert trainer.step == 3
