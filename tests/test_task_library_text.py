@@ -193,7 +193,7 @@ def test_articles_over_the_limit_without_truncation_are_refused_before_training(
 @pytest.mark.slow
 def test_frozen_minilm_features_beat_a_random_trunks_on_a_probe():
     """Logistic regression on frozen mean-pooled features of 300 BBC articles (64 tokens),
-    scored on 300 others: pretrained 0.96, random 0.43 here."""
+    scored on 300 others: pretrained 0.92, random 0.61 here."""
     from sklearn.linear_model import LogisticRegression
 
     from mtl.trunks import build_trunk
