@@ -24,6 +24,7 @@ from mtl.registry import ComponentError, build
 from mtl.scheduler import SCHEDULERS, Sources, TaskScheduler
 from mtl.task import TASKS, Splits, Task, TaskArgumentError
 from mtl.trunks import Trunk, build_trunk, load_trunk_checkpoint
+from mtl.trunks.base import TrunkInputError
 from mtl.trunks.loading import read_checkpoint
 from mtl.weighting import WEIGHTINGS, Weighting
 
@@ -149,6 +150,8 @@ def build_heads(
         shape = tuple(splits[key].train[0][0].shape)
         try:
             features = trunk.feature_shape(shape)
+        except TrunkInputError as e:  # the trunk's own message names the fix (text to an image trunk, ...)
+            raise ConfigError(f"tasks.{key}: {e}") from None
         except RuntimeError as e:
             hint = getattr(trunk, "input_hint", None)
             expected = f" it expects {hint}" if hint else ""

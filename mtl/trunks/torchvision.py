@@ -19,7 +19,7 @@ from torch import nn
 
 from mtl.registry import ComponentError
 from mtl.trunks.base import Trunk, register_trunk
-from mtl.trunks.loading import extract_state_dict, load_state, per_channel, read_checkpoint
+from mtl.trunks.loading import extract_state_dict, load_state, offline_weights_hint, per_channel, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class TorchvisionTrunk(Trunk):
         if weights not in enum.__members__:
             raise ComponentError(
                 f"trunk.weights={weights!r} is not a weights name for {self.arch}. "
-                f"Valid: {', '.join(enum.__members__)} (or null for random init)."
+                f"Valid: {', '.join(enum.__members__)} (or null for random init). {offline_weights_hint()}"
             )
         chosen = enum[weights]
         path = _weights_file(chosen.url, download)
