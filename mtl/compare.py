@@ -37,7 +37,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mtl import distributed
-from mtl.config import ConfigError, resolve, save_config, to_dict
+from mtl.config import COMPONENTS, ConfigError, resolve, save_config, to_dict
 from mtl.registry import did_you_mean
 
 BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages")
@@ -67,6 +67,21 @@ class Cell:
 
 def _merge(*nodes: dict[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.create(n) for n in nodes]))  # type: ignore[return-value]
+
+
+def _apply_stage(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with a stage's overrides merged in, except that a component the stage names anew
+    (``recipe: {name: linear_probe}`` over ``lp_ft``) replaces the node: arguments of another
+    component (``probe_epochs``, or the defaults the resolved config holds) do not carry over."""
+    base = _merge(base)
+    for key, _, _ in COMPONENTS:
+        parent, _, leaf = key.rpartition(".")
+        over = overrides.get(parent, {}) if parent else overrides
+        node = over.get(leaf) if isinstance(over, dict) else None
+        target = base.get(parent, {}) if parent else base
+        if isinstance(node, dict) and "name" in node and isinstance(target.get(leaf), dict) and target[leaf].get("name") != node["name"]:
+            target[leaf] = {}
+    return _merge(base, overrides)
 
 
 def _check_tasks(names: list[str], cfg: DictConfig, where: str) -> None:
@@ -215,7 +230,7 @@ def stage_config(cfg: DictConfig, cell: Cell, index: int, run_dir: Path, init: d
         name = "/".join(p for p in (cell.label, cell.variant if cell.regime == "single_task" else stage.name, f"f{cell.fraction:g}", f"s{cell.seed}") if p)
     wandb = {"group": group, "job_type": cell.regime, "tags": tags, "name": name}
     run = {"output_dir": str(run_dir), "seed": cell.seed, "resume": True, "tasks": tasks, "logging": {"progress_bar": False, "wandb": wandb}}
-    raw = _merge(base, stage.overrides, init, run)
+    raw = _merge(_apply_stage(base, stage.overrides), init, run)
     raw["tasks"] = tasks  # a merge would keep the tasks this stage does not train
     try:
         return resolve(raw)

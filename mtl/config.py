@@ -311,7 +311,50 @@ def resolve(raw: dict, overrides: list[str] = ()) -> DictConfig:
     if missing:
         raise ConfigError(f"required value missing: {', '.join(missing)} (set it in the YAML or as key=value).")
     check_values(typed)
+    _fill_defaults(typed)
     return typed
+
+
+# Component nodes: (config key, registry "module:NAME", positional arguments supplied at run time).
+COMPONENTS = (
+    ("trunk", "mtl.trunks:TRUNKS", 0),
+    ("weighting", "mtl.weighting:WEIGHTINGS", 1),
+    ("scheduler", "mtl.scheduler:SCHEDULERS", 1),
+    ("recipe", "mtl.recipes:RECIPES", 0),
+    ("trainer.optimizer", "mtl.optim:OPTIMIZERS", 1),
+    ("trainer.lr_schedule", "mtl.optim:LR_SCHEDULES", 1),
+)
+
+
+def _with_defaults(node: dict, registry: str, runtime: int, default_name: str | None = None, keep: tuple[str, ...] = ()) -> dict:
+    """``node`` with the defaults of every argument it leaves out; unchanged where the name does
+    not resolve (the builders report that with the key's path)."""
+    from mtl.registry import effective_kwargs, import_path
+
+    name = node.get("name", default_name)
+    try:
+        builder = import_path(registry).get(str(name))
+    except Exception:  # an unknown name or a user module that fails to import: reported when built
+        return node
+    kwargs = {k: v for k, v in node.items() if k != "name" and k not in keep}
+    filled = effective_kwargs(builder, kwargs, skip=runtime)
+    return {**node, **{k: v for k, v in filled.items() if k not in kwargs}}
+
+
+def _fill_defaults(cfg: DictConfig) -> None:
+    """Write every component's effective arguments, defaults included, into the resolved config:
+    ``config.yaml``, the W&B run config and the resume check then say what really ran (the
+    temperature scheduler's τ and cap, Adam's betas, a task's split fractions)."""
+    for key, registry, runtime in COMPONENTS:
+        node = OmegaConf.to_container(OmegaConf.select(cfg, key), resolve=True)
+        OmegaConf.update(cfg, key, _with_defaults(node, registry, runtime, keep=("checkpoint",)), merge=False)
+    for task, node in list(cfg.tasks.items()):
+        plain = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        filled = _with_defaults(plain, "mtl.task:TASKS", 0, default_name=str(task), keep=("head",))
+        head = filled.get("head")
+        if isinstance(head, dict) and "name" in head:  # a head without a name tunes the task's default head
+            filled["head"] = _with_defaults(head, "mtl.heads:HEADS", 2)
+        cfg.tasks[task] = filled
 
 
 def _replace_component_nodes(typed: DictConfig, plain: dict, schema: type, path: str) -> None:

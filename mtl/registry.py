@@ -216,6 +216,56 @@ def bind_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], where: str,
             raise ComponentError(f"{where}.{key}: expected {names}, got {value!r} ({type(value).__name__}).")
 
 
+def _passed_to_base(init: Callable[..., Any]) -> tuple[int, set[str]]:
+    """How many positional and which keyword arguments ``init`` passes to ``super().__init__``."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(init)))
+    except (OSError, TypeError, SyntaxError):
+        return 0, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "__init__":
+            positional = sum(not isinstance(a, ast.Starred) for a in node.args)
+            return positional, {k.arg for k in node.keywords if k.arg}
+    return 0, set()
+
+
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain_value(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def effective_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], skip: int = 0) -> dict[str, Any]:
+    """``kwargs`` plus the default of every other argument ``builder`` takes from a config: what
+    the component really runs with, for the saved config, W&B and the resume check.
+
+    Follows ``**kwargs`` to the base class as ``_parameters`` does, leaving out the arguments a
+    subclass passes to its base itself (``super().__init__(num_classes=10, **kwargs)``).
+    Defaults that are not plain config values (objects, tensors) are left out.
+    """
+    owners = [c for c in inspect.getmro(builder) if "__init__" in vars(c)] if inspect.isclass(builder) else [builder]
+    filled, supplied, positional = dict(kwargs), set(), skip
+    for owner in owners:
+        init = owner.__init__ if inspect.isclass(owner) else owner
+        try:
+            own = list(inspect.signature(init).parameters.values())[1 if inspect.isclass(owner) else 0 :]
+        except (TypeError, ValueError):
+            break
+        for p in own[positional:]:
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in filled or p.name in supplied:
+                continue
+            if p.default is not p.empty and _plain_value(p.default):
+                filled[p.name] = list(p.default) if isinstance(p.default, tuple) else p.default
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            break
+        positional, keywords = _passed_to_base(init)
+        supplied |= keywords
+    return filled
+
+
 # Annotations checked against config values; anything richer is left to the component.
 _SCALARS: dict[Any, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
 for _t in (int, float, str, bool):

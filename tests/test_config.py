@@ -4,7 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mtl.builders import build_components
-from mtl.config import ConfigError, load_config, resolve
+from mtl.config import ConfigError, load_config, resolve, to_dict
 
 from conftest import QUICKSTART, ROOT
 
@@ -25,7 +25,7 @@ SHIPPED = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 
 def test_configs_needing_local_data_are_covered_elsewhere():
     local = {p.name for p in SHIPPED if not _bundled(p)}
-    assert local == {"nyuv2.yaml"}, "validate a new data-root config on a tiny tree in its task-library test"
+    assert local == {"nyuv2.yaml", "pretrained_text.yaml", "pretrained_vision.yaml"}, "validate a new data-root config on a tiny tree in its task-library test"
 
 
 @pytest.mark.parametrize("path", [str(p.relative_to(ROOT)) for p in SHIPPED if _bundled(p)])
@@ -125,9 +125,11 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_a_written_mapping_replaces_the_default_instead_of_merging():
     cfg = resolve({**BASE, "trainer": {"optimizer": {"name": "sgd"}}, "compare": {"regimes": {"joint": {}}}})
-    assert dict(cfg.trainer.optimizer) == {"name": "sgd"}  # no Adam lr inherited from the default
+    sgd = dict(cfg.trainer.optimizer)
+    assert sgd["name"] == "sgd" and "betas" not in sgd and sgd["lr"] == 0.001  # SGD's own default lr, not Adam's arguments
     assert list(cfg.compare.regimes) == ["joint"]
-    assert dict(resolve(BASE).trainer.optimizer) == {"name": "adam", "lr": 1e-3}
+    adam = dict(resolve(BASE).trainer.optimizer)
+    assert adam["name"] == "adam" and adam["lr"] == 1e-3 and "momentum" not in adam
 
 
 def test_checkpoint_of_a_smaller_architecture_fails_before_training(tmp_path):
@@ -222,7 +224,7 @@ def test_a_list_item_is_set_by_its_index():
         (["trunk={name: mlp, in_features: 784, hidden: [0]}"], r"trunk.hidden\[0\] must be >= 1"),
         (["trunk={name: mlp, in_features: 784, hidden: []}"], "trunk.hidden must list layer sizes"),
         (["trunk.features=0"], r"trunk.features must be >= 1 \(an integer\), got 0"),
-        (["trunk.dropout=true"], r"trunk.dropout must be in \[0, 1\) \(a finite number\), got True"),
+        (["trunk.dropout=true"], r"trunk.dropout: expected int or float, got True \(bool\)"),
         (["trunk.dropout=1"], r"trunk.dropout must be in \[0, 1\)"),
         (["tasks.mnist.head={name: mlp, hidden: [-1]}"], r"tasks.mnist.head: head.hidden\[0\] must be >= 1"),
         (["tasks.mnist.head={name: mlp, hidden: [0]}"], r"head.hidden\[0\] must be >= 1"),
@@ -232,3 +234,26 @@ def test_a_list_item_is_set_by_its_index():
 def test_component_arguments_out_of_range_fail_before_training(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_components(load_config(QUICKSTART, ["~compare", *overrides]))
+
+
+def test_resolved_config_holds_every_components_effective_arguments():
+    cfg = load_config(QUICKSTART, ["scheduler={name: temperature}", "tasks.digits.head={name: mlp}"])
+    assert dict(cfg.scheduler) == {"name": "temperature", "tau": 2.0, "cap": None}
+    assert cfg.trainer.optimizer.betas == [0.9, 0.999] and cfg.trainer.optimizer.lr == 0.002
+    assert cfg.trunk.dropout == 0.5 and cfg.weighting.reduction == "sum"
+    assert cfg.tasks.digits.size == 28 and cfg.tasks.mnist.val_fraction == 0.1
+    assert list(cfg.tasks.digits.head.hidden) == [256]
+    # What a subclass passes to its base itself (Digits: num_classes=10) is no config argument.
+    assert "num_classes" not in cfg.tasks.digits
+    # Resolving the saved config again changes nothing (a resume compares the two).
+    assert to_dict(resolve(to_dict(cfg))) == to_dict(cfg)
+
+
+def test_a_stage_that_names_another_component_does_not_inherit_its_arguments(tmp_path):
+    from mtl.compare import plan, stage_config
+
+    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", "recipe={name: lp_ft, probe_epochs: 3}",
+                                   "compare.regimes={sequential: {recipes: [linear_probe]}}", "compare.seeds=[0]", "compare.fractions=[1.0]"])
+    cell = next(c for c in plan(cfg) if c.recipe == "linear_probe")
+    stage = stage_config(cfg, cell, 1, tmp_path / "t", {}, ["digits"])
+    assert to_dict(stage.recipe) == {"name": "linear_probe"}

@@ -33,7 +33,8 @@ def test_train_writes_config_metrics_results_and_prints_the_table(run_dir, capsy
     assert results["parameters"]["trainable"] == results["parameters"]["total"] > 0
 
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["trainer"]["epochs"] == 2 and saved["trunk"] == {"name": "seed_net"}
+    # The trunk's effective arguments, its defaults included, are what the run used.
+    assert saved["trainer"]["epochs"] == 2 and saved["trunk"] == {"name": "seed_net", "in_channels": 1, "features": 50, "dropout": 0.5}
     assert load_config(run_dir / "config.yaml") == load_config(QUICKSTART, quick(run_dir, epochs=2, steps=3))
 
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
