@@ -39,6 +39,12 @@ def _plain(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
 
+def _at(where: str, e: ComponentError) -> ConfigError:
+    """A registry's error as a config error that starts with the config key."""
+    message = str(e)
+    return ConfigError(message if message.startswith(where) else f"{where}: {message}")
+
+
 def _component(fn, *args: Any, where: str, refused: tuple[type[Exception], ...] = (TypeError, ValueError)):
     """Call a builder; turn a bad argument or value (an exception of a ``refused`` type) into a
     ConfigError naming ``where``."""
@@ -47,8 +53,7 @@ def _component(fn, *args: Any, where: str, refused: tuple[type[Exception], ...] 
     except ConfigError:
         raise
     except ComponentError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+        raise _at(where, e) from None
     except refused as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -96,8 +101,7 @@ def _build_task(key: str, name: str, node: dict[str, Any]) -> Task:
     except ConfigError:
         raise
     except ComponentError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+        raise _at(where, e) from None
     except Exception as e:
         if isinstance(e, (TypeError, ValueError)):  # an argument its __init__ refuses
             at = contract.user_location(e)

@@ -129,17 +129,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Import paths in a config (my_tasks:MyTask) resolve from the working directory, as with `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    try:
+        return _dispatch(args)
+    except (ConfigError, ComponentError) as e:
+        if _debug():  # the chained cause is the user's own exception (a task method that raised)
+            traceback.print_exception(e)
+        print(f"mtl: error: {_first_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"mtl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _debug():
+            raise
+        print(_unexpected(args.command, e), file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "list":
-        try:
-            return cmd_list(args.kind, args.name)
-        except (ConfigError, ComponentError) as e:
-            print(f"mtl: error: {e}", file=sys.stderr)
-            return 2
-        except Exception as e:
-            if _debug():
-                raise
-            print(_unexpected(args.command, e), file=sys.stderr)
-            return 1
+        return cmd_list(args.kind, args.name)
     # Imported here, not at the top: `mtl list` answers without importing torch.
     from mtl import distributed
     from mtl.engine import NonFiniteError
@@ -150,21 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "compare":
             return cmd_compare(args.config, args.overrides)
         return cmd_validate(args.config, args.overrides, args.judge)
-    except ConfigError as e:
-        if _debug():  # the chained cause is the user's own exception (a task method that raised)
-            traceback.print_exception(e)
-        print(f"mtl: error: {_first_line(e)}", file=sys.stderr)
-        return 2
     except NonFiniteError as e:
         print(f"mtl: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:
-        print(f"mtl: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if _debug():
-            raise
-        print(_unexpected(args.command, e), file=sys.stderr)
         return 1
     finally:
         distributed.shutdown()
