@@ -127,7 +127,8 @@ def test_head_override_merges_into_the_default_head():
         {"output_dir": "x", "trunk": {"name": "seed_net"}, "tasks": {"mnist": {"head": {"name": "mlp", "hidden": [50]}}, "digits": {"head": {"dropout": 0.3}}}}
     )
     tasks, heads = build_tasks(cfg)
-    assert heads == {"mnist": {"name": "mlp", "hidden": [50]}, "digits": {"name": "linear", "dropout": 0.3}}
+    # A named head is the config's own node (with the resolved defaults); an unnamed one tunes the task's default head.
+    assert heads == {"mnist": {"name": "mlp", "hidden": [50], "dropout": 0.0}, "digits": {"name": "linear", "dropout": 0.3}}
     trunk = TRUNKS.get("seed_net")()
     splits = {n: t.build_datasets() for n, t in tasks.items()}
     built = build_heads(trunk, tasks, heads, splits)

@@ -139,6 +139,17 @@ def plain_loop(model: torch.nn.Module, data: dict[str, dict[str, tuple[torch.Ten
     return {"accuracy": accuracy, "logged_losses": logged}
 
 
+def _non_default(node, registry: str, free: set[str]) -> list[str]:
+    """Arguments of a resolved component node (which holds every default) other than ``free``
+    that differ from the component's defaults: the plain loop uses the defaults."""
+    from mtl.config import to_dict
+    from mtl.registry import effective_kwargs, import_path
+
+    given = to_dict(node)
+    defaults = effective_kwargs(import_path(registry).get(given.pop("name")), {}, skip=1)
+    return [key for key, value in given.items() if key not in free and defaults.get(key) != value]
+
+
 def _check_plain_equivalent(cfg) -> None:
     """The plain loop is written for the quickstart's kind of job; refuse a config it does not match."""
     t = cfg.trainer
@@ -148,7 +159,8 @@ def _check_plain_equivalent(cfg) -> None:
         "trainer.lr_schedule": (t.lr_schedule.name, "cosine"), "trainer.precision": (t.precision, "fp32"),
     }
     wrong = [f"{key}={got} (needs {want})" for key, (got, want) in expected.items() if got != want]
-    if set(t.optimizer) - {"name", "lr"} or set(t.lr_schedule) - {"name", "warmup_steps"} or t.steps_per_epoch is None or t.grad_clip:
+    changed = _non_default(t.optimizer, "mtl.optim:OPTIMIZERS", {"lr"}) + _non_default(t.lr_schedule, "mtl.optim:LR_SCHEDULES", {"warmup_steps"})
+    if changed or t.steps_per_epoch is None or t.grad_clip:
         wrong.append("only optimizer.lr, lr_schedule.warmup_steps and a fixed trainer.steps_per_epoch, no grad_clip")
     if wrong:
         raise SystemExit(f"mtl.bench.overhead: the plain loop does not match this config: {'; '.join(wrong)}")
