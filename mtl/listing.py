@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mtl.registry import ROOT, ComponentError, did_you_mean
+from mtl.registry import PROJECT, ROOT, ComponentError, _inside_mtl, did_you_mean
 
 @dataclass(frozen=True)
 class Kind:
@@ -47,8 +47,7 @@ def summary(doc: str | None) -> str:
 
 def external(obj: Any) -> bool:
     """Defined outside this project (torch.optim.SGD): its own documentation describes it."""
-    module = getattr(obj, "__module__", "") or ""
-    return not module.split(".")[0] in ("mtl", "tasks")
+    return not _inside_mtl(obj)
 
 
 def public_path(obj: Any) -> str:
@@ -88,7 +87,7 @@ def _static_entries(path: Path, registrars: tuple[str, ...]) -> list[tuple[str, 
             name = _registered_name(node.func, registrars)
             if name is not None and node.args:
                 target = ast.unparse(node.args[0])
-                rows.append((name, target if target.split(".")[0] in ("mtl", "tasks") else f"{target} (see its documentation)"))
+                rows.append((name, target if target.split(".")[0] in PROJECT else f"{target} (see its documentation)"))
     return rows
 
 

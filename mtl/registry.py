@@ -142,8 +142,11 @@ def _defined_in(obj: Any, module: str) -> bool:
     return name == module or name.startswith(module + ".")
 
 
+PROJECT = ("mtl", "tasks")  # the top-level packages this project ships
+
+
 def _inside_mtl(obj: Any) -> bool:
-    return (getattr(obj, "__module__", "") or "").split(".")[0] in ("mtl", "tasks")
+    return (getattr(obj, "__module__", "") or "").split(".")[0] in PROJECT
 
 
 def _import_builtin(name: str) -> None:
@@ -167,11 +170,16 @@ def _import_builtin(name: str) -> None:
         sys.path.remove(str(ROOT))
 
 
+def _owners(builder: Callable[..., Any]) -> list[Any]:
+    """Whose ``__init__`` a class's arguments pass through, most derived first; a function is its own."""
+    return [c for c in inspect.getmro(builder) if "__init__" in vars(c)] if inspect.isclass(builder) else [builder]
+
+
 def _parameters(builder: Callable[..., Any]) -> list[inspect.Parameter] | None:
     """Named parameters of ``builder``; for a class whose ``__init__`` forwards ``**kwargs``
     to its base, the base's too, made optional (the subclass may supply them itself).
     None when anything goes (a ``**kwargs`` that ends nowhere)."""
-    owners = [c for c in inspect.getmro(builder) if "__init__" in vars(c)] if inspect.isclass(builder) else [builder]
+    owners = _owners(builder)
     params: list[inspect.Parameter] = []
     for depth, owner in enumerate(owners):
         try:
@@ -246,7 +254,7 @@ def effective_kwargs(builder: Callable[..., Any], kwargs: dict[str, Any], skip: 
     subclass passes to its base itself (``super().__init__(num_classes=10, **kwargs)``).
     Defaults that are not plain config values (objects, tensors) are left out.
     """
-    owners = [c for c in inspect.getmro(builder) if "__init__" in vars(c)] if inspect.isclass(builder) else [builder]
+    owners = _owners(builder)
     filled, supplied, positional = dict(kwargs), set(), skip
     for owner in owners:
         init = owner.__init__ if inspect.isclass(owner) else owner
@@ -273,7 +281,7 @@ for _t in (int, float, str, bool):
 
 
 def _hints(builder: Callable[..., Any]) -> dict[str, Any]:
-    owners = [c for c in inspect.getmro(builder) if "__init__" in vars(c)] if inspect.isclass(builder) else [builder]
+    owners = _owners(builder)
     hints: dict[str, Any] = {}
     for owner in reversed(owners):
         try:

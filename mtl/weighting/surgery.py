@@ -242,12 +242,12 @@ class IMTLG(GramianWeighting):
         rtol = 10 * G.shape[0] * torch.finfo(G.dtype).eps
         G = G.to(solvers.DTYPE)
         keep = solvers.nonzero(G)
-        inverse_norms = torch.where(keep, solvers.inverse_norms(G), 0.0)
-        cosines = inverse_norms[:, None] * G * inverse_norms[None, :]
-        ones = torch.ones_like(inverse_norms)
+        scale = torch.where(keep, solvers.inverse_norms(G), 0.0)
+        cosines = scale[:, None] * G * scale[None, :]
+        ones = torch.ones_like(scale)
         gamma = torch.linalg.pinv(cosines, rtol=rtol, hermitian=True) @ ones
         fit = cosines @ gamma  # p: the projections of Uᵀγ on the u_t
-        alpha = inverse_norms * gamma
+        alpha = scale * gamma
         total = alpha.sum()
         # ||p||² = 1ᵀp; below rounding, 1 is orthogonal to range(U) and no direction helps.
         usable = (ones @ fit > rtol * G.shape[0]) & (total != 0)

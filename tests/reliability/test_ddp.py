@@ -39,17 +39,23 @@ def torchrun(overrides, kind="train", processes=2):
     return subprocess.run(cmd, env=env(PYTHONPATH=PATH), capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-@pytest.mark.parametrize("setup", SETUPS)
-def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
-    args = [*COMMON, *SETUPS[setup]]
+def one_and_two_processes(tmp_path, args: list[str]) -> tuple[dict, dict, object]:
+    """`mtl train` in one process (tmp_path/one) and under torchrun with 2 (tmp_path/two): both results, and the 2-process run."""
     single = run("train", [f"output_dir={tmp_path / 'one'}", *args], PYTHONPATH=PATH)
     assert single.returncode == 0, single.stderr
     double = torchrun([f"output_dir={tmp_path / 'two'}", *args])
     assert double.returncode == 0, double.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
+    return a, b, double
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
+    a, b, double = one_and_two_processes(tmp_path, [*COMMON, *SETUPS[setup]])
     assert (a["processes"], b["processes"]) == (1, 2) and a["steps"] == b["steps"] == 10
     for split in ("train", "val", "test"):
+        assert a["splits"][split].keys() == b["splits"][split].keys() and a["splits"][split], split
         for task, metrics in a["splits"][split].items():
             for name, value in metrics.items():
                 assert b["splits"][split][task][name] == pytest.approx(value, abs=1e-5), (split, task, name)
@@ -69,12 +75,7 @@ def test_ranks_evaluate_disjoint_shares_with_sum_type_metrics(tmp_path):
         *COMMON, "tasks.digits.name=counted_digits:CountedDigits", "tasks.digits.val_fraction=0.1006",
         "trainer.eval_batch_size=50", "trainer.select_on=loss",
     ]
-    single = run("train", [f"output_dir={tmp_path / 'one'}", *args], PYTHONPATH=PATH)
-    assert single.returncode == 0, single.stderr
-    double = torchrun([f"output_dir={tmp_path / 'two'}", *args])
-    assert double.returncode == 0, double.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "results.json").read_text())
-    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    a, b, _ = one_and_two_processes(tmp_path, args)
     assert b["processes"] == 2 and a["best_epoch"] == b["best_epoch"]
     for split, size in {"train": 1257, "val": 181, "test": 359}.items():
         assert a["splits"][split]["digits"]["samples"] == b["splits"][split]["digits"]["samples"] == size
