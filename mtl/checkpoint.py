@@ -38,13 +38,14 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write, fsync: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
     except BaseException:  # disk full, interrupted: the previous file stays, no half one is left
         tmp.unlink(missing_ok=True)
         raise
@@ -89,10 +90,7 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> None:
         digest.append(hashing.sha.hexdigest())
 
     _write_atomic(path, write)
-    checksum = path.with_name(path.name + ".sha256")
-    tmp = checksum.with_name(checksum.name + ".tmp")
-    tmp.write_text(digest[0])
-    os.replace(tmp, checksum)
+    _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(digest[0].encode()), fsync=False)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

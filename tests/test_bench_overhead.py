@@ -39,3 +39,11 @@ def test_plain_loop_trains(tmp_path, one_thread):
 def test_a_config_the_plain_loop_does_not_mirror_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="weighting=pcgrad"):
         overhead._plain_inputs(overhead.QUICKSTART, [*TINY, "weighting.name=pcgrad"], str(tmp_path / "run"))
+
+
+def test_zero_repeats_is_refused_before_any_run(capsys):
+    from mtl.bench.overhead import main
+
+    with pytest.raises(SystemExit):
+        main(["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. trainer.epochs=2 logging.wandb.mode=disabled")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1 (the first round of each side is an untimed warm-up)")
     if args.threads:
         torch.set_num_threads(args.threads)
     mtl_runs, plain_runs = [], []
