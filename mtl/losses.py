@@ -1,6 +1,7 @@
 """The per-task losses of a step, tasks with the same loss function in one vectorized op.
 
-``Task.masked_loss`` computes one task's mean loss over its labelled samples. With many
+``Task.masked_loss`` computes one task's mean loss over its labelled samples
+(``mtl.task.masked_mean_loss``, which also serves the stacked case here). With many
 tasks of one kind (T classification heads of one shape, as in multi-attribute or
 multi-digit problems), T separate calls cost T sets of kernel launches; here the outputs
 ``[T, B, ...]`` and targets of such tasks are stacked and their losses computed at once,
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mtl.task import ClassificationTask, MultiLabelTask, RegressionTask, Task
+from mtl.task import ClassificationTask, MultiLabelTask, RegressionTask, Task, masked_mean_loss
 
 # Losses that depend on the output and target only, so one task's function serves all.
 _PURE_LOSSES = {ClassificationTask.loss, MultiLabelTask.loss, RegressionTask.loss}
@@ -36,13 +37,8 @@ def task_losses(tasks: dict[str, Task], outputs: dict[str, torch.Tensor], target
         if len(names) == 1:
             losses[names[0]] = tasks[names[0]].masked_loss(outputs[names[0]], targets[names[0]])
             continue
-        task = tasks[names[0]]
         output = torch.stack([outputs[n] for n in names]).flatten(0, 1)
         target = torch.stack([targets[n] for n in names]).flatten(0, 1)
-        mask = task.valid_mask(target)
-        safe = torch.where(mask.view(-1, *([1] * (target.dim() - 1))), target, torch.zeros_like(target))
-        per_sample = task.loss(output, safe).view(len(names), -1)
-        weight = mask.view(len(names), -1).to(per_sample.dtype)
-        means = (per_sample * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
+        means = masked_mean_loss(tasks[names[0]], output, target, groups=len(names))
         losses.update(zip(names, means.unbind(0)))
     return {n: losses[n] for n in targets}

@@ -151,21 +151,32 @@ class Task:
 
     def masked_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss over labelled samples, without a host sync (0 when none is labelled)."""
-        mask = self.valid_mask(target)
-        # Missing targets are replaced by 0 so the loss stays finite and in range; they are
-        # then weighted by 0.
-        safe = torch.where(mask.view(-1, *([1] * (target.dim() - 1))), target, torch.zeros_like(target))
-        per_sample = self.loss(output, safe)
-        if per_sample.shape != mask.shape:
-            raise ValueError(
-                f"task {self.name!r}: loss() must return one value per sample, shape {tuple(mask.shape)}, "
-                f"got {tuple(per_sample.shape)}."
-            )
-        weight = mask.to(per_sample.dtype)
-        return (per_sample * weight).sum() / weight.sum().clamp(min=1)
+        return masked_mean_loss(self, output, target)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def masked_mean_loss(task: Task, output: torch.Tensor, target: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+    """``task.loss`` averaged over the labelled samples (``task.valid_mask``), 0 where none is:
+    sum_i m_i l_i / max(1, sum_i m_i). With ``groups=T`` the rows are T stacked tasks' batches
+    and the result is ``[T]``, one mean per task (``mtl.losses`` batches same-kind tasks so).
+    The one place the masking is written; no host sync."""
+    mask = task.valid_mask(target)
+    # Missing targets are replaced by 0 so the loss stays finite and in range; they are
+    # then weighted by 0.
+    safe = torch.where(mask.view(-1, *([1] * (target.dim() - 1))), target, torch.zeros_like(target))
+    per_sample = task.loss(output, safe)
+    if per_sample.shape != mask.shape:
+        raise ValueError(
+            f"task {task.name!r}: loss() must return one value per sample, shape {tuple(mask.shape)}, "
+            f"got {tuple(per_sample.shape)}."
+        )
+    weight = mask.to(per_sample.dtype)
+    if groups is None:
+        return (per_sample * weight).sum() / weight.sum().clamp(min=1)
+    weight = weight.view(groups, -1)
+    return (per_sample.view(groups, -1) * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
 
 
 def _labelled(targets: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from mtl.losses import task_losses
-from mtl.task import MISSING_LABEL, ClassificationTask, MultiLabelTask, RegressionTask
+from mtl.task import MISSING_LABEL, ClassificationTask, MultiLabelTask, RegressionTask, masked_mean_loss
 
 
 class Smoothed(ClassificationTask):
@@ -72,3 +72,14 @@ def test_a_task_with_its_own_loss_keeps_it():
     targets = {n: torch.randint(0, 4, (6,), generator=g) for n in tasks}
     losses = _check(tasks, outputs, targets)
     assert losses["smooth"].item() != losses["smooth2"].item()
+
+
+def test_masked_mean_loss_by_hand():
+    """Two regression tasks stacked as groups of two rows: squared errors 1, (unlabelled) and
+    9, 16; means 1 (one labelled sample) and 12.5; the whole batch's mean is 26/3."""
+    task = RegressionTask(1)
+    output = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    target = torch.tensor([0.0, float("nan"), 0.0, 0.0])
+    torch.testing.assert_close(masked_mean_loss(task, output, target, groups=2), torch.tensor([1.0, 12.5]))
+    torch.testing.assert_close(masked_mean_loss(task, output, target), torch.tensor(26 / 3))
+    assert masked_mean_loss(task, output[1:2], target[1:2]).item() == 0.0  # nothing labelled
