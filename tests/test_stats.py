@@ -210,3 +210,81 @@ def test_power_matches_the_noncentral_t(dz):
     k = stats.seeds_needed(dz)
     if k <= max(SEEDS):
         assert (simulated_verdicts(rng, k, [dz]) == 1).mean() >= 0.8 - binomial_slack(0.8, GRIDS)
+
+
+# ---- seeds as a budget: the group-sequential stop rule by simulation ---------------------------
+
+BUDGET = stats.SeedBudget(3, 10)
+
+
+def test_budget_levels_by_hand():
+    # O'Brien–Fleming-type spending: α(t) = 2 − 2Φ(1.959964 / √t). At the last look t = 1 and
+    # α(1) = 0.05; the first look, 3 of 10 seeds, spends 2 − 2Φ(3.578) = 0.000346.
+    levels = BUDGET.levels()
+    assert BUDGET.looks.tolist() == list(range(3, 11))
+    assert levels.sum() == pytest.approx(0.05) and (levels > 0).all()
+    assert levels[0] == pytest.approx(2 * sps.norm.sf(1.959964 / math.sqrt(0.3)), rel=1e-5)
+    assert levels[0] == pytest.approx(0.000346, abs=1e-6)
+    assert (np.diff(levels) > 0).all()  # early looks, with few seeds, spend least
+
+
+def test_budget_decide_by_hand():
+    # Two comparisons, three looks of 0.000346, 0.00161, ...: the first resolves at look 1 (Holm
+    # over both: 0.0001 × 2 < 0.000346), the second is then alone and resolves at look 2.
+    budget = stats.SeedBudget(3, 5)
+    levels = budget.levels()
+    means = [[-1.0, -1.0, -1.0], [0.5, 0.5, 0.5]]
+    p = [[0.0001, 0.5, 0.5], [0.9, levels[1] * 0.9, 0.9]]
+    verdict, look = budget.decide(means, p)
+    assert verdict.tolist() == [-1, 1] and look.tolist() == [0, 1]
+    # Never below its look's level: not resolved, and no look (NaN: no test).
+    verdict, look = budget.decide([[1.0, 1.0, 1.0]], [[math.nan, levels[1] * 1.01, levels[2] * 1.01]])
+    assert verdict.tolist() == [0] and look.tolist() == [-1]
+
+
+def budget_grids(rng, effects, grids=GRIDS, budget=BUDGET):
+    """``grids`` simulated budgeted grids (the seed and run model of :func:`simulated_verdicts`,
+    every look from budget.min to budget.max seeds): the means and p-values at each look and
+    the rule's verdicts. A resolved comparison's later seeds are drawn but never looked at,
+    which is what stopping its method does."""
+    n, methods = budget.max, len(effects)
+    seed_effect = rng.normal(0, 1, (grids, 1, n))
+    baseline = seed_effect + rng.normal(0, 1 / math.sqrt(2), (grids, 1, n))
+    runs = seed_effect + np.asarray(effects)[None, :, None] + rng.normal(0, 1 / math.sqrt(2), (grids, methods, n))
+    diffs = stats.paired_differences(runs, baseline)
+    means = np.stack([diffs[..., :k].mean(axis=-1) for k in budget.looks], axis=-1)
+    p = np.stack([stats.paired_t_test(diffs[..., :k]) for k in budget.looks], axis=-1)
+    return means, p, *budget.decide(means, p)
+
+
+def test_budget_null_grids_give_at_most_five_percent_false_verdicts():
+    """Four methods equal to the baseline, seeds 3 to 10 added one by one: a grid with any
+    better/worse verdict at any look is a false one. The rule keeps that rate ≤ α (4,000
+    grids, 3 binomial standard errors), while testing every look at α with Holm (the naive
+    rule: stop when p < 0.05) makes far more false verdicts."""
+    rng = np.random.default_rng(31)
+    means, p, verdict, _ = budget_grids(rng, [0.0] * 4, grids=2 * GRIDS)
+    rate = (verdict != 0).any(axis=-1).mean()
+    assert rate <= 0.05 + binomial_slack(0.05, 2 * GRIDS), rate
+    naive = (stats.holm(np.moveaxis(p, -1, 0)) < 0.05).any(axis=(0, -1)).mean()
+    assert naive > 0.15, naive  # about 0.35 here
+    # One comparison alone: the same bound.
+    _, _, verdict, _ = budget_grids(rng, [0.0], grids=2 * GRIDS)
+    assert (verdict != 0).mean() <= 0.05 + binomial_slack(0.05, 2 * GRIDS)
+
+
+@pytest.mark.parametrize("dz", [1.0, 2.0])
+def test_budget_power_is_between_its_bounds(dz):
+    """One method better by d_z. Power (any look's "better") is at least that of the last look
+    alone at its level α_K (a fixed-n test at max seeds, noncentral t) and at most the sum of
+    every look's power at its level (the union bound); the seeds used average fewer than max."""
+    rng = np.random.default_rng(int(dz * 10))
+    _, _, verdict, look = budget_grids(rng, [dz])
+    better = (verdict == 1).mean()
+    levels, n = BUDGET.levels(), BUDGET.looks
+    low = sps.nct.sf(sps.t.ppf(1 - levels[-1] / 2, n[-1] - 1), n[-1] - 1, dz * math.sqrt(n[-1]))
+    high = min(1.0, sum(stats.power(dz, k, a) for k, a in zip(n, levels)))
+    slack = binomial_slack(max(better, 0.01), GRIDS)
+    assert low - slack <= better <= high + slack, (low, better, high)
+    used = np.where(look >= 0, n[np.maximum(look, 0)], BUDGET.max).mean()
+    assert used < BUDGET.max
