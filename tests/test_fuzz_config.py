@@ -15,19 +15,16 @@ override, runs ``mtl validate`` in this process and classifies what happened:
 Mutations outside the ``compare`` node are made to the quickstart without that node (what
 ``mtl train`` runs, the cheaper check); mutations of the node itself keep it, so validate
 judges the comparison. MTL_FUZZ_EXAMPLES sets the number of examples (CI: 50, about 90 s);
-MTL_FUZZ_RECORD=FILE records each example's outcome as a JSON line and asserts nothing,
+MTL_FUZZ_RECORD=FILE skips the assertions and records each example's outcome as a JSON line,
 to count outcomes over a long run.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
 import re
-import signal
 from typing import Any
 
 import pytest
@@ -35,8 +32,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtl.cli import main
-
+from cli_harness import run_cli
 from conftest import QUICKSTART
 
 EXAMPLES = int(os.environ.get("MTL_FUZZ_EXAMPLES", "50"))
@@ -254,41 +250,20 @@ def apply(mutation: dict, folder) -> list[str]:
     return ["validate", str(config), *overrides]
 
 
-class _Hang(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise _Hang()
-
-
 def run(argv: list[str]) -> tuple[str, int | None, str]:
     """(outcome without the oracle: ok, clean, unexpected, traceback or hang; exit code; stderr)."""
-    err, out = io.StringIO(), io.StringIO()
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(TIMEOUT_S)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                code = main(argv)
-            except SystemExit as e:  # argparse
-                code = e.code
-    except _Hang:
-        return "hang", None, err.getvalue()
-    except BaseException as e:  # noqa: BLE001 - what escapes main is the finding
-        return "traceback", None, f"{err.getvalue()}{type(e).__name__}: {e}"
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    text = err.getvalue()
-    if code == 0:
-        return "ok", 0, text
-    lines = text.strip().splitlines()
-    if code == 2 and "Traceback" not in text and 1 <= len(lines) <= 3:
-        return "clean", 2, text
-    if code == 1 and len(lines) == 1 and "unexpected" in text and "MTL_DEBUG=1" in text:
-        return "unexpected", 1, text
-    return "traceback", code, text
+    r = run_cli(argv, TIMEOUT_S)
+    if r.hang:
+        return "hang", None, r.stderr
+    if r.escaped:
+        return "traceback", None, r.stderr + r.escaped
+    if r.code == 0:
+        return "ok", 0, r.stderr
+    if r.one_clear_error():
+        return "clean", 2, r.stderr
+    if r.code == 1 and len(r.lines) == 1 and "unexpected" in r.stderr and "MTL_DEBUG=1" in r.stderr:
+        return "unexpected", 1, r.stderr
+    return "traceback", r.code, r.stderr
 
 
 def outcome(mutation: dict, folder) -> tuple[str, str]:
@@ -296,16 +271,30 @@ def outcome(mutation: dict, folder) -> tuple[str, str]:
     return ("accepted" if result == "ok" and clearly_wrong(mutation) else result), err
 
 
-@pytest.mark.slow
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
-@given(mutation=mutations())
-def test_mutated_configs_get_a_run_or_one_clear_error(mutation, tmp_path_factory, one_thread, monkeypatch):
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def _outcome_in_fresh_folder(mutation, tmp_path_factory, monkeypatch) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("fuzz")
     monkeypatch.chdir(folder)  # relative paths a mutation writes stay out of the repository
-    result, err = outcome(mutation, folder)
-    if RECORD:
-        with open(RECORD, "a") as f:
-            f.write(json.dumps({"mutation": mutation, "outcome": result, "stderr": err[-600:]}, default=repr) + "\n")
-        return
+    return outcome(mutation, folder)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(RECORD), reason="MTL_FUZZ_RECORD is set: test_record_outcomes records, nothing is asserted")
+@FUZZ
+@given(mutation=mutations())
+def test_mutated_configs_get_a_run_or_one_clear_error(mutation, tmp_path_factory, one_thread, monkeypatch):
+    result, err = _outcome_in_fresh_folder(mutation, tmp_path_factory, monkeypatch)
     assert result in ("ok", "clean"), f"{result}: {mutation}\n{err}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RECORD, reason="set MTL_FUZZ_RECORD=FILE to record each example's outcome")
+@FUZZ
+@given(mutation=mutations())
+def test_record_outcomes(mutation, tmp_path_factory, one_thread, monkeypatch):
+    result, err = _outcome_in_fresh_folder(mutation, tmp_path_factory, monkeypatch)
+    with open(RECORD, "a") as f:
+        f.write(json.dumps({"mutation": mutation, "outcome": result, "stderr": err[-600:]}, default=repr) + "\n")

@@ -10,11 +10,8 @@ never be accepted. Hypothesis draws the cases: MTL_FUZZ_EXAMPLES sets how many (
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import os
-import signal
 import sys
 import tempfile
 import textwrap
@@ -25,6 +22,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from cli_harness import run_cli
 
 TEMPLATE = '''
 import math
@@ -333,38 +332,18 @@ class Outcome:
         return f"{self.result.upper()} in {self.stage}"
 
 
-class _Hang(BaseException):
-    """Not an Exception: the code under test must not be able to catch it as an error of its own."""
-
-
-def _alarm(signum, frame):
-    raise _Hang()
-
-
 def _run(argv: list[str]) -> tuple[str, str]:
     """``mtl <argv>`` in this process: (result, detail)."""
-    from mtl.cli import main
-
-    err = io.StringIO()
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(TIME_LIMIT_S)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            rc = main(argv)
-    except _Hang:
+    r = run_cli(argv, TIME_LIMIT_S)
+    if r.hang:
         return "hang", f"no exit after {TIME_LIMIT_S} s"
-    except BaseException as e:  # what a user would see as a raw traceback
-        return "traceback", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    text = err.getvalue()
-    lines = [line for line in text.splitlines() if line.strip()]
-    if rc == 0:
+    if r.escaped:  # what a user would see as a raw traceback
+        return "traceback", r.escaped.splitlines()[0]
+    if r.code == 0:
         return "ran", ""
-    if rc == 2 and len(lines) <= 3 and "Traceback" not in text:
-        return "clean_error", lines[-1] if lines else ""
-    return "bad_exit", f"exit {rc}, {len(lines)} lines: {text[-300:]}"
+    if r.code == 2 and len(r.lines) <= 3 and "Traceback" not in r.stderr:
+        return "clean_error", r.lines[-1] if r.lines else ""
+    return "bad_exit", f"exit {r.code}, {len(r.lines)} lines: {r.stderr[-300:]}"
 
 
 _counter = itertools.count()
