@@ -142,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if _debug():
             raise
+        if _out_of_memory(e):
+            print(f"mtl: error: {args.command} ran out of memory ({str(e).strip().splitlines()[0]}). A size in the config "
+                  "is too large for this machine: lower the trunk's or heads' widths, trainer.batch_size or "
+                  "trainer.eval_batch_size.", file=sys.stderr)
+            return 2
         print(_unexpected(args.command, e), file=sys.stderr)
         return 1
 
@@ -177,6 +182,15 @@ def _first_line(e: Exception) -> str:
     if len(lines) <= 1 or _debug():
         return str(e).strip()
     return f"{lines[0]} (cut at the first of {len(lines)} lines; MTL_DEBUG=1 prints them all)"
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """A failed allocation is the config's sizes against this machine, not a bug: torch's CPU
+    allocator raises a RuntimeError, CUDA an OutOfMemoryError (matched by name: torch is not
+    imported at the top of this module)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def _unexpected(command: str, e: Exception) -> str:

@@ -74,6 +74,16 @@ def test_an_unexpected_error_is_one_line_without_a_traceback(capsys, monkeypatch
         main(argv)
 
 
+def test_a_model_too_large_for_memory_is_one_clear_error(capsys, monkeypatch):
+    """Found by the config fuzzer: trunk.features=2**32 made the CPU allocator fail while
+    building the model (5.5 TB asked), reported as an unexpected bug."""
+    monkeypatch.delenv("MTL_DEBUG", raising=False)
+    assert main(["validate", QUICKSTART, "--for", "train", f"trunk.features={2**32}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtl: error: validate ran out of memory") and "\n" not in err, err
+    assert "trunk" in err and "trainer.batch_size" in err
+
+
 def test_validate_bad_config_exits_2_with_one_line(tmp_path, capsys):
     assert main(["validate", QUICKSTART, "trainer.epoch=2"]) == 2
     err = capsys.readouterr().err.strip()
