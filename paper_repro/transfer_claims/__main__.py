@@ -55,6 +55,8 @@ def sweep_overrides(lr: float) -> list[str]:
 def main(argv=None) -> int:
     p = parser("transfer_claims", __doc__)
     p.add_argument("--verdicts", action="store_true", help="write results/verdicts.md from the results files alone; no grid is read")
+    p.add_argument("--pairs", nargs="+", choices=PAIRS, default=PAIRS, help="the pairs to run (default: all)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the learning-rate sweep")
     args = p.parse_args(argv)
     runs, results = folders(args, "transfer_claims")
     if args.verdicts:
@@ -63,9 +65,9 @@ def main(argv=None) -> int:
         write(results, "verdicts.md", text)
         print(text)
         return 0
-    pairs = ["mnist_to_digits"] if args.smoke else PAIRS
+    pairs = ["mnist_to_digits"] if args.smoke else args.pairs
     sweep_pair = "mnist_to_digits" if args.smoke else SWEEP_PAIR
-    lrs = SWEEP_LRS[:1] if args.smoke else SWEEP_LRS
+    lrs = [] if args.no_sweep else SWEEP_LRS[:1] if args.smoke else SWEEP_LRS
     base = [*SMOKE_OVERRIDES, *args.overrides] if args.smoke else list(args.overrides)
     timing = runs / "wall_time.json"
     walls = json.loads(timing.read_text()) if timing.exists() else {}
