@@ -4,6 +4,10 @@ A checkpoint is a dict of tensors and plain Python values only, so the safe load
 read it (a pickle from an untrusted file would run code). Beside each file, ``<name>.sha256``
 holds its digest: a truncated or bit-flipped checkpoint is reported, never loaded.
 
+The framework's one atomic writer (``write_atomic``: checkpoints, results, reports) and its
+one verified reader (``read``: checksum, then the safe loader) live here; trunk weights
+(``init_from``, ``trunk.checkpoint``, pretrained files) are read through ``read`` too.
+
 A run keeps its training state as ``checkpoints/step-<step>.pt`` (the newest
 ``keep`` of them) and the selected model as ``best.pt``; ``latest`` resumes from the newest
 one that reads back intact, reporting the ones it had to pass over.
@@ -17,7 +21,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -25,6 +29,10 @@ import torch
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A file whose bytes do not match its ``.sha256``."""
 
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
@@ -38,7 +46,11 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write, fsync: bool = True) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any], fsync: bool = True) -> None:
+    """``write(f)`` into a temporary file beside ``path``, flush, fsync (unless ``fsync=False``),
+    rename over ``path``: a reader (or a crash) sees the previous file or the new one, never
+    half of one. A failed write removes the temporary file and leaves the previous one."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -89,23 +101,50 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> None:
         _torch_save(state, hashing)
         digest.append(hashing.sha.hexdigest())
 
-    _write_atomic(path, write)
-    _write_atomic(path.with_name(path.name + ".sha256"), lambda f: f.write(digest[0].encode()), fsync=False)
+    write_atomic(path, write)
+    write_atomic(_checksum_file(path), lambda f: f.write(digest[0].encode()), fsync=False)
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def verify(path: str | os.PathLike) -> None:
+    """A CorruptCheckpoint naming ``path`` when its ``.sha256`` exists and does not match its
+    bytes (truncated, bit-flipped or replaced); a file without a checksum passes unchecked."""
+    path = Path(path)
+    checksum = _checksum_file(path)
+    if checksum.is_file() and checksum.read_text().strip() != _digest(path):
+        raise CorruptCheckpoint(
+            f"checkpoint {str(path)!r} is corrupt: its contents do not match {checksum.name} (cut short, changed or "
+            "replaced after it was written). Use another checkpoint, or write this one again."
+        )
+
+
+def read_reason(error: Exception) -> str:
+    """The line of torch's refusal that names the problem: its weights_only refusal is a page
+    of advice, and the unpickler's own line is the reason."""
+    text = str(error)
+    detail = text.partition("WeightsUnpickler error:")[2] or text
+    return (detail.strip().split(". ")[0].splitlines() or [type(error).__name__])[0]
+
+
+def read(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """The one verified reader: the checksum (``verify``), then ``torch.load(weights_only=True)``.
+    Every failure is a CheckpointError naming the file; pickled code is never run."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found.")
-    checksum = path.with_name(path.name + ".sha256")
-    if checksum.is_file() and checksum.read_text().strip() != _digest(path):
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: its contents do not match {checksum.name}.")
+    verify(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
-        # torch's own text runs to paragraphs (weights_only advice): its first line names the problem.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {first}).") from None
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {read_reason(e)}).") from e
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint (a dict), read by ``read``."""
+    state = read(path, map_location)
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} does not hold a dict.")
     return state

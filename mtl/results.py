@@ -7,14 +7,13 @@ import math
 import os
 import warnings
 import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torchmetrics
 
-from mtl import distributed
+from mtl import checkpoint, distributed
 from mtl.data import eval_batches
 from mtl.model import MultiTaskModel
 from mtl.task import Task
@@ -145,15 +144,8 @@ def _finite(data: Any) -> Any:
 
 
 def write_text(text: str, path: str | os.PathLike) -> None:
-    """Atomic write: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-    except BaseException:  # disk full, interrupted: no half-written file is left behind
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
+    """Atomic write (``mtl.checkpoint.write_atomic``, fsync included): a reader never sees half a file."""
+    checkpoint.write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json(data: Any, path: str | os.PathLike) -> None:

@@ -9,13 +9,16 @@ from typing import Any, Collection
 import torch
 from torch import nn
 
+from mtl import checkpoint
 from mtl.registry import ComponentError
 
 _SHOW = 3  # how many offending keys an error or warning lists
 
 
 def read_checkpoint(path: str, where: str) -> Any:
-    """Load ``path`` on the CPU without running pickled code (``weights_only=True``)."""
+    """Load ``path`` on the CPU through the framework's verified reader (``mtl.checkpoint``:
+    its ``.sha256`` checked when there is one, ``weights_only=True``); ``.safetensors`` files
+    are checked the same way and read by safetensors. A ComponentError naming ``where``."""
     if not os.path.isfile(path):
         raise ComponentError(
             f"{where}: file not found: {path} (relative paths start from {os.getcwd()}). "
@@ -23,21 +26,23 @@ def read_checkpoint(path: str, where: str) -> Any:
         )
     try:
         if path.endswith(".safetensors"):
+            checkpoint.verify(path)
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return checkpoint.read(path)
     except ImportError:
         raise ComponentError(f"{where}: reading {path} needs safetensors: pip install safetensors") from None
-    except Exception as e:
-        # torch's weights_only refusal is a page of advice; the unpickler's own line is the reason.
-        detail = str(e).partition("WeightsUnpickler error:")[2] or str(e)
-        reason = (detail.strip().split(". ")[0].splitlines() or [type(e).__name__])[0]
+    except checkpoint.CorruptCheckpoint as e:
+        raise ComponentError(f"{where}: {e}") from None
+    except checkpoint.CheckpointError as e:  # torch's refusal, kept as the cause by checkpoint.read
         raise ComponentError(
-            f"{where}: cannot read {path} as a weights file ({reason}). It must be a .safetensors file or a "
-            "torch.save'd dict of tensors; pickled objects, which would run code when loaded, are refused "
-            "(re-save the weights with torch.save(model.state_dict(), PATH))."
+            f"{where}: cannot read {path} as a weights file ({checkpoint.read_reason(e.__cause__ or e)}). It must be a "
+            ".safetensors file or a torch.save'd dict of tensors; pickled objects, which would run code when loaded, "
+            "are refused (re-save the weights with torch.save(model.state_dict(), PATH))."
         ) from e
+    except Exception as e:  # safetensors' refusal of a damaged file
+        raise ComponentError(f"{where}: cannot read {path} as a safetensors file ({checkpoint.read_reason(e)}).") from e
 
 
 def per_channel(values: list[float], in_channels: int) -> list[float]:
