@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtl import contract, optim
 from mtl.config import ConfigError
+from mtl.features import DEFAULT_MAX_MB, FeatureCache
 from mtl.heads import HEADS, Head
 from mtl.model import MultiTaskModel
 from mtl.recipes import RECIPES, Recipe
@@ -202,14 +203,35 @@ def build_components(cfg: DictConfig) -> Components:
     tasks, head_nodes = build_tasks(cfg)
     check_selection(cfg.trainer.select_on, tasks)
     splits = load_datasets(tasks)
-    trunk = _component(build_trunk, _plain(cfg.trunk), where="trunk")
+    node = _plain(cfg.trunk)
+    cache_mb = feature_cache_setting(node)
+    trunk = _component(build_trunk, node, where="trunk")
     heads = build_heads(trunk, tasks, head_nodes, splits)
     check_targets(tasks, trunk, heads, splits, min(cfg.trainer.batch_size, CHECK_BATCH))
     model = MultiTaskModel(trunk, heads)
     if cfg.init_from:
         init_from(model, cfg.init_from)
+    if cache_mb:
+        # Active only while the trunk is frozen (a linear probe, LP-FT's probe epochs): see mtl.features.
+        FeatureCache.attach(trunk, cache_mb)
     weighting = _component(build, WEIGHTINGS, _plain(cfg.weighting), "weighting", list(tasks), where="weighting")
     return Components(tasks, splits, model, weighting)
+
+
+def feature_cache_setting(node: dict[str, Any]) -> float | None:
+    """Pops the framework's own trunk keys from a trunk node before the trunk is built:
+    ``feature_cache`` (default true) and ``feature_cache_mb`` (default 1024), the memory
+    the frozen trunk's features may take. The cache's budget in MB, or None when it is off."""
+    enabled = node.pop("feature_cache", True)
+    max_mb = node.pop("feature_cache_mb", DEFAULT_MAX_MB)
+    if not isinstance(enabled, bool):
+        raise ConfigError(
+            f"trunk.feature_cache: must be true or false, got {enabled!r}; false runs a frozen trunk at every step "
+            "instead of reusing its features."
+        )
+    if isinstance(max_mb, bool) or not isinstance(max_mb, (int, float)) or not max_mb > 0:
+        raise ConfigError(f"trunk.feature_cache_mb: must be a number of megabytes > 0, got {max_mb!r}.")
+    return float(max_mb) if enabled else None
 
 
 def init_from(model: MultiTaskModel, path: str) -> None:
