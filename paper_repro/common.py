@@ -1,6 +1,8 @@
 """What every study shares: run a `mtl compare` grid, read its long-form results back,
 summarize them (mean ± std over seeds; Δm% with the library's one paired function), and write
-Markdown tables and the results folder.
+Markdown tables and the results folder. Formatting, Δm% and statistics are the library's
+(``mtl.report``, ``scipy.stats``), imported where used so that importing this module stays
+cheap (``paper_repro.index`` reads it without torch).
 
 A study module (``paper_repro.<study>.__main__``) runs its grids with
 :func:`run_grid`, then builds its ``results.md`` / ``results.csv`` / figures from the
@@ -94,21 +96,26 @@ def seed_stats(df: pd.DataFrame, by: Sequence[str], split: str = "test") -> pd.D
 
 
 def fmt(mean: float, std: float = math.nan, scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
-    """``mean ± std`` (scaled: accuracies in percent by default); ``n/a`` for NaN."""
-    if mean is None or pd.isna(mean):
-        return "n/a"
-    text = f"{mean * scale:{'+' if signed else ''}.{digits}f}"
-    return text if std is None or pd.isna(std) else f"{text} ± {std * scale:.{digits}f}"
+    """``mean ± std`` (scaled: accuracies in percent by default); ``n/a`` for NaN: the report's formatting."""
+    from mtl.report import _fmt
+
+    mean, std = (math.nan if v is None else v * scale for v in (mean, std))
+    return _fmt(mean, std, digits, signed)
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+    """A Markdown table, as the report writes them (any cell value, shown with ``str``)."""
+    from mtl.report import _markdown
+
+    return _markdown([str(h) for h in header], [[str(c) for c in row] for row in rows])
 
 
 def write(results: Path, name: str, text: str) -> Path:
+    """``results/name``, ending in a newline, written atomically (``mtl.results.write_text``)."""
+    from mtl.results import write_text
+
     path = results / name
-    path.write_text(text if text.endswith("\n") else text + "\n")
+    write_text(text if text.endswith("\n") else text + "\n", path)
     return path
 
 
@@ -145,8 +152,9 @@ def delta_m_primary(df: pd.DataFrame, baseline: str = "single_task") -> pd.DataF
 
 
 def kendall_tau(a: Sequence[str], b: Sequence[str]) -> float:
-    """Kendall's τ between two orderings of the same items (1: same order, −1: reversed)."""
+    """Kendall's τ between two orderings of the same items (1: same order, −1: reversed):
+    ``scipy.stats.kendalltau`` of each item's position in ``a`` and in ``b``."""
+    from scipy import stats
+
     pos = {item: i for i, item in enumerate(b)}
-    pairs = [(x, y) for i, x in enumerate(a) for y in a[i + 1:]]
-    concordant = sum(1 if pos[x] < pos[y] else -1 for x, y in pairs)
-    return concordant / len(pairs)
+    return float(stats.kendalltau(range(len(a)), [pos[item] for item in a]).statistic)
