@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from mtl.heads import HEADS
 from mtl.task import TASKS
-from tasks.celeba import ATTRIBUTES
+from tasks.celeba import ATTRIBUTES, PositiveClassF1
 from tasks.cifar import CIFAR10, CIFAR100, UnsafePickleError, read_batch
 from tasks.office import IMAGENET_MEAN, IMAGENET_STD, Office31, OfficeHome
 
@@ -279,6 +279,38 @@ def test_celeba_attribute_subset_and_single_attribute_tasks(tmp_path):
     assert smiling.input_key() != TASKS.get("celeba_attribute")(attribute="Male", root=root).input_key()  # size 64
     assert smiling.input_key() != TASKS.get("celeba_attribute")(attribute="Male", root=root, size=32, train_fraction=0.5).input_key()
     check_head_loss_metrics(smiling, a, batch=3)
+
+
+def test_celeba_positive_class_f1_counts_tp_fp_fn():
+    """Targets 1 1 1 0 0 0, predicted (argmax) 1 1 0 1 0 0: TP 2, FN 1, FP 1, so
+    F1 = 2·2 / (2·2 + 1 + 1) = 2/3 (accuracy 4/6); the negative class's F1 would be 2/3 too, so
+    a second case tells them apart: targets 1 0 0 0, predicted 1 1 0 0: TP 1, FP 1, F1 = 2/3,
+    the negative class's 4/5."""
+    f1 = PositiveClassF1()
+    logits = torch.tensor([[0.0, 2.0], [1.0, 3.0], [2.0, -1.0], [0.5, 0.6], [3.0, 0.0], [1.0, 0.0]])
+    f1.update(logits, torch.tensor([1, 1, 1, 0, 0, 0]))
+    assert f1.compute().item() == pytest.approx(2 / 3)
+    f1.reset()
+    f1.update(torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]), torch.tensor([1, 0, 0, 0]))
+    assert f1.compute().item() == pytest.approx(2 / 3)
+    f1.reset()
+    f1.update(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 0]))  # a tie counts as negative
+    assert f1.compute().item() == 0.0  # no positive predicted or present: 0, as FAMO's code gives
+
+
+def test_celeba_metric_f1_makes_f1_primary(tmp_path):
+    write_celeba(tmp_path)
+    root = str(tmp_path)
+    smiling = TASKS.get("celeba_attribute")(attribute="Smiling", root=root, size=32, metric="f1")
+    assert smiling.primary_metric == "f1" and set(smiling.metrics()) == {"accuracy", "macro_f1", "f1"}
+    assert smiling.metrics()["f1"].higher_is_better
+    check_head_loss_metrics(smiling, smiling.build_datasets(), batch=3)
+    assert TASKS.get("celeba_attribute")(attribute="Smiling", root=root).primary_metric == "accuracy"
+    assert "f1" not in TASKS.get("celeba_attribute")(attribute="Smiling", root=root).metrics()
+    multilabel = TASKS.get("celeba")(root=root, size=32, metric="f1")
+    assert multilabel.primary_metric == "macro_f1"
+    with pytest.raises(ValueError, match="metric must be 'accuracy' or 'f1'.*got 'F1'"):
+        TASKS.get("celeba_attribute")(attribute="Smiling", metric="F1")
 
 
 def test_celeba_train_fraction_subsamples_train_only(tmp_path):
