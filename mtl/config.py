@@ -78,7 +78,12 @@ class CompareConfig:
     targets: List[str] = field(default_factory=list)  # target task(s): fine-tuned in sequential, subsampled by fractions
     sources: Optional[List[str]] = None  # source tasks of sequential transfer; None = every task not a target
     fractions: List[float] = field(default_factory=lambda: [1.0])  # labelled fractions of the targets' training sets
-    seeds: List[int] = field(default_factory=lambda: [0])
+    # A list of seeds, or a budget {min: 3, max: 10}: seeds 0, 1, 2, ... added one at a time until every
+    # comparison with single-task resolves (mtl.stats.SeedBudget) or max is reached. None: [0].
+    seeds: Any = None
+    # Fair tuning: {grid: {dotted.key: [values]} (every method), extra: {method: {dotted.key: [values]}},
+    # seeds: N}; each cell's last stage is tuned on the validation primary metric over N tuning seeds.
+    tune: Optional[Dict[str, Any]] = None
     # {label: {kind: single_task|sequential|joint|stages, recipes: [...] (sequential), stages: [...] (kind stages)}};
     # kind defaults to the label.
     regimes: Dict[str, Any] = field(
@@ -307,6 +312,8 @@ def resolve(raw: dict, overrides: list[str] = ()) -> DictConfig:
         where, default, given = _clash(OmegaConf.to_container(schema), plain)
         raise ConfigError(f"{where}: must be a {_kind(default)}, got {given!r}.") from None
     _replace_component_nodes(typed, plain, RunConfig, "")
+    if typed.compare.seeds is None:  # typed Any, so that a list or a budget mapping merges in; the default is [0]
+        typed.compare.seeds = [0]
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:
         raise ConfigError(f"required value missing: {', '.join(missing)} (set it in the YAML or as key=value).")
@@ -454,10 +461,8 @@ def check_compare(c: DictConfig) -> None:
         _must(_is_number(f), f"compare.fractions[{i}]", f"must be a number in (0, 1], got {_plain(f)!r}.")
         _must(0 < f <= 1, f"compare.fractions[{i}]", f"{f} is outside (0, 1]; a fraction is the share of the targets' training labels kept.")
     _must(len(set(c.fractions)) == len(c.fractions), "compare.fractions", f"each fraction once, got {list(c.fractions)}.")
-    _must(len(c.seeds) >= 1, "compare.seeds", "list at least one seed, e.g. [0, 1, 2].")
-    for i, seed in enumerate(c.seeds):
-        _must(_is_number(seed), f"compare.seeds[{i}]", f"must be an integer in [0, 2^32), got {_plain(seed)!r}.")
-    _must(len(set(c.seeds)) == len(c.seeds), "compare.seeds", f"each seed once (a seed names a cell), got {list(c.seeds)}.")
+    check_seeds(c.seeds)
+    check_tune(c.tune)
     _must(len(c.regimes) >= 1, "compare.regimes", "name at least one regime, e.g. {single_task: {}, joint: {}}.")
     for label, node in c.regimes.items():
         where = f"compare.regimes.{label}"
@@ -480,6 +485,60 @@ def check_compare(c: DictConfig) -> None:
     for role, node in c.stages.items():
         _must(node is None or isinstance(node, DictConfig), f"compare.stages.{role}",
               f"must be a mapping of config overrides, e.g. {{trainer: {{epochs: 5}}}}, got {_plain(node)!r}.")
+
+
+BUDGET_KEYS = ("min", "max")
+TUNE_KEYS = ("grid", "extra", "seeds")
+
+
+def check_seeds(seeds: Any) -> None:
+    """``compare.seeds``: a list of distinct seeds, or a budget ``{min, max}`` of whole numbers
+    with 2 <= min <= max (every look of the budget's stop rule is a paired test)."""
+    if isinstance(seeds, DictConfig):
+        for key in seeds:
+            _must(key in BUDGET_KEYS, f"compare.seeds.{key}", f"unknown key.{did_you_mean(str(key), BUDGET_KEYS)} A budget is {{min: 3, max: 10}}.")
+        for key in BUDGET_KEYS:
+            _must(key in seeds, f"compare.seeds.{key}", "missing; a budget gives both, e.g. compare.seeds={min: 3, max: 10}.")
+            value = seeds[key]
+            _must(_is_number(value) and float(value).is_integer(), f"compare.seeds.{key}", f"must be a whole number of seeds, got {_plain(value)!r}.")
+        _must(seeds.min >= 2, "compare.seeds.min", f"must be >= 2, got {seeds.min}: the budget stops on a paired test, which needs 2 seeds "
+              "(3 or more to resolve anything but large differences); for one seed and no test write compare.seeds=[0].")
+        _must(seeds.max >= seeds.min, "compare.seeds.max", f"must be >= min, got min {seeds.min} and max {seeds.max}.")
+        _must(seeds.max <= SEEDS, "compare.seeds.max", f"must be <= 2^32 (seeds are 0 to max - 1), got {seeds.max}.")
+        return
+    _must(isinstance(seeds, ListConfig), "compare.seeds",
+          f"must be a list of seeds or a budget {{min: 3, max: 10}}, got {_plain(seeds)!r}; write compare.seeds=[{_plain(seeds)}] for one item.")
+    _must(len(seeds) >= 1, "compare.seeds", "list at least one seed, e.g. [0, 1, 2].")
+    for i, seed in enumerate(seeds):
+        _must(_is_number(seed) and float(seed).is_integer(), f"compare.seeds[{i}]", f"must be an integer in [0, 2^32), got {_plain(seed)!r}.")
+    _must(len(set(seeds)) == len(seeds), "compare.seeds", f"each seed once (a seed names a cell), got {list(seeds)}.")
+
+
+def _check_grid(node: Any, where: str) -> None:
+    _must(isinstance(node, DictConfig), where, f"must be a mapping of config keys to lists of values, e.g. {{trainer.optimizer.lr: [0.001, 0.003]}}, got {_plain(node)!r}.")
+    for key, values in node.items():
+        _must(isinstance(values, ListConfig) and len(values) >= 1, f"{where}.{key}", f"must be a non-empty list of values, got {_plain(values)!r}; e.g. [0.001, 0.003].")
+        plain = [_plain(v) for v in values]
+        _must(all(not isinstance(v, (dict, list)) for v in plain), f"{where}.{key}", f"values must be single values (numbers, strings), got {plain!r}.")
+        _must(len({repr(v) for v in plain}) == len(plain), f"{where}.{key}", f"each value once, got {plain!r}.")
+
+
+def check_tune(tune: Any) -> None:
+    """``compare.tune``'s shape: grid and extra's keys are checked against the config schema by
+    `mtl compare`, which knows each method's stage config."""
+    if tune is None:
+        return
+    for key in tune:
+        _must(key in TUNE_KEYS, f"compare.tune.{key}", f"unknown key.{did_you_mean(str(key), TUNE_KEYS)} compare.tune takes {', '.join(TUNE_KEYS)}.")
+    _check_grid(tune.get("grid") or DictConfig({}), "compare.tune.grid")
+    extra = tune.get("extra") or DictConfig({})
+    _must(isinstance(extra, DictConfig), "compare.tune.extra", f"must map a method to its own grid, e.g. {{joint: {{weighting.gamma: [0.001, 0.01]}}}}, got {_plain(extra)!r}.")
+    for method, grid in extra.items():
+        _check_grid(grid, f"compare.tune.extra.{method}")
+    _must(bool(tune.get("grid")) or any(extra.values()), "compare.tune", "give a grid (every method) or an extra grid (one method), e.g. compare.tune.grid={trainer.optimizer.lr: [0.001, 0.003]}.")
+    seeds = tune.get("seeds", 1)
+    _must(_is_number(seeds) and float(seeds).is_integer() and seeds >= 1, "compare.tune.seeds",
+          f"must be a whole number >= 1 of tuning seeds, got {_plain(seeds)!r}.")
 
 
 def check_values(cfg: DictConfig) -> None:
