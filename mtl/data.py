@@ -8,7 +8,7 @@ source's own generator, so no epoch is ever cached and the order is fixed by the
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Hashable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -191,19 +191,37 @@ class BatchSource:
         self._iter = None
 
 
+def shared_input_groups(tasks: dict[str, Task]) -> dict[str, list[str]]:
+    """``{source: tasks}``: tasks that return one ``input_key`` (not None) together, named
+    ``a+b``, every other task alone, in the order of ``tasks``. The rule of the joint training
+    loader (``mtl.builders.input_groups``, which also checks that the inputs are identical)."""
+    by_key: dict[Hashable, list[str]] = {}
+    for name, task in tasks.items():
+        key = task.input_key()
+        by_key.setdefault(name if key is None else ("shared", key), []).append(name)
+    return {"+".join(members): members for members in by_key.values()}
+
+
 def eval_batches(
-    dataset: Dataset, batch_size: int, device: torch.device, part: tuple[int, int] = (0, 1)
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The dataset in order, in batches, on ``device``; with ``part=(rank, world)`` only the
-    rank-th of ``world`` contiguous shares (sizes differ by at most one, no sample repeated),
-    so ranks that each evaluate their share see every sample exactly once."""
+    dataset: Dataset, batch_size: int, part: tuple[int, int] = (0, 1), num_workers: int = 0, pin_memory: bool = False
+) -> Iterator[Batch]:
+    """The dataset in order, in batches ``(x, y, ...)`` (every tensor of an item), on the host;
+    with ``part=(rank, world)`` only the rank-th of ``world`` contiguous shares (sizes differ by
+    at most one, no sample repeated), so ranks that each evaluate their share see every sample
+    exactly once. Datasets that are not tensors are read by a DataLoader with ``num_workers``
+    workers; ``pin_memory`` (for a CUDA device) pins every batch, so that the caller's
+    ``.to(device, non_blocking=True)`` overlaps the copy with compute."""
     rank, world = part
     tensors = _tensors(dataset)
     if tensors is not None:
-        x, y = tensors[0].tensor_split(world)[rank], tensors[1].tensor_split(world)[rank]
-        for i in range(0, len(x), batch_size):
-            yield x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        shares = [t.tensor_split(world)[rank] for t in tensors]
+        for i in range(0, len(shares[0]), batch_size):
+            batch = tuple(t[i : i + batch_size] for t in shares)
+            yield tuple(t.pin_memory() for t in batch) if pin_memory else batch
     else:
         share = torch.arange(len(dataset)).tensor_split(world)[rank].tolist()  # type: ignore[arg-type]
-        for x, y in DataLoader(Subset(dataset, share) if world > 1 else dataset, batch_size=batch_size):
-            yield x.to(device), y.to(device)
+        loader = DataLoader(
+            Subset(dataset, share) if world > 1 else dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory
+        )
+        for batch in loader:
+            yield tuple(batch)

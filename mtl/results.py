@@ -10,11 +10,11 @@ import weakref
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torchmetrics
+from torch.utils.data import Dataset
 
 from mtl import checkpoint, distributed
-from mtl.data import eval_batches
+from mtl.data import eval_batches, shared_input_groups, shared_inputs
 from mtl.model import MultiTaskModel
 from mtl.task import Task
 
@@ -24,37 +24,65 @@ TaskMetrics = dict[str, dict[str, float]]
 
 @torch.no_grad()
 def evaluate(
-    model: MultiTaskModel, tasks: dict[str, Task], datasets: dict[str, Any], batch_size: int, device: torch.device
+    model: MultiTaskModel,
+    tasks: dict[str, Task],
+    datasets: dict[str, Any],
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    groups: dict[str, list[str]] | None = None,
 ) -> TaskMetrics:
     """Streaming metrics (and the mean loss) of each task over its dataset; missing labels skipped.
 
+    Tasks that share their inputs (``groups``, default ``mtl.data.shared_input_groups``: one
+    ``input_key``, as the joint training loader groups them) are evaluated together: the
+    trunk runs once per input batch and every member's head reads its features (one trunk
+    call per batch instead of one per task: 40 times fewer for CelebA's attributes). Each head
+    runs on its own, as it did with one trunk call per task, so the numbers do not change.
+    Datasets that read files go through a DataLoader with ``num_workers`` workers, pinned
+    when ``device`` is a GPU. No host sync per batch: the labels that mask the loss and the
+    metrics are counted on the host, where the batches come from; losses are summed on the device.
+
     Under torchrun every rank evaluates its own contiguous share of each dataset (every
     sample once over all ranks, uneven sizes included), so every rank must call this; the
-    loss sums of all tasks are summed over ranks in one all-reduce, and each metric's states
-    by torchmetrics' own synchronisation in ``compute`` (sum-type states would count a
-    sample once per rank if every rank evaluated the whole split). Every rank returns the
-    same results."""
+    loss sums of all tasks are reduced over ranks in one all-reduce (``mtl.distributed``),
+    and each metric's states by torchmetrics' own synchronisation in ``compute`` (sum-type
+    states would count a sample once per rank if every rank evaluated the whole split).
+    Every rank returns the same results."""
     ctx = distributed.current()
     was_training = model.training
     model.eval()
+    groups = shared_input_groups(tasks) if groups is None else groups
     metrics = {name: {k: m.to(device) for k, m in _metrics(task).items()} for name, task in tasks.items()}
     for metric in (m for task_metrics in metrics.values() for m in task_metrics.values()):
         metric.reset()
     # Per task: the labelled samples' loss sum and their number.
     sums = torch.zeros(len(tasks), 2, device=device)
-    for i, (name, task) in enumerate(tasks.items()):
-        for x, y in eval_batches(datasets[name], batch_size, device, part=(ctx.rank, ctx.world)):
-            out = model(x, [name])[name].float()
-            scores = task.metric_inputs(out)
-            mask = task.valid_mask(y)
-            n = mask.sum()
-            sums[i, 0] += task.masked_loss(out, y) * n
-            sums[i, 1] += n
-            if n.item() > 0:  # metrics reject empty batches; evaluation may sync
+    row = {name: i for i, name in enumerate(tasks)}
+    pin = device.type == "cuda"
+    for members in groups.values():
+        dataset = _group_dataset(members, datasets)
+        for x, *ys in eval_batches(dataset, batch_size, (ctx.rank, ctx.world), num_workers, pin):
+            features = model.trunk(x.to(device, non_blocking=True))
+            for name, y_host in zip(members, ys):
+                task = tasks[name]
+                mask = task.valid_mask(y_host)  # on the host: counting it needs no device sync
+                n = int(mask.sum())
+                if n == 0:  # metrics reject empty batches; the loss sum gains 0
+                    continue
+                y = y_host.to(device, non_blocking=True)
+                out = model.apply_heads(features, [name])[name].float()
+                sums[row[name], 0] += task.masked_loss(out, y) * n
+                sums[row[name], 1] += n
+                scores = task.metric_inputs(out)
+                if n < len(mask):
+                    # index_select with host-made indices: boolean indexing on the device would sync.
+                    keep = mask.nonzero().squeeze(1).to(device, non_blocking=True)
+                    scores, y = scores.index_select(0, keep), y.index_select(0, keep)
                 for metric in metrics[name].values():
-                    metric.update(scores[mask], y[mask])
-    if ctx.active:
-        dist.all_reduce(sums)
+                    metric.update(scores, y)
+    # A mean over ranks keeps the ratio loss_sum / labelled of the sums (and 0 labelled stays 0).
+    ctx.mean_([sums])
     results: TaskMetrics = {}
     for (name, task_metrics), (loss_sum, labelled) in zip(metrics.items(), sums.tolist()):
         if labelled == 0:  # the same on every rank: all or none of them synchronise the metrics
@@ -67,6 +95,18 @@ def evaluate(
         results[name]["loss"] = loss_sum / labelled
     model.train(was_training)
     return results
+
+
+def _group_dataset(members: list[str], datasets: dict[str, Any]) -> Dataset:
+    """One dataset of items ``(x, y_1, ..., y_k)`` for tasks that share their inputs; a
+    ValueError naming them when their splits differ in size (then they cannot share inputs)."""
+    sizes = {name: len(datasets[name]) for name in members}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"tasks {', '.join(members)} declare one input_key but their splits differ in size ({sizes}); shared-input "
+            "tasks must build identical inputs (same data, size, split_seed and train_fraction)."
+        )
+    return shared_inputs([datasets[name] for name in members])
 
 
 # Each task's metric objects, built once: building a classification task's two torchmetrics

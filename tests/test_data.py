@@ -71,20 +71,19 @@ def test_dataloader_path_draws_the_same_batches_as_the_tensor_path():
 
 def test_eval_batches_keep_order():
     ds = TensorDataset(torch.zeros(7, 1), torch.arange(7))
-    assert torch.cat([y for _, y in eval_batches(ds, 3, torch.device("cpu"))]).tolist() == list(range(7))
-    assert torch.cat([y for _, y in eval_batches(PlainDataset(7), 3, torch.device("cpu"))]).tolist() == list(range(7))
+    assert torch.cat([y for _, y in eval_batches(ds, 3)]).tolist() == list(range(7))
+    assert torch.cat([y for _, y in eval_batches(PlainDataset(7), 3)]).tolist() == list(range(7))
 
 
 
 def test_eval_batches_shares_cover_each_sample_once_with_uneven_sizes():
     # torchrun ranks each evaluate one share; padding a share to equal sizes would count samples twice.
-    cpu = torch.device("cpu")
     for dataset in (TensorDataset(torch.zeros(7, 1), torch.arange(7)), PlainDataset(7)):
-        shares = [torch.cat([y for _, y in eval_batches(dataset, 2, cpu, part=(r, 3))]).tolist() for r in range(3)]
+        shares = [torch.cat([y for _, y in eval_batches(dataset, 2, part=(r, 3))]).tolist() for r in range(3)]
         assert [len(s) for s in shares] == [3, 2, 2]
         assert sum(shares, []) == list(range(7))
     # More ranks than samples: the extra ranks get no batch.
-    assert [len(list(eval_batches(PlainDataset(2), 4, cpu, part=(r, 3)))) for r in range(3)] == [1, 1, 0]
+    assert [len(list(eval_batches(PlainDataset(2), 4, part=(r, 3)))) for r in range(3)] == [1, 1, 0]
 
 def test_stratified_subsample_keeps_every_class():
     idx = torch.arange(100, 200)
