@@ -253,3 +253,7 @@ def test_celeba_recipe_smoke_on_a_tiny_tree(tmp_path):
     results = smoke("celeba", tmp_path, "--root", str(tmp_path / "celeba_root"))
     table = pd.read_csv(results / "results.csv")
     assert set(table["method"]) == {"single_task", "equal", "famo", "pcgrad"}
+    # FAMO's metric: each attribute's positive-class F1 is the primary metric, and Δm% is over those.
+    assert {"test/a5_o_clock_shadow/f1/mean", "test/arched_eyebrows/f1/mean"} <= set(table.columns)
+    text = (results / "results.md").read_text()
+    assert "metrics: primary" in text and "| IMTL-G | 0.84 | FAMO Table 3 (CelebA columns) | left out |" in text

@@ -14,7 +14,7 @@ from paper_repro import recipe
 SMOKE_OVERRIDES = [
     *SMOKE, "device=cpu", "trunk.weights=null", "trainer.batch_size=2", "trainer.eval_batch_size=4", "trainer.num_workers=0",
     *(f"tasks.{t}.{key}" for t in ("semantic", "depth", "normal") for key in ("size=[16,24]", "val_fraction=0.34")),
-    *(f"~compare.regimes.{m}" for m in ("rlw", "dwa", "mgda", "graddrop", "cagrad", "imtl_g", "nash_mtl", "famo")),
+    *(f"~compare.regimes.{m}" for m in ("log", "rlw", "dwa", "uncertainty", "mgda", "graddrop", "cagrad", "imtl_g", "nash_mtl", "famo")),
 ]
 
 
