@@ -396,3 +396,37 @@ def tables_markdown(benchmarks=tuple(RECORD)) -> str:
             lines.append("(†) the paper's own numbers disagree here: see `DEVIATIONS` in paper_repro/published.py.")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+LABELS = {
+    "miou": "mIoU ↑", "pixel_acc": "pix acc ↑", "abs_err": "abs err ↓", "rel_err": "rel err ↓",
+    "mean_angle": "mean angle ↓", "median_angle": "median angle ↓", "within_11_25": "11.25° ↑",
+    "within_22_5": "22.5° ↑", "within_30": "30° ↑", "accuracy": "acc. (%) ↑", "error": "error (%) ↓",
+}  # fmt: skip
+
+
+def values_markdown(*tables: Table) -> str:
+    """A Markdown table of per-task values, mean rank and Δm% as printed: every row of the first
+    table, then the rows only a later one prints, each with the table it comes from; this
+    framework's weighting name beside the paper's where one is registered; (†) where
+    ``DEVIATIONS`` lists the row."""
+    first = tables[0]
+    tasks = {t for t, _, _ in first.metrics}
+    header = [LABELS[m] if len(tasks) == 1 else f"{t} {LABELS[m]}" for t, m, _ in first.metrics]
+    lines = [
+        "| method | " + "".join(f"{h} | " for h in header) + "mean rank ↓ | Δm% ↓ | printed in |",
+        "|---" * (len(header) + 4) + "|",
+    ]
+    if first.baseline is not None:
+        lines.append("| single task | " + " | ".join(first.baseline.split()) + " | | | " + " · ".join(t.key for t in tables) + " |")
+    seen = set()
+    for table in tables:
+        for method, row in table.rows.items():
+            if method in seen:
+                continue
+            seen.add(method)
+            name = f"{method} (`{WEIGHTING_NAMES[method]}`)" if method in WEIGHTING_NAMES else method
+            flag = " (†)" if any(k[0] == table.key and k[1] == method for k in DEVIATIONS) else ""
+            cells = row.values.split() if row.values else ["–"] * len(header)
+            lines.append(f"| {name}{flag} | " + "".join(f"{c} | " for c in cells) + f"{row.mean_rank or '–'} | {row.delta_m or '–'} | {table.key} |")
+    return "\n".join(lines)

@@ -169,3 +169,16 @@ def test_printed_values_of_record_not_the_reprint():
     record = published.delta_m_of_record("NYUv2 (MTAN, 3 tasks)")
     assert record["LS"][0] == "5.59" and "MoCo" not in record
     assert "| MoCo | not printed | – | 0.16 |" in published.tables_markdown(["NYUv2 (MTAN, 3 tasks)"])
+
+
+@pytest.mark.parametrize("readme,tables", [
+    ("nyuv2", (published.NASH_MTL_NYUV2, published.FAMO_NYUV2)),
+    ("nyuv2", (published.NASH_MTL_CITYSCAPES, published.FAMO_CITYSCAPES)),
+    ("celeba", (published.FAMO_CELEBA,)),
+    ("celeba", (published.SENER_KOLTUN_CELEBA,)),
+    ("multi_mnist", (published.SENER_KOLTUN_MULTIMNIST,)),
+])
+def test_readmes_quote_the_tables_of_published_py(readme, tables):
+    from paper_repro.common import STUDIES
+
+    assert published.values_markdown(*tables) in (STUDIES / readme / "README.md").read_text()
