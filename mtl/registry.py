@@ -1,4 +1,4 @@
-"""One generic registry for tasks, trunks, heads, weightings and schedulers.
+"""One generic registry for tasks, trunks, heads, weightings, schedulers and transferability scores.
 
 A component is named in a config either by its registered name or by an import path
 (``package.module:Name`` or ``package.module.Name``), so a user's own class needs no edit
