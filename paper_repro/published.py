@@ -16,13 +16,17 @@ held in the public code index that this project's sessions search (``find_string
 extractions with decimals split into cells; the values below were put back together from
 those cells and are checked by the recomputation above (a wrong digit in a per-task value
 moves the Δm% by more than its printing precision in most rows). Sener & Koltun's tables were
-read from a plain page-by-page extraction, whose cells are whole. A value that could not be
-read is ``None`` and said to be "not verified" wherever it is shown.
+read from a plain page-by-page extraction, whose cells are whole. Two checks of the
+transcription: Nash-MTL's and FAMO's tables were read from separate extractions and FAMO
+copies Nash-MTL's rows, so every copied value is compared (one row differs in the papers
+themselves, listed below); and a per-task value misread by more than about 0.3% (NYUv2) or 1%
+(CityScapes) of its size moves the recomputed Δm% beyond the printed one. Nothing is filled in
+that was not read: a table that prints no per-task values has none here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
 # (task, metric, direction) of each column, in the order the papers print them; the names are
@@ -72,7 +76,6 @@ class Table:
     baseline: str | None
     rows: dict[str, Row]
     note: str = ""
-    caption: str = field(default="", compare=False)
 
     @property
     def cite(self) -> str:
@@ -129,7 +132,6 @@ NASH_MTL_NYUV2 = Table(
     },
     note="The extraction drops a trailing zero in two cells (IMTL-G 26.2, Nash-MTL 28.4); FAMO's reprint of "
     "the same rows prints 26.20 and 28.40.",
-    caption="Test performance on NYUv2, averages over 3 random seeds.",
 )
 
 NASH_MTL_CITYSCAPES = Table(
@@ -148,7 +150,6 @@ NASH_MTL_CITYSCAPES = Table(
         "IMTL-G": Row("75.33 93.49 0.0135 38.41", "3.62", "11.10"),
         "Nash-MTL": Row("75.41 93.66 0.0129 35.02", "1.75", "6.82"),
     },
-    caption="Test performance on CityScapes, averages over 3 random seeds.",
 )
 
 # ---------------------------------------------------------------- FAMO (Liu et al. 2023)
@@ -172,7 +173,6 @@ FAMO_NYUV2 = Table(
     },
     note="FAMO's Appendix E: the baselines' numbers are taken from Nash-MTL; the mean ranks differ from "
     "Nash-MTL's Table 2 because FAMO's row enters the ranking.",
-    caption="Results on NYU-v2 (3 tasks), mean over 3 random seeds.",
 )
 
 FAMO_CITYSCAPES = Table(
@@ -194,7 +194,6 @@ FAMO_CITYSCAPES = Table(
     },
     note="FAMO's LS row repeats the SI row (values and Δm%), where Nash-MTL's Table 3, the stated source of "
     "the baselines, prints LS as 75.18 93.49 0.0155 46.77, Δm% 22.60 (see DEVIATIONS).",
-    caption="Results on CityScapes (2 tasks), mean over 3 random seeds.",
 )
 
 # The extraction heads these two columns "MR, Δm%" but lists the Δm% values first: the second
@@ -220,7 +219,6 @@ FAMO_CELEBA = Table(
     note="No per-attribute values are printed. The metric is each attribute's positive-class F1, the "
     "epoch chosen by the mean validation F1 (FAMO's code: Cranial-XIX/FAMO experiments/celeba/trainer.py, "
     "CelebaMetrics and best_val_f1).",
-    caption="Results on CelebA (40 tasks), mean over 3 random seeds.",
 )
 
 # ---------------------------------------------------------------- IMGrad (Zhou et al. 2025): a later reprint
@@ -244,7 +242,6 @@ IMGRAD_NYUV2 = Table(
     },
     note="Depth errors to 2 decimals; the Δm% of LS, RLW, DWA, MGDA, GradDrop, PCGrad, CAGrad and IMTL differ "
     "from Nash-MTL's Table 2 (up to 0.17), those of Nash-MTL and FAMO are theirs. SI and UW are left out.",
-    caption="Scene understanding (NYUv2, 3 tasks), MTAN, averages over 3 random seeds.",
 )
 
 IMGRAD_CITYSCAPES = Table(
@@ -267,7 +264,6 @@ IMGRAD_CITYSCAPES = Table(
     note="The per-task values are Nash-MTL's and FAMO's; the Δm% of RLW, DWA, GradDrop, PCGrad, CAGrad and IMTL "
     "differ from Nash-MTL's Table 3 by 0.01-0.08. SI and UW (the lowest Δm%, 5.89, in Nash-MTL's and FAMO's "
     "tables) are left out.",
-    caption="Scene understanding (CityScapes, 2 tasks), MTAN, averages over 3 random seeds.",
 )
 
 IMGRAD_CELEBA = Table(
@@ -279,7 +275,6 @@ IMGRAD_CELEBA = Table(
         "FAMO": Row(None, None, "1.21"), "IMGrad": Row(None, None, "1.27"),
     },
     note="FAMO's values; GradDrop and IMTL-G (the lowest Δm%, 0.84, in FAMO's Table 3) are left out.",
-    caption="Image classification (CelebA, 40 tasks), averaged over three random seeds.",
 )
 
 # ---------------------------------------------------------------- Sener & Koltun 2018 (no Δm%)
@@ -295,7 +290,6 @@ SENER_KOLTUN_MULTIMNIST = Table(
     },
     note="Test accuracy (%) of the left and right digit; single-task baselines are separate models shown in "
     "one row. The method is printed as 'Ours'.",
-    caption="Performance of MTL algorithms on MultiMNIST.",
 )
 
 SENER_KOLTUN_CELEBA = Table(
@@ -308,7 +302,6 @@ SENER_KOLTUN_CELEBA = Table(
         "Ours (MGDA-UB)": Row("8.25"),
     },
     note="Mean over the 40 attributes of the test error (%), not an F1.",
-    caption="Mean of error per category of MTL algorithms in multi-label classification on CelebA.",
 )
 
 TABLES = (
@@ -325,7 +318,7 @@ SHORT = {NASH_MTL: "Nash-MTL", FAMO: "FAMO", IMGRAD: "IMGrad", SENER_KOLTUN: "Se
 # turns out to agree.
 DEVIATIONS: dict[tuple[str, str, str], str] = {
     ("Nash-MTL Table 2", "IMTL-G", "delta_m"): "printed -0.76; its printed values give -0.60 (interval from "
-    "rounding: -0.63 to -0.57). IMGrad's Table 3 prints -0.59 for the same values.",
+    "rounding: -0.63 to -0.57). IMGrad's Table 3 prints -0.59 for the same row.",
     ("FAMO Table 1", "IMTL-G", "delta_m"): "printed -0.76, copied from Nash-MTL's Table 2; its printed values give -0.60.",
     ("FAMO Table 3 (CityScapes columns)", "LS", "values"): "repeats the SI row (70.95 91.73 0.0161 33.83, Δm% "
     "14.11); Nash-MTL's Table 3, which FAMO's Appendix E names as the source of the baselines, prints LS as "

@@ -93,6 +93,25 @@ def test_famo_copies_nash_mtl_baselines_except_the_listed_rows():
             assert same != ((famo.key, method, "values") in DEVIATIONS), (famo.key, method)
 
 
+def test_imgrad_reprints_the_same_values_with_depth_rounded_to_two_decimals():
+    from decimal import ROUND_HALF_UP
+
+    def rounded(table, method):
+        return {k: str(Decimal(v).quantize(Decimal("0.01"), ROUND_HALF_UP)) if k[0] == "depth" else v
+                for k, v in table.values(method).items()}
+
+    imgrad = published.IMGRAD_NYUV2
+    assert imgrad.values(None) == rounded(published.FAMO_NYUV2, None)
+    for method in imgrad.rows:
+        ours = published.REPRINT_NAMES.get(method, method)
+        if ours in published.FAMO_NYUV2.rows:
+            assert imgrad.values(method) == rounded(published.FAMO_NYUV2, ours), method
+    for method, row in published.IMGRAD_CITYSCAPES.rows.items():
+        ours = published.REPRINT_NAMES.get(method, method)
+        if ours in published.NASH_MTL_CITYSCAPES.rows:
+            assert row.values == published.NASH_MTL_CITYSCAPES.rows[ours].values, method
+
+
 def test_every_listed_deviation_names_a_printed_row():
     tables = {t.key: t for t in TABLES}
     for table, method, what in DEVIATIONS:
