@@ -13,8 +13,15 @@ with the stage's tasks, recipe and overrides. Built-in regimes:
   stages       any list of stages written in YAML; each starts from the previous stage's
                selected checkpoint (``init_from``: trunk and the heads of tasks that continue).
 
+Seeds: ``compare.seeds`` lists them, or is a budget ``{min, max}``: seeds 0, 1, 2, ... are
+added one at a time, from min, until every comparison with single-task resolves under the
+group-sequential rule of ``mtl.stats.SeedBudget`` or max is reached; a method (at a
+fraction) whose comparisons have all resolved gets no more seeds. Tuning: ``compare.tune``
+(``mtl.tune``) first picks each method's values on validation, on tuning seeds of its own.
+
 A finished cell (its last stage wrote results.json) is skipped when the grid is rerun; an
-interrupted stage resumes from its last checkpoint. Model selection is on validation in
+interrupted stage resumes from its last checkpoint. A budgeted grid rerun replays its
+decisions from the finished cells' results, so it resumes where it stopped. Model selection is on validation in
 every stage; the test split is only evaluated on the selected checkpoint.
 
 The output directory is the comparison's: its config.yaml and written_by.json say which
@@ -39,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtl import distributed
 from mtl.config import COMPONENTS, ConfigError, resolve, save_config, to_dict
 from mtl.registry import did_you_mean
+from mtl.stats import SeedBudget
 
 BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages")
 STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk")
@@ -63,10 +71,30 @@ class Cell:
     variant: str = ""  # what tells cells of one regime apart: the task (single_task), the recipe (sequential)
     shared_source: bool = False  # the first stage is the per-seed shared source stage
     dirs: list[Path] = field(default_factory=list)
+    tuned: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value, set on the last stage
+    point: str = ""  # a tuning cell's grid point (its folder under tune/); "" for the comparison's own cells
 
 
 def _merge(*nodes: dict[str, Any]) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(*[OmegaConf.create(n) for n in nodes]))  # type: ignore[return-value]
+
+
+def seed_plan(cfg: DictConfig) -> tuple[list[int], SeedBudget | None]:
+    """The seeds a grid may run and its budget: ``compare.seeds`` as listed (no budget), or,
+    for a budget ``{min, max}``, seeds 0, 1, ..., max − 1 in that order."""
+    seeds = cfg.compare.seeds
+    if isinstance(seeds, DictConfig):
+        budget = SeedBudget(int(seeds.min), int(seeds.max))
+        return list(range(budget.max)), budget
+    return [int(s) for s in seeds], None
+
+
+def nested(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"trainer.optimizer.lr": 0.1}`` as ``{"trainer": {"optimizer": {"lr": 0.1}}}``."""
+    node = OmegaConf.create({})
+    for key, value in dotted.items():
+        OmegaConf.update(node, key, value, merge=True)
+    return OmegaConf.to_container(node)  # type: ignore[return-value]
 
 
 def _apply_stage(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -112,9 +140,11 @@ def roles(cfg: DictConfig) -> tuple[list[str], list[str]]:
     return targets, sources
 
 
-def plan(cfg: DictConfig) -> list[Cell]:
-    """Every cell of the grid, in run order (baselines first)."""
+def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
+    """Every cell of the grid, in run order (baselines first), for ``seeds`` (default: every
+    seed the grid may run, see :func:`seed_plan`)."""
     targets, sources = roles(cfg)
+    seeds = seed_plan(cfg)[0] if seeds is None else seeds
     c = cfg.compare
     stage_cfg = to_dict(cfg)["compare"]["stages"]
     unknown = set(stage_cfg) - {"source", "target"}
@@ -134,7 +164,7 @@ def plan(cfg: DictConfig) -> list[Cell]:
             raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential) or stages (kind stages).")
         if recipes is not None and kind != "sequential":
             raise ConfigError(f"{where}.recipes: only a sequential regime takes recipes (the target stage's recipe).")
-        for seed in c.seeds:
+        for seed in seeds:
             if kind == "single_task":
                 # A task that is not a target keeps all its data: one baseline per seed.
                 cells += [_single(label, t, seed, 1.0, target_over) for t in cfg.tasks if t not in targets]
@@ -187,7 +217,8 @@ def _cells(kind, label, seed, fraction, targets, sources, recipes, custom, sourc
 
 
 def _cell_dir(root: Path, cell: Cell) -> Path:
-    return root / "cells" / cell.regime / cell.variant / f"f{cell.fraction:g}" / f"seed{cell.seed}"
+    where = root / "tune" / cell.point if cell.point else root / "cells"
+    return where / cell.regime / cell.variant / f"f{cell.fraction:g}" / f"seed{cell.seed}"
 
 
 def comparison_name(cfg: DictConfig) -> str:
@@ -200,6 +231,7 @@ def cell_identity(cell: Cell, index: int, targets: list[str]) -> dict[str, Any]:
     ``compare`` holds the comparison's values as the user set them.)"""
     stage = cell.stages[index]
     shared = cell.shared_source and index == 0  # one source stage per seed serves every recipe and fraction
+    tuning = {"tuning": dict(cell.tuned)} if cell.point and not shared else {}
     return {
         "regime": cell.regime,
         "method": None if shared else cell.label,
@@ -209,6 +241,7 @@ def cell_identity(cell: Cell, index: int, targets: list[str]) -> dict[str, Any]:
         "seed": cell.seed,
         "fraction": None if shared else cell.fraction,
         "targets": [t for t in stage.tasks if t in targets],  # the tasks trained on that fraction of their labels
+        **tuning,
     }
 
 
@@ -226,11 +259,14 @@ def stage_config(cfg: DictConfig, cell: Cell, index: int, run_dir: Path, init: d
     if cell.shared_source and index == 0:
         tags, name = ["source", f"seed={cell.seed}"], f"{cell.regime}/source/s{cell.seed}"
     else:
-        tags = [cell.recipe, f"fraction={cell.fraction:g}", f"seed={cell.seed}", stage.name]
-        name = "/".join(p for p in (cell.label, cell.variant if cell.regime == "single_task" else stage.name, f"f{cell.fraction:g}", f"s{cell.seed}") if p)
+        tags = [cell.recipe, f"fraction={cell.fraction:g}", f"seed={cell.seed}", stage.name] + (["tune"] if cell.point else [])
+        parts = ("tune" if cell.point else "", cell.label, cell.variant if cell.regime == "single_task" else stage.name, cell.point, f"f{cell.fraction:g}", f"s{cell.seed}")
+        name = "/".join(p for p in parts if p)
     wandb = {"group": group, "job_type": cell.regime, "tags": tags, "name": name}
     run = {"output_dir": str(run_dir), "seed": cell.seed, "resume": True, "tasks": tasks, "logging": {"progress_bar": False, "wandb": wandb}}
-    raw = _merge(_apply_stage(base, stage.overrides), init, run)
+    # Tuned values set the last stage, the one whose model the comparison evaluates.
+    overrides = _merge(stage.overrides, nested(cell.tuned)) if cell.tuned and index == len(cell.stages) - 1 else stage.overrides
+    raw = _merge(_apply_stage(base, overrides), init, run)
     raw["tasks"] = tasks  # a merge would keep the tasks this stage does not train
     try:
         return resolve(raw)
@@ -255,13 +291,21 @@ class Grid:
     """Runs the planned cells; ``rows()`` gathers the long-form results."""
 
     def __init__(self, cfg: DictConfig, log=print):
+        from mtl.report import BASELINE
+        from mtl.tune import Tuning
+
         self.cfg = cfg
         self.root = Path(cfg.output_dir)
         self.targets, self.sources = roles(cfg)
-        self.cells = plan(cfg)
+        self.seeds, self.budget = seed_plan(cfg)
+        self.cells = plan(cfg, self.seeds)
         self.log = log
         for cell in self.cells:
             cell.dirs = self._dirs(cell)
+        if self.budget and not any(c.label == BASELINE for c in self.cells):
+            raise ConfigError(f"compare.seeds: a budget adds seeds until every comparison with {BASELINE} resolves, and this grid "
+                              f"has none; add the baseline (compare.regimes.{BASELINE}={{}}) or list the seeds, e.g. compare.seeds=[0,1,2].")
+        self.tuning = Tuning(self) if cfg.compare.tune else None
 
     def _dirs(self, cell: Cell) -> list[Path]:
         base = _cell_dir(self.root, cell)
@@ -282,7 +326,7 @@ class Grid:
     def preflight(self) -> None:
         """Check that output_dir holds nothing of another command or grid, then build (not
         train) one stage config per distinct stage, so bad input fails first."""
-        from mtl.trainer import RESUMABLE_CHANGES, UNREAD_BY_TRAINING, Trainer, written_by
+        from mtl.trainer import RESUMABLE_CHANGES, Trainer, written_by
 
         command = written_by(self.root)
         if command == "train":
@@ -295,14 +339,16 @@ class Grid:
         allowed = tuple(k for k in RESUMABLE_CHANGES if k != "trainer.epochs")
         if command == "compare":  # the grid itself: a smaller or other grid would replace the report of this one
             self._check_same_config(self.root, self.cfg, allowed)
-        for cell in self.cells:
-            for i in range(len(cell.stages)):
-                if (cell.dirs[i] / "config.yaml").exists():
-                    cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
-                    self._check_same_config(cell.dirs[i], cfg, allowed + UNREAD_BY_TRAINING)
+        tuning = self.tuning.cells if self.tuning else []
+        if self.tuning:
+            self.tuning.check()
+        # With tuning, the evaluation cells' configs hold the values selected later: checked then.
+        self.check_existing(tuning if self.tuning else self.cells)
         trunks: dict[tuple, dict[str, tuple[int, ...]]] = {}  # a distinct stage -> its trunk's shapes
-        for cell in self.cells:
-            keys = [(cell.regime, cell.recipe, i, tuple(stage.tasks)) for i, stage in enumerate(cell.stages)]
+        for cell in [*self.cells, *(c for c in tuning if c.seed == self.tuning.seeds[0])]:
+            # A tuned value (trunk.features, say) can change the last stage's trunk: each point is its own stage.
+            keys = [(cell.regime, cell.recipe, i, tuple(stage.tasks), cell.point if i == len(cell.stages) - 1 else "")
+                    for i, stage in enumerate(cell.stages)]
             for i, stage in enumerate(cell.stages):
                 if keys[i] not in trunks:
                     # A later stage starts from its previous stage's files; before those exist, check it without.
@@ -316,6 +362,17 @@ class Grid:
                     trunks[keys[i]] = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
                 if i and trunks[keys[i]] != trunks[keys[i - 1]]:
                     raise ConfigError(_trunk_mismatch(cell, i, trunks[keys[i - 1]], trunks[keys[i]]))
+
+    def check_existing(self, cells: list[Cell]) -> None:
+        """Stages of ``cells`` already run in output_dir must have run with the config they would run with now."""
+        from mtl.trainer import RESUMABLE_CHANGES, UNREAD_BY_TRAINING
+
+        allowed = tuple(k for k in RESUMABLE_CHANGES if k != "trainer.epochs")
+        for cell in cells:
+            for i in range(len(cell.stages)):
+                if (cell.dirs[i] / "config.yaml").exists():
+                    cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
+                    self._check_same_config(cell.dirs[i], cfg, allowed + UNREAD_BY_TRAINING)
 
     def _check_same_config(self, directory: Path, cfg: DictConfig, allowed: tuple[str, ...]) -> None:
         from mtl.trainer import config_changes
@@ -337,14 +394,16 @@ class Grid:
         save_config(self.cfg, self.root / "config.yaml")
         mark_written_by(self.root, "compare")  # after config.yaml: a marked directory always has its config
 
-    def run(self) -> int:
-        """Train the cells not finished yet; the number of stages trained."""
+    def run(self, cells: list[Cell] | None = None) -> int:
+        """Train the cells (default: every planned cell) not finished yet; the number of stages trained."""
         from mtl.trainer import Trainer
 
-        total, trained = len(self.cells), 0
-        for n, cell in enumerate(self.cells, 1):
+        cells = self.cells if cells is None else cells
+        total, trained = len(cells), 0
+        for n, cell in enumerate(cells, 1):
             variant = f"[{cell.variant}]" if cell.regime == "single_task" else ""
-            what = f"[{n}/{total}] {cell.label}{variant} f={cell.fraction:g} seed={cell.seed}"
+            point = f" tune {cell.point}" if cell.point else ""
+            what = f"[{n}/{total}]{point} {cell.label}{variant} f={cell.fraction:g} seed={cell.seed}"
             if (cell.dirs[-1] / "results.json").exists():
                 self.log(f"{what}: finished earlier, skipped")
                 continue
@@ -358,9 +417,42 @@ class Grid:
             self.log(f"{what}: done in {time.perf_counter() - start:.1f}s")
         return trained
 
-    def rows(self) -> list[dict[str, Any]]:
+    def run_budget(self) -> tuple[list[Cell], int]:
+        """Seeds as a budget: the first ``min`` seeds, then one seed at a time for the methods
+        (at a fraction) with a comparison not resolved yet, with the baselines they need, until
+        none is left or ``max`` seeds ran. Returns the cells run and the stages trained. Each
+        decision is read back from the finished cells' results, so a rerun makes the same ones."""
+        import pandas as pd
+
+        from mtl.report import BASELINE, budget_stops
+
+        budget = self.budget
+        chosen = [c for c in self.cells if c.seed in self.seeds[: budget.min]]
+        trained = self.run(chosen)
+        for n in range(budget.min, budget.max):
+            stops = budget_stops(pd.DataFrame(self.rows(chosen)), budget)
+            open_ = {(k[1], k[0]) for k, s in stops.items() if not s.resolved}  # (method, fraction)
+            if not open_:
+                self.log(f"seed budget: every comparison resolved at {n} seeds or fewer; no more seeds.")
+                return chosen, trained
+            fractions = {f for _, f in open_}
+            self.log(f"seed budget: {len(open_)} method/fraction pair(s) with a comparison not resolved at {n} seeds; adding seed {self.seeds[n]}.")
+
+            def needed(cell: Cell) -> bool:
+                if cell.label != BASELINE:
+                    return (cell.label, cell.fraction) in open_
+                # A task's baseline at one fraction only (a source task, never subsampled) serves every fraction.
+                return cell.fraction in fractions or cell.variant not in self.targets
+
+            more = [c for c in self.cells if c.seed == self.seeds[n] and needed(c)]
+            trained += self.run(more)
+            chosen += more
+        self.log(f"seed budget: max ({budget.max} seeds) reached.")
+        return chosen, trained
+
+    def rows(self, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
         rows = []
-        for cell in self.cells:
+        for cell in self.cells if cells is None else cells:
             path = cell.dirs[-1] / "results.json"
             if not path.exists():
                 continue
@@ -396,33 +488,44 @@ def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
     import pandas as pd
 
     from mtl.report import comparison_table, write_report
-    from mtl.results import write_text
+    from mtl.results import write_json, write_text
 
     # Joined now (not first in a Trainer) so that every rank knows from the start whether it writes.
     ctx = distributed.setup(cfg.device)
     grid = Grid(cfg, log if ctx.is_main else (lambda *_: None))
     grid.preflight()
-    if len(cfg.compare.seeds) < 2:
+    if grid.budget is None and len(grid.seeds) < 2:
         log("compare.seeds: one seed, so the report gives differences without a CI or test and no verdict; "
             "list 2 or more seeds (3 or more to resolve anything but large differences).")
     ctx.barrier()  # every rank has read output_dir's config before rank 0 writes its own
     if ctx.is_main:
         grid.claim()
-    trained = grid.run()
-    df = pd.DataFrame(grid.rows())
-    root = grid.root
+    root, trained = grid.root, 0
+    if grid.tuning:
+        trained += grid.run(grid.tuning.cells)
+        records = grid.tuning.select()
+        if ctx.is_main:
+            write_json(grid.tuning.summary(records), root / "tune.json")
+        grid.check_existing(grid.cells)
+    if grid.budget:
+        cells, more = grid.run_budget()
+        trained += more
+    else:
+        cells = grid.cells
+        trained += grid.run()
+    df = pd.DataFrame(grid.rows(cells))
     table = comparison_table(df)
     if not ctx.is_main:  # under torchrun every rank trains the cells; rank 0 writes the comparison
-        return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(grid.cells)}
+        return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(cells)}
     write_text(df.to_csv(index=False), root / "results.csv")
-    write_report(df, root, title=f"Comparison: {comparison_name(cfg)}")
+    write_report(df, root, title=f"Comparison: {comparison_name(cfg)}", budget=grid.budget)
     mode = os.environ.get("WANDB_MODE") or cfg.logging.wandb.mode
     # A rerun that trained nothing has nothing new for the report run (when there is one already).
     if mode != "disabled" and (trained or not (root / "wandb_run_id").exists()):
         _log_wandb(cfg, root, table)
     if mode == "offline":
         log(f"W&B: the comparison's offline runs are in {root / 'wandb'}; upload them all with: wandb sync {root / 'wandb'}")
-    return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(grid.cells)}
+    return {"csv": root / "results.csv", "report": root / "report.md", "table": table, "cells": len(cells)}
 
 
 def _log_wandb(cfg: DictConfig, root: Path, table) -> None:

@@ -205,6 +205,46 @@ def _delta_or_none(values, base, directions, keys, tasks) -> DeltaM | None:
         return None
 
 
+@dataclass
+class Stop:
+    """Where the seed budget's stop rule (``stats.SeedBudget``) left one comparison."""
+
+    verdict: int  # +1 better, −1 worse, 0 not resolved
+    resolved: bool
+    n: int  # seeds at its last look: the look that resolved it, or the last look made
+    level: float  # α_k of that look
+
+
+def budget_stops(df: pd.DataFrame, budget: stats.SeedBudget, metrics: str = "all") -> dict[tuple[float, str, str], Stop]:
+    """Replay a budgeted grid's looks on its results: at each look of n seeds (the budget's
+    seeds 0 to n − 1), the paired tests of :func:`analyse`; ``budget.decide`` then gives every
+    comparison its verdict and the look that resolved it. Keys: (fraction, method, on). Used
+    by ``mtl compare`` to choose the next seed and by the report, so both read the same rule.
+    A look where a comparison's differences are equal at every seed is no test of it."""
+    df = _prepare(df)
+    made = [n for n in budget.looks if n <= df["seed"].nunique()]  # the budget's seeds are 0, 1, 2, ...
+    if not made:
+        return {}
+    per_look = [{(c.fraction, c.method, c.on): c.test for a in analyse(df[df["seed"] < n], metrics) for c in a.comparisons} for n in made]
+    keys = list(dict.fromkeys(k for look in per_look for k in look))
+    means, p = np.full((len(keys), len(budget.looks)), np.nan), np.full((len(keys), len(budget.looks)), np.nan)
+    n_at = np.zeros((len(keys), len(budget.looks)), int)
+    for j, look in enumerate(per_look):
+        for i, key in enumerate(keys):
+            if key in look:
+                # Differences equal at every seed (two seeds of a coarse accuracy often are) have no
+                # spread to test against: no test at that look, where a fixed-n report says p = 0.
+                test = look[key]
+                means[i, j], p[i, j], n_at[i, j] = test.mean, test.p if np.isfinite(test.dz) else np.nan, test.n
+    verdict, at = budget.decide(means, p)
+    levels = budget.levels()
+    out = {}
+    for i, key in enumerate(keys):
+        k = at[i] if at[i] >= 0 else len(made) - 1
+        out[key] = Stop(int(verdict[i]), bool(at[i] >= 0), int(n_at[i, k]), float(levels[k]))
+    return out
+
+
 def family_size(analyses: list[FractionAnalysis]) -> int:
     return sum(1 for a in analyses for c in a.comparisons if c.test.n > 1)
 
@@ -237,11 +277,13 @@ def _table(analyses: list[FractionAnalysis], primary: dict[str, str]) -> pd.Data
     return pd.DataFrame(records).reindex(columns=["method", "fraction", "n_seeds", *columns, *deltas])
 
 
-def write_report(df: pd.DataFrame, out_dir: str | Path, title: str = "Comparison", metrics: str = "all") -> str:
+def write_report(df: pd.DataFrame, out_dir: str | Path, title: str = "Comparison", metrics: str = "all",
+                 budget: stats.SeedBudget | None = None) -> str:
     """Write ``report.md`` and its plots (each as PNG at 150 dpi and PDF:
     ``data_efficiency_<task>``, ``paired_differences``, ``generalization``, ``parameters``)
     into ``out_dir``; return the Markdown. Convergence is read from the cells' ``metrics.jsonl``
-    when ``out_dir`` is the grid's output_dir."""
+    when ``out_dir`` is the grid's output_dir, tuning from its ``tune.json``. With ``budget``
+    (a grid whose seeds were a budget) the verdicts are the budget's stop rule's."""
     df = _prepare(df)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,11 +292,12 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, title: str = "Comparison
     table = _table(analyses, primary)
     directions = _directions(df)
     sections = [
-        _header(df, title, primary, directions),
+        _header(df, title, primary, directions, budget),
+        _tuning(df, out),
         _definition(metrics),
         *(_task_table(table, f, primary, directions) for f in sorted(table["fraction"].unique())),
         _delta_tables(analyses, metrics),
-        _verdicts(analyses),
+        _verdicts(analyses) if budget is None else _budget_verdicts(analyses, budget, budget_stops(df, budget, metrics), df),
         _ranks(analyses, metrics),
         _paired_plot(analyses, out, metrics),
         _convergence(df, out),
@@ -456,7 +499,8 @@ def _ci_halfwidth(values: pd.Series) -> float:
 # ---- sections ----
 
 
-def _header(df: pd.DataFrame, title: str, primary: dict[str, str], directions: Directions) -> str:
+def _header(df: pd.DataFrame, title: str, primary: dict[str, str], directions: Directions,
+            budget: stats.SeedBudget | None = None) -> str:
     seeds = sorted(df["seed"].unique())
     fractions = ", ".join(f"{f:g}" for f in sorted(df["fraction"].unique()))
     tasks = ", ".join(f"{t} ({m} {_arrow(directions[(t, m)])})" for t, m in primary.items())
@@ -467,7 +511,8 @@ def _header(df: pd.DataFrame, title: str, primary: dict[str, str], directions: D
         "on the selected checkpoint.",
         "",
         f"- Methods: {', '.join(_methods(df))}",
-        f"- Seeds: {len(seeds)} ({', '.join(str(s) for s in seeds)})",
+        f"- Seeds: {len(seeds)} ({', '.join(str(s) for s in seeds)})"
+        + (f"; a budget of {budget.min} to {budget.max}, added one at a time until each comparison resolved (see Verdicts)" if budget else ""),
         f"- Labelled fractions of the target data: {fractions}",
         f"- Tasks (primary metric, ↑ higher / ↓ lower is better): {tasks}",
         "",
@@ -575,6 +620,77 @@ def _verdicts(analyses: list[FractionAnalysis]) -> str:
                  c.test.verdict(m=max(m, 1))] for c in a.comparisons]
         lines += ["", f"### Labelled fraction {a.fraction:g}", "", _markdown(header, body)]
     return "\n".join(lines)
+
+
+def _budget_verdicts(analyses: list[FractionAnalysis], budget: stats.SeedBudget, stops: dict, df: pd.DataFrame) -> str:
+    lines = ["## Verdicts", ""]
+    if not any(a.delta for a in analyses):
+        return "\n".join(lines + [f"No `{BASELINE}` baseline in the results: nothing is compared against single-task."])
+    m = family_size(analyses)
+    levels = ", ".join(f"{n}: {a:.4f}" for n, a in zip(budget.looks, budget.levels()))
+    lines += [
+        f"Seeds were a budget: {budget.min} seeds, then one more at a time (seeds 0, 1, 2, ...) for the methods with a "
+        f"comparison not resolved yet, up to {budget.max}. The stop rule is group-sequential, so that looking after every "
+        "seed does not inflate false verdicts: the look at n seeds tests at level α_n, the increments of Lan & DeMets' "
+        "O'Brien–Fleming-type spending function, which sum to 0.05 (seeds: level; "
+        f"{levels}); at each look, Holm at α_n over the comparisons still open. A comparison that passes is resolved "
+        "(better/worse) and its method gets no more seeds once all of its comparisons are. The false-verdict rate stays "
+        "≤ 0.05 (`mtl.stats.SeedBudget`; checked by simulation in `tests/test_stats.py`). Difference: method − "
+        "single-task, **positive is better**, mean over the comparison's seeds with its 95% t interval (fixed-n, "
+        "descriptive: not adjusted for the looks); p: its paired t-test on those seeds; stopped: why it got its seeds.",
+    ]
+    header = ["method", "on", "n", "difference [95% CI]", "d_z", "p", "stopped", "verdict"]
+    made = df["seed"].nunique()
+    for a in analyses:
+        if not a.comparisons:
+            continue
+        body = []
+        for c in a.comparisons:
+            stop = stops.get((c.fraction, c.method, c.on))
+            if stop is not None and stop.resolved:
+                stopped, verdict = f"resolved at {stop.n} seeds (level {stop.level:.4f})", "better" if stop.verdict > 0 else "worse"
+            else:
+                c.test.p_holm = math.nan  # the fixed-n Holm p does not apply; the rule did not resolve it
+                stopped = f"max reached ({budget.max} seeds)" if made >= budget.max else f"not resolved; budget unfinished ({made} of {budget.max} seeds)"
+                verdict = c.test.verdict(m=max(m, 1))
+            body.append([c.method, c.on, str(c.test.n), _fmt_ci(c.test.mean, c.test.low, c.test.high, 2 if c.on == "Δm%" else 4),
+                         "–" if np.isnan(c.test.dz) else f"{c.test.dz:+.2f}", _fmt_p(c.test.p), stopped, verdict])
+        lines += ["", f"### Labelled fraction {a.fraction:g}", "", _markdown(header, body)]
+    runs = df.drop_duplicates(["method", "fraction", "seed"]).groupby(["method", "fraction"], sort=False)["seed"].nunique()
+    lines += ["", "Seeds each method ran, per labelled fraction:", "",
+              _markdown(["method", "fraction", "seeds"], [[mt, f"{f:g}", str(k)] for (mt, f), k in runs.items()])]
+    return "\n".join(lines)
+
+
+def _tuning(df: pd.DataFrame, out: Path) -> str:
+    path = out / "tune.json"
+    if not path.exists():
+        return ""
+    info = json.loads(path.read_text())
+    grid = "; ".join(f"{k}: {v}" for k, v in info["grid"].items()) or "none"
+    extra = "; ".join(f"{m}: " + ", ".join(f"{k}: {v}" for k, v in g.items()) for m, g in info["extra"].items()) or "none"
+    body = []
+    for u in info["units"]:
+        score = "n/a" if u["validation"] is None else f"{u['validation']:.4f}"
+        body.append([u["method"], u["variant"] if u["method"] == BASELINE else "", f"{u['fraction']:g}",
+                     ", ".join(f"{k}={v}" for k, v in u["selected"].items()), score, str(len(u["points"])), str(u["runs"])])
+    tuned = pd.DataFrame(info["units"]).groupby("method", sort=False)["runs"].sum()
+    evaluated = df.drop_duplicates(["method", "cell"]).groupby("method", sort=False)["cell"].nunique()
+    runs = [[m, str(tuned.get(m, 0)), str(evaluated.get(m, 0))] for m in dict.fromkeys([*tuned.index, *evaluated.index])]
+    return "\n".join([
+        "## Tuning",
+        "",
+        f"Every method searched the same grid ({grid}), plus its own declared extra grid ({extra}), on the last "
+        f"stage of its cells, separately at each labelled fraction; tuning seeds {', '.join(map(str, info['seeds']))}, "
+        f"never evaluation seeds. Selected on {info['selected_on']} (higher is better; lower-is-better metrics negated); "
+        "the test split was not read. The evaluation cells below ran with the selected values.",
+        "",
+        _markdown(["method", "task", "fraction", "selected", "validation score", "points", "tuning runs"], body),
+        "",
+        "Runs per method (cells: a sequential cell's shared source stage is not counted):",
+        "",
+        _markdown(["method", "tuning runs", "evaluation runs"], runs),
+    ])
 
 
 def _ranks(analyses: list[FractionAnalysis], metrics: str) -> str:

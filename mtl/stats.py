@@ -240,7 +240,7 @@ class SeedBudget:
         for k, level in enumerate(self.levels()):
             open_p = np.where(look < 0, pvalues[..., k], np.nan)  # Holm over the unresolved only
             now = holm(open_p) < level
-            verdict = np.where(now, np.sign(means[..., k]).astype(int), verdict)
+            verdict = np.where(now, np.sign(np.nan_to_num(means[..., k])).astype(int), verdict)
             look = np.where(now, k, look)
         return verdict, look
 
