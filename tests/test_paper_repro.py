@@ -81,6 +81,20 @@ def test_celeba_recipe_has_the_40_attributes_as_tasks():
     assert sorted(t.attribute for t in cfg.tasks.values()) == sorted(ATTRIBUTES)
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.optimizer.lr) == (15, 256, 3e-4)
     assert all(len(r.stages[0].tasks) == 40 for k, r in cfg.compare.regimes.items() if k != "single_task")
+    assert all(t.metric == "f1" for t in cfg.tasks.values())  # FAMO's metric, selected on its mean
+    assert cfg.trainer.select_on == "primary_mean"
+
+
+@pytest.mark.parametrize("study,benchmark", [("nyuv2", "NYUv2 (MTAN, 3 tasks)"), ("celeba", "CelebA (CNN, 40 tasks)")])
+def test_recipes_run_every_method_of_the_printed_table(study, benchmark):
+    from omegaconf import OmegaConf
+
+    from paper_repro.published import WEIGHTING_NAMES, delta_m_of_record
+
+    regimes = OmegaConf.load(STUDIES / study / "config.yaml").compare.regimes  # the YAML as written; the load test validates it
+    expected = {WEIGHTING_NAMES[m] for m in delta_m_of_record(benchmark)}
+    assert set(regimes) - {"single_task"} == expected
+    assert all(r.stages[0].weighting.name == k for k, r in regimes.items() if k not in ("single_task", "equal"))
 
 
 def test_index_lines_come_from_the_committed_results():
