@@ -13,7 +13,6 @@ the graph, else one backward per task. The method's ``Aggregation`` becomes the 
 task weights alone → one backward of Σ_t w_t o_t (exact for every parameter); a combined
 gradient → written into the shared parameters, while the heads get the gradient of their
 own objectives. Weights can be recomputed every ``every`` steps and reused in between.
-A method with ``max_norm`` > 0 (Nash-MTL) has the trunk's gradient clipped to that norm.
 
 A ``GramianWeighting`` in a parameter mode gets only G = JJᵀ, computed stage by stage
 without J where the trunk's graph has cuts (``mtl.gramian``; ``staged=False`` forms J);
@@ -88,23 +87,9 @@ class GradientEngine:
         """Forward, per-task gradients, aggregation and the backward; returns the task losses.
 
         ``loss_fn(outputs, targets)`` returns each task's loss (``mtl.losses.task_losses``).
-        With ``weighting.max_norm`` > 0 the trunk's gradient is then clipped to that norm."""
-        losses = self._update(inputs, members, targets, loss_fn, step, penalty_fn)
-        if self.weighting.max_norm > 0:
-            self._cap(self.weighting.max_norm)
-        return losses
-
-    def _cap(self, max_norm: float) -> None:
-        """Clips the trunk's gradient to ``max_norm`` (Nash-MTL's official code clips the shared
-        parameters after its backward). Under torchrun the norm must be that of the global
-        update, so the trunk's gradients are averaged here; the trainer's later average of
-        these equal tensors leaves them as they are."""
-        trunk = [p for p in self.model.trunk.parameters() if p.grad is not None]
-        if not trunk:
-            return
-        if self.ctx.active:
-            self.ctx.mean_([p.grad for p in trunk])
-        torch.nn.utils.clip_grad_norm_(trunk, max_norm)
+        Nash-MTL's cap of the update norm is the trainer's (``GradientClip``): it needs the
+        gradient averaged over ranks, which the trainer computes once."""
+        return self._update(inputs, members, targets, loss_fn, step, penalty_fn)
 
     def _update(self, inputs, members, targets, loss_fn, step, penalty_fn) -> dict[str, torch.Tensor]:
         w = self.weighting

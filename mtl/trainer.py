@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import nn
 from tqdm import tqdm  # tqdm.auto warns in notebooks without ipywidgets
 
 from mtl import checkpoint, distributed
@@ -117,6 +118,49 @@ def deferred_signals(on_signal):
             signal.signal(sig, handler)
 
 
+class GradientClip:
+    """The gradients' last pass before the optimizer step: caps, clipping and the finiteness check.
+
+    One norm per gradient tensor (one foreach kernel) serves all three, in this order:
+
+    - ``cap`` > 0: the trunk's gradient is scaled to norm ≤ ``cap`` (Nash-MTL's update-norm
+      cap: its official code calls ``clip_grad_norm_`` on the shared parameters);
+    - ``clip`` > 0 (``trainer.grad_clip``): the whole model's gradient, the capped trunk's
+      included, is scaled to norm ≤ ``clip``;
+    - a NaN or inf in a loss or any gradient (the model's, or a weighting's own parameters')
+      makes the step non-finite: the caller skips it or stops.
+
+    A scale is min(1, max / (norm + 1e-6)), torch's ``clip_grad_norm_``. Under torchrun the
+    gradients are the ranks' mean already, so every rank computes the same norms and no other
+    all-reduce is needed. One host read per step: a NaN update must never reach the weights."""
+
+    def __init__(self, trunk: list[nn.Parameter], heads: list[nn.Parameter], own: list[nn.Parameter], cap: float = 0.0, clip: float = 0.0):
+        self.trunk, self.heads, self.own = trunk, heads, own
+        self.cap, self.clip = cap, clip
+
+    def __call__(self, losses: dict[str, torch.Tensor]) -> str | None:
+        """Caps and clips the gradients in place; what is not finite, else None (then nothing was scaled)."""
+        trunk = [p for p in self.trunk if p.grad is not None]
+        model = trunk + [p for p in self.heads if p.grad is not None]
+        grads = [p.grad for p in model] + [p.grad for p in self.own if p.grad is not None]
+        values = torch.stack([loss.detach().float() for loss in losses.values()])
+        # torch's own get_total_norm uses this kernel; torch.foreach.norm is its public name from 2.15 on.
+        norms = torch.stack(torch._foreach_norm(grads)).float() if grads else values.new_zeros(0)
+        if not bool(torch.isfinite(torch.cat([values, norms])).all()):
+            bad = [f"task {n!r} loss {v}" for n, v in zip(losses, values.tolist()) if not math.isfinite(v)]
+            if bad:
+                return "non-finite loss: " + ", ".join(bad)
+            return f"non-finite gradient (model gradient norm {float(torch.linalg.vector_norm(norms[: len(model)]))}) with finite losses"
+        if self.cap and trunk:
+            trunk_norm = torch.linalg.vector_norm(norms[: len(trunk)])
+            torch.nn.utils.clip_grads_with_norm_(trunk, self.cap, trunk_norm)
+            # The capped trunk's tensor norms, for the model's norm below without another pass.
+            norms = torch.cat([norms[: len(trunk)] * (self.cap / (trunk_norm + 1e-6)).clamp(max=1.0), norms[len(trunk) :]])
+        if self.clip and model:
+            torch.nn.utils.clip_grads_with_norm_(model, self.clip, torch.linalg.vector_norm(norms[: len(model)]))
+        return None
+
+
 class Trainer:
     """``Trainer(cfg)`` builds and checks everything and writes nothing; ``fit()`` trains.
 
@@ -130,7 +174,7 @@ class Trainer:
         self.wandb_dir = wandb_dir
         t = cfg.trainer
         # Settings read at every step, as plain values: an OmegaConf lookup costs tens of microseconds.
-        self._bf16, self._channels_last, self._grad_clip = t.precision == "bf16", t.channels_last, t.grad_clip
+        self._bf16, self._channels_last = t.precision == "bf16", t.channels_last
         self._log_every, self._checkpoint_every = cfg.logging.log_every, t.checkpoint_every
         self.dist = distributed.setup(cfg.device)
         self.device = resolve_device(cfg.device)
@@ -192,6 +236,13 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, sizes)
         self.steps_per_epoch = self.scheduler.steps_per_epoch
         self.engine = self._check_weighting()
+        trunk = list(self.model.trunk.parameters())
+        in_trunk = {id(p) for p in trunk}
+        self._clip = GradientClip(
+            trunk, [p for p in self.model.parameters() if id(p) not in in_trunk], weighting_params,
+            # Nash-MTL's update-norm cap, the one weighting with one (0: none).
+            cap=getattr(self.weighting, "max_norm", 0.0), clip=t.grad_clip or 0.0,
+        )
         self.lr_schedule = build_lr_schedule(cfg, self.optimizer, t.epochs * self.steps_per_epoch)
 
         self._check_output_dir()
@@ -450,7 +501,7 @@ class Trainer:
                 losses, vector, problem = None, None, str(e)
         if problem is None and self.dist.active:
             self.dist.mean_([p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None])
-        problem = problem or self._nonfinite(losses)
+        problem = problem or self._clip(losses)
         if problem is not None:
             self._skip_or_stop(problem)
         else:
@@ -470,28 +521,6 @@ class Trainer:
                 self._epoch_counts[n] += 1
         self.step += 1
         return sum(len(b[0]) for b in batches.values())
-
-    def _nonfinite(self, losses: dict[str, torch.Tensor]) -> str | None:
-        """What is not finite in this step's losses or gradients, else None; clips the model's
-        gradients (``trainer.grad_clip``) with the same norm. One host sync per step: a NaN
-        update must never reach the weights."""
-        utils = torch.nn.utils
-        values = torch.stack([loss.detach().float() for loss in losses.values()])
-        model = [p for p in self.model.parameters() if p.grad is not None]
-        norm = utils.get_total_norm([p.grad for p in model]) if model else values.new_zeros(())
-        if self._grad_clip and model:
-            utils.clip_grads_with_norm_(model, self._grad_clip, norm)
-        # Learned loss scales (uncertainty) train outside the model: their gradients count too.
-        own = [p.grad for p in self.weighting.parameters() if p.grad is not None]
-        checks = [values, norm.float().reshape(1)]
-        if own:
-            checks.append(utils.get_total_norm(own).float().reshape(1))
-        if bool(torch.isfinite(torch.cat(checks)).all()):
-            return None
-        bad = [f"task {n!r} loss {v}" for n, v in zip(losses, values.tolist()) if not math.isfinite(v)]
-        if bad:
-            return "non-finite loss: " + ", ".join(bad)
-        return f"non-finite gradient (model gradient norm {float(norm)}) with finite losses"
 
     def _skip_or_stop(self, problem: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)

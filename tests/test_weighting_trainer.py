@@ -249,25 +249,67 @@ def _engine_grads(method, t, inputs, targets):
     return {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
 
 
-def test_nash_mtl_caps_the_trunk_update_norm_as_the_official_code():
+def _clip_case(cap, clip):
+    """A trunk gradient (3, 4) (norm 5) and a head gradient (12,), through GradientClip."""
+    from mtl.trainer import GradientClip
+
+    trunk, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    trunk.grad, head.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    problem = GradientClip([trunk], [head], [], cap=cap, clip=clip)({"a": torch.tensor(1.0)})
+    return problem, trunk.grad, head.grad
+
+
+def test_the_update_norm_cap_and_grad_clip_by_hand():
+    eps = 1e-6  # torch's clip_grad_norm_: scale min(1, max / (norm + 1e-6))
+    # Nash-MTL's cap 1 scales the trunk by 1/5; the head is not capped.
+    problem, trunk, head = _clip_case(cap=1.0, clip=0.0)
+    assert problem is None
+    torch.testing.assert_close(trunk, torch.tensor([3.0, 4.0]) / (5 + eps))
+    torch.testing.assert_close(head, torch.tensor([12.0]))
+    # Then grad_clip 2 on the whole model: its norm after the cap is √(1 + 144) = √145.
+    _, trunk, head = _clip_case(cap=1.0, clip=2.0)
+    scale = 2 / (145**0.5 + eps)
+    torch.testing.assert_close(trunk, torch.tensor([3.0, 4.0]) / (5 + eps) * scale)
+    torch.testing.assert_close(head, torch.tensor([12.0]) * scale)
+    # Bounds above the norms change nothing.
+    _, trunk, head = _clip_case(cap=6.0, clip=14.0)
+    torch.testing.assert_close(trunk, torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(head, torch.tensor([12.0]))
+
+
+def test_a_non_finite_gradient_is_reported_and_nothing_is_scaled():
+    from mtl.trainer import GradientClip
+
+    trunk, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    trunk.grad, head.grad = torch.tensor([3.0, 4.0]), torch.tensor([float("inf")])
+    problem = GradientClip([trunk], [head], [], cap=1.0, clip=1.0)({"a": torch.tensor(1.0)})
+    assert problem == "non-finite gradient (model gradient norm inf) with finite losses"
+    torch.testing.assert_close(trunk.grad, torch.tensor([3.0, 4.0]))
+    problem = GradientClip([trunk], [], [], cap=1.0)({"a": torch.tensor(1.0), "b": torch.tensor(float("nan"))})
+    assert problem == "non-finite loss: task 'b' loss nan"
+
+
+def _trainer_step_grads(tmp_path, max_norm):
+    from mtl.trainer import Trainer
+
+    extra = ("trunk.dropout=0.0", "weighting.name=nash_mtl", f"weighting.max_norm={max_norm}")
+    t = Trainer(load_config(QUICKSTART, quick(tmp_path / f"run-{max_norm}", 1, 1, *extra)))
+    t._train_step()  # the gradients stay after the optimizer step, until the next step's zero_grad
+    return {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+
+
+def test_nash_mtl_caps_the_trunk_update_norm_as_the_official_code(tmp_path):
     from mtl.weighting.projection import NashMTL
 
-    t, inputs, targets = _model_and_batch_for(())
-    tasks = list(t.tasks)
-    assert NashMTL(tasks).max_norm == 1.0  # the official default
-    free = _engine_grads(NashMTL(tasks, max_norm=0), t, inputs, targets)
+    assert NashMTL(["a", "b"]).max_norm == 1.0  # the official default
+    free = _trainer_step_grads(tmp_path, 0)
     trunk = [n for n in free if n.startswith("trunk.")]
-    norm = torch.linalg.vector_norm(torch.stack([free[n].norm() for n in trunk]))
-    capped = _engine_grads(NashMTL(tasks, max_norm=float(norm) / 2), t, inputs, targets)
+    norm = float(torch.linalg.vector_norm(torch.stack([free[n].norm() for n in trunk])))
+    capped = _trainer_step_grads(tmp_path, norm / 2)
     for n in free:
-        # torch's clip_grad_norm_: scale max_norm / (norm + 1e-6); the heads are not clipped.
+        # The trunk's update scaled to norm/2 (torch's clip_grad_norm_); the heads are not capped.
         scale = (norm / 2) / (norm + 1e-6) if n in trunk else 1.0
         torch.testing.assert_close(capped[n], free[n] * scale, msg=n)
-    # A cap above the norm changes nothing.
-    loose = _engine_grads(NashMTL(tasks, max_norm=float(norm) * 2), t, inputs, targets)
-    for n in free:
-        torch.testing.assert_close(loose[n], free[n], msg=n)
-
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan")])

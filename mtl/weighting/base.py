@@ -83,9 +83,6 @@ class GradientWeighting(Weighting):
     paper allows the gradients to be taken; the first is the default."""
 
     modes: tuple[str, ...] = ("parameters", "representation")
-    # > 0: the engine clips the shared (trunk) parameters' gradient to this norm after the
-    # update, as Nash-MTL's official code does; 0 leaves it as the method made it.
-    max_norm: float = 0.0
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None):
         super().__init__(tasks)

@@ -137,9 +137,9 @@ class NashMTL(GramianWeighting):
       (default 1, as there);
     - ``max_norm``: after the backward of Σ_t α_t L_t the official code clips the gradient of
       the shared parameters to norm ``max_norm`` (``clip_grad_norm_``; the heads are not
-      clipped). Here the same (default 1.0; 0 turns it off): the engine caps the trunk's
-      gradient after the method's update (``GradientWeighting.max_norm``), before
-      ``trainer.grad_clip``, which clips every parameter together.
+      clipped). Here the same (default 1.0; 0 turns it off): the trainer caps the trunk's
+      gradient after the method's update and the mean over ranks, before
+      ``trainer.grad_clip``, which clips every parameter together (``trainer.GradientClip``).
     """
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None, max_norm: float = 1.0):
