@@ -32,14 +32,19 @@ def load_sklearn_digits(size: int, margin: int = 0) -> tuple[torch.Tensor, torch
 
 @register_task("digits")
 class Digits(ClassificationTask):
-    """sklearn 8×8 digits, 10 classes, resized to size×size (default 28), split 70/10/20 by split_seed."""
+    """sklearn 8×8 digits, 10 classes, resized to size×size (default 28), split 70/10/20 by split_seed.
 
-    def __init__(self, size: int = 28, margin: int = 0, **kwargs: Any):
+    Pixels are normalized with MNIST's mean and std, as a trunk pretrained on MNIST expects;
+    ``normalize: false`` gives them in [0, 1], for a trunk that normalises its inputs itself
+    (efficientnet_lite0 with its default input_mean 0 and input_std 1)."""
+
+    def __init__(self, size: int = 28, margin: int = 0, normalize: bool = True, **kwargs: Any):
         super().__init__(num_classes=10, **kwargs)
         self.size = size
         self.margin = margin
+        self.normalize = normalize
         self.input_shape = (1, size, size)
 
     def build_datasets(self) -> Splits:
         x, y = load_sklearn_digits(self.size, self.margin)
-        return tensor_splits((x - MNIST_MEAN) / MNIST_STD, y, self)
+        return tensor_splits((x - MNIST_MEAN) / MNIST_STD if self.normalize else x, y, self)

@@ -138,10 +138,12 @@ def fashion_splits(folder: Path, val_fraction: float, split_seed: int) -> dict[s
     return {"train": (x_train[train], y_train[train]), "val": (x_train[val], y_train[val]), "test": (x_test, y_test)}
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, 28, 28]`` -> normalized float32 ``[N, 1, 28, 28]``, in place after the one
-    conversion so 70k images never hold two float copies."""
-    return images.unsqueeze(1).float().div_(255.0).sub_(FASHION_MEAN).div_(FASHION_STD)
+def to_float(images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """uint8 ``[N, 28, 28]`` -> float32 ``[N, 1, 28, 28]``, normalized with Fashion-MNIST's mean
+    and std (``normalize=False``: pixels in [0, 1]); in place after the one conversion so 70k
+    images never hold two float copies."""
+    x = images.unsqueeze(1).float().div_(255.0)
+    return x.sub_(FASHION_MEAN).div_(FASHION_STD) if normalize else x
 
 
 @register_task("fashion_mnist")
@@ -152,19 +154,22 @@ class FashionMNIST(ClassificationTask):
     60,000 training images (default 6,000) form the validation split, drawn by
     ``split_seed``; the official 10,000 test images are the test split, so
     ``test_fraction`` is ignored. ``root``/``download``: see the module docstring.
+    ``normalize: false`` gives pixels in [0, 1], for a trunk that normalises its inputs
+    itself (efficientnet_lite0 with its default input_mean 0 and input_std 1).
     """
 
     input_shape = (1, 28, 28)
     needs_data_root = True  # data not bundled with a pip package: the registry-wide contract test skips it
 
-    def __init__(self, root: str | None = None, download: bool = False, **kwargs: Any):
+    def __init__(self, root: str | None = None, download: bool = False, normalize: bool = True, **kwargs: Any):
         super().__init__(num_classes=10, **kwargs)
         self.root = root
         self.download = download
+        self.normalize = normalize
 
     def build_datasets(self) -> Splits:
         parts = fashion_splits(find_fashion_mnist(self.root, self.download), self.val_fraction, self.split_seed)
         x, y = parts["train"]
         keep = subsample(torch.arange(len(x)), self.train_fraction, self.subset_seed)
         parts["train"] = (x[keep], y[keep])
-        return Splits(*(TensorDataset(to_float(x), y.long()) for x, y in parts.values()))
+        return Splits(*(TensorDataset(to_float(x, self.normalize), y.long()) for x, y in parts.values()))
