@@ -12,12 +12,9 @@ Sign: these papers print Δm% as a performance DROP (Navon et al. 2022, §6; low
 
 Where the numbers were read (this machine has no web): text extractions of the papers' PDFs
 held in the public code index that this project's sessions search (``find_string``, then
-``read_file`` by the file id given in each ``source``). Tables of PDFs come out of such
-extractions with decimals split into cells; the values below were put back together from
-those cells and are checked by the recomputation above (a wrong digit in a per-task value
-moves the Δm% by more than its printing precision in most rows). Sener & Koltun's tables were
-read from a plain page-by-page extraction, whose cells are whole. Two checks of the
-transcription: Nash-MTL's and FAMO's tables were read from separate extractions and FAMO
+``read_file`` by the file id given in each ``source``). The Nash-MTL extraction splits the
+NYUv2 table's numbers at the decimal point into separate cells, put back together here; the
+other tables came out whole. Two checks of the transcription: Nash-MTL's and FAMO's tables were read from separate extractions and FAMO
 copies Nash-MTL's rows, so every copied value is compared (one row differs in the papers
 themselves, listed below); and a per-task value misread by more than about 0.3% (NYUv2) or 1%
 (CityScapes) of its size moves the recomputed Δm% beyond the printed one. Nothing is filled in
