@@ -96,6 +96,7 @@ class RegressionHead(LinearHead):
 @register_head("dense")
 class DenseHead(Head):
     """Per-pixel decoder on a feature map: conv3x3-BN-ReLU, conv1x1, bilinear upsampling to out_size.
+    The map is the trunk's ``forward_features`` (any image trunk with ``pool=false``).
 
     ``[B, C, h, w] -> [B, num_outputs, *out_size]``; the task supplies ``out_size`` (its image
     size) through ``head_config()``.
@@ -122,7 +123,8 @@ class DenseHead(Head):
     def _needs_maps(shape: Sequence[int]) -> str:
         return (
             f"the dense head needs feature maps [C, h, w] from the trunk, got features of shape {tuple(shape)}: "
-            "use a trunk that returns feature maps (e.g. trunk.pool=false for the ResNets)."
+            "set trunk.pool=false on an image trunk (resnet*, mobilenet_v3_*, efficientnet_b0, efficientnet_lite0, timm) "
+            "to keep its last feature map."
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,3 +71,17 @@ def test_fused_linear_heads_match_separate_heads_in_outputs_and_gradients():
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-5), n
     assert {k for k in model.state_dict() if k.startswith("heads.t0.")} == {"heads.t0.fc.weight", "heads.t0.fc.bias"}
+
+
+def test_dense_head_on_a_trunk_other_than_a_resnet():
+    """The dense head reads any image trunk's last map (pool=false): MobileNetV3's [576, 1, 1]
+    for 32x32 inputs, upsampled to the task's size."""
+    from mtl.trunks import build_trunk
+
+    trunk = build_trunk({"name": "mobilenet_v3_small", "pool": False}).eval()
+    shape = trunk.feature_shape((3, 32, 32))
+    assert shape == (trunk.feature_info[-1]["num_chs"], 1, 1) == (576, 1, 1)
+    head = HEADS.get("dense")(shape, 3, out_size=[32, 32])
+    assert head(trunk(torch.randn(2, 3, 32, 32))).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"set trunk\.pool=false on an image trunk"):
+        HEADS.get("dense")(build_trunk({"name": "mobilenet_v3_small"}).feature_shape((3, 32, 32)), 3, out_size=[32, 32])

@@ -112,6 +112,24 @@ def test_trunk_features_are_the_classifiers_pooled_features():
 
 
 @needs_efficientnet
+def test_pretrained_stages_are_the_classifiers_stages():
+    """forward_intermediates of the pretrained trunk: timm's stages of the ImageNet network on the
+    trunk's preprocessed input, one per halving of the 64x64 input (reductions 2 to 32)."""
+    from mtl.trunks.efficientnet_lite import imagenet_classifier
+
+    trunk = build_trunk({"name": "efficientnet_lite0", "weights": "imagenet", "image_size": 64}).eval()
+    model = imagenet_classifier().eval()
+    x = photo("flower.jpg", size=64)
+    with torch.no_grad():
+        final, stages = trunk.forward_intermediates(x)
+        expected_final, expected = model.forward_intermediates((x - 0.5) / 0.5)
+    assert [tuple(t.shape[1:]) for t in stages] == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (112, 4, 4), (320, 2, 2)]
+    assert [d["num_chs"] for d in trunk.feature_info] == [16, 24, 40, 112, 320]
+    for got, want in zip([final, *stages], [expected_final, *expected]):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+@needs_efficientnet
 def test_preprocessing_undoes_the_tasks_normalisation_repeats_grey_and_resizes():
     torch.manual_seed(0)
     pixels = torch.rand(2, 1, 28, 28)
@@ -227,6 +245,25 @@ def test_minilm_padding_pooling_and_random_init():
     out.sum().backward()
     assert all(p.grad is not None for p in trunk.parameters())
     assert_groups_cover_in_order(trunk, x)
+
+
+@needs_minilm
+def test_minilm_intermediates_are_the_hidden_states_of_every_layer():
+    trunk = build_trunk({"name": "minilm"}).eval()
+    x = encode_texts(SENTENCES)
+    tokens = trunk.tokenize(SENTENCES)
+    with torch.no_grad():
+        final, stages = trunk.forward_intermediates(x)
+        last_two = trunk.forward_intermediates(x, indices=2, intermediates_only=True)
+        pooled = trunk(x)
+        embeddings = trunk.model.embeddings(input_ids=tokens["input_ids"], token_type_ids=tokens["token_type_ids"])
+    assert [d["module"] for d in trunk.feature_info] == ["model.embeddings"] + [f"model.encoder.layer.{i}" for i in range(6)]
+    assert [tuple(t.shape) for t in stages] == [(3, tokens["input_ids"].shape[1], 384)] * 7
+    assert torch.allclose(stages[0], embeddings, atol=1e-6) and torch.equal(stages[-1], final)
+    assert len(last_two) == 2 and torch.equal(last_two[1], final)
+    # forward mean-pools forward_features over the real tokens.
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(pooled, (final * mask).sum(1) / mask.sum(1), atol=1e-6)
 
 
 @needs_minilm

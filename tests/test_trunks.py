@@ -85,6 +85,61 @@ def test_trunk_contract(name: str) -> None:
     assert first_call_order(trunk, groups, x) == list(range(len(groups))), f"groups not in forward order: {names}"
 
 
+# Valid 5x5 convolutions make LeNet's maps smaller than input / reduction; by hand, for 28x28:
+# 28 -conv-> 24 -pool-> 12, 12 -conv-> 8 -pool-> 4.
+LENET_SIZES = [(12, 12), (4, 4)]
+
+
+def stage_sizes(trunk, name: str, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Each stage's spatial size from feature_info: ceil(input / reduction), as strided
+    convolutions and pools with "same" padding give (() for stages without spatial dims)."""
+    if name in ("seed_net", "multi_lenet"):
+        return LENET_SIZES
+    # efficientnet_lite0 resizes its inputs to image_size before the network.
+    size = (trunk.image_size,) * 2 if name == "efficientnet_lite0" else input_shape[1:]
+    return [() if d["reduction"] is None else tuple(-(-s // d["reduction"]) for s in size) for d in trunk.feature_info]
+
+
+@pytest.mark.parametrize("name", TRUNKS.names())
+def test_trunk_stages_match_their_feature_info(name: str) -> None:
+    if getattr(TRUNKS.get(name), "takes_text", False):
+        pytest.skip("a text trunk takes UTF-8 rows, not tensors of a shape: tests/test_pretrained_trunks.py")
+    kwargs, input_shape = SPECS[name]
+    torch.manual_seed(0)
+    trunk = build_trunk({"name": name, **kwargs}).eval()
+    x = torch.randn(2, *input_shape)
+    info = trunk.feature_info
+    assert info and all(set(d) >= {"module", "num_chs", "reduction"} for d in info), info
+    for d in info:
+        trunk.get_submodule(d["module"])  # names a module of the trunk
+    final, stages = trunk.forward_intermediates(x)
+    assert [tuple(t.shape) for t in stages] == [(2, d["num_chs"], *hw) for d, hw in zip(info, stage_sizes(trunk, name, input_shape))]
+    # forward = forward_head(forward_features), and the final features are forward_features'.
+    assert torch.equal(final, trunk.forward_features(x))
+    assert torch.equal(trunk(x), trunk.forward_head(final))
+    # timm's indices: the last n, listed ones (negative from the end), intermediates only.
+    last = trunk.forward_intermediates(x, indices=1)[1]
+    assert len(last) == 1 and torch.equal(last[0], stages[-1])
+    picked = trunk.forward_intermediates(x, indices=[-1, 0], intermediates_only=True)
+    assert len(picked) == 2 and torch.equal(picked[0], stages[0]) and torch.equal(picked[1], stages[-1])
+    with pytest.raises(ValueError, match=rf"indices={len(info) + 1}: the last n stages, with n from 1 to {len(info)}"):
+        trunk.forward_intermediates(x, indices=len(info) + 1)
+    with pytest.raises(ValueError, match=rf"stage indices from {-len(info)} to {len(info) - 1}"):
+        trunk.forward_intermediates(x, indices=[len(info)])
+
+
+@pytest.mark.parametrize("name", [n for n in TRUNKS.names() if n in ("resnet18", "mobilenet_v3_small", "efficientnet_lite0", "timm")])
+def test_pool_false_keeps_the_last_feature_map(name: str) -> None:
+    kwargs, input_shape = SPECS[name]
+    trunk = build_trunk({"name": name, **kwargs, "pool": False}).eval()
+    x = torch.randn(2, *input_shape)
+    maps = trunk(x)
+    assert maps.dim() == 4 and trunk.feature_shape(input_shape) == tuple(maps.shape[1:])
+    assert torch.equal(maps, trunk.forward_features(x))
+    trunk.pool = True  # the same weights pooled: the mean of this map
+    assert torch.allclose(trunk(x), maps.mean(dim=(2, 3)), atol=1e-6)
+
+
 def test_unknown_trunk_argument_names_the_key() -> None:
     with pytest.raises(ComponentError, match="trunk.pretrained"):
         build_trunk({"name": "resnet18", "pretrained": True})

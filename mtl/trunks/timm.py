@@ -1,16 +1,18 @@
-"""Any timm model as a trunk: built with ``num_classes=0`` so forward returns pooled features."""
+"""Any timm model as a trunk: built with ``num_classes=0`` so forward returns pooled features;
+its own ``forward_features`` / ``forward_intermediates`` / ``feature_info`` are the trunk's."""
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
 from mtl.registry import ComponentError, did_you_mean
-from mtl.trunks.base import Trunk, register_trunk
+from mtl.trunks.base import Trunk, register_trunk, take_indices
 from mtl.trunks.loading import extract_state_dict, load_state, offline_weights_hint, per_channel, read_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -96,17 +98,62 @@ def timm_layer_groups(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return groups
 
 
+class TimmModelTrunk(Trunk):
+    """A trunk around a timm model ``self.model`` (built with ``num_classes=0``): timm's own
+    ``forward_features``, ``forward_head`` (global pooling, unless ``self.pool`` is False),
+    ``forward_intermediates`` and ``feature_info``, on the inputs after ``preprocess``."""
+
+    pool = True
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def layer_groups(self) -> list[tuple[str, nn.Module]]:
+        return timm_layer_groups(self.model)
+
+    @property
+    def feature_info(self) -> list[dict]:
+        info = getattr(self.model, "feature_info", None) or []
+        return [{**d, "module": f"model.{d['module']}"} for d in info]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(self.preprocess(x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(features) if self.pool else features
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, intermediates_only: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
+        if not hasattr(self.model, "forward_intermediates"):
+            raise NotImplementedError(
+                f"timm's {type(self.model).__name__} has no forward_intermediates in timm {_timm_version()}; "
+                "update timm (pip install -U timm) or choose another trunk.model_name."
+            )
+        # Checked here so that a wrong index gets this trunk's message, not timm's assertion.
+        take = take_indices(len(self.feature_info), indices)
+        return self.model.forward_intermediates(self.preprocess(x), indices=take, intermediates_only=intermediates_only)
+
+
+def _timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
 @register_trunk("timm")
-class TimmTrunk(Trunk):
-    """Any timm model (see timm.list_models()) as a trunk: pooled features, timm's own layer groups."""
+class TimmTrunk(TimmModelTrunk):
+    """Any timm model (see timm.list_models()) as a trunk: pooled features (pool=false keeps
+    timm's forward_features), timm's own layer groups and stages."""
 
     input_hint = "(C, H, W) images, e.g. (3, 224, 224)"
 
     def __init__(
-        self, model_name: str, pretrained: bool = False, pretrained_file: str | None = None, in_channels: int = 3
+        self, model_name: str, pretrained: bool = False, pretrained_file: str | None = None, in_channels: int = 3, pool: bool = True
     ):
         """``pretrained_file`` (a timm state dict, .pth/.bin or .safetensors) implies pretrained weights."""
         super().__init__()
+        self.pool = pool
         try:
             import timm
         except ImportError:
@@ -164,9 +211,3 @@ class TimmTrunk(Trunk):
             if key in state and state[key].shape != self.model.get_submodule(conv).weight.shape:
                 state[key] = adapt_input_conv(in_channels, state[key])
         load_state(self.model, state, path, where, f"timm {cfg.get('architecture', '')}".strip())
-
-    def layer_groups(self) -> list[tuple[str, nn.Module]]:
-        return timm_layer_groups(self.model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)

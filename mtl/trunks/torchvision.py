@@ -1,5 +1,6 @@
 """torchvision classifiers as trunks: the classifier is dropped, forward returns pooled features
-(or, for the ResNets with ``pool=False``, the last feature map, for dense heads).
+(or, with ``pool=False``, the last feature map, for dense heads). ``forward_intermediates``
+gives the map of each stage (where the resolution halves next), as timm's models do.
 
 Pretrained weights come from torchvision's weights enums and the torch hub cache
 (``$TORCH_HOME/hub/checkpoints``), and the trunk's state-dict keys are torchvision's own
@@ -12,6 +13,7 @@ import logging
 import math
 import os
 import socket
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -127,6 +129,7 @@ class ResNetTrunk(TorchvisionTrunk):
     ):
         super().__init__(arch)
         self.pool = pool
+        self.small_input = small_input
         net = torchvision.models.get_model(arch, weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -146,33 +149,75 @@ class ResNetTrunk(TorchvisionTrunk):
         stem = nn.ModuleList([self.conv1, self.bn1])
         return [("stem", stem)] + [(f"layer{i}", getattr(self, f"layer{i}")) for i in range(1, 5)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1) if self.pool else x
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        # As timm's ResNets: the stem's activation (before the max-pool), then each layer.
+        return [
+            lambda x: self.relu(self.bn1(self.conv1(x))),
+            lambda x: self.layer1(self.maxpool(x)),
+            self.layer2,
+            self.layer3,
+            self.layer4,
+        ]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        width = type(self.layer1[0]).expansion  # 1 for BasicBlock, 4 for Bottleneck
+        channels = [self.conv1.out_channels, 64 * width, 128 * width, 256 * width, 512 * width]
+        # small_input's stem neither strides nor max-pools.
+        reductions = [1, 1, 2, 4, 8] if self.small_input else [2, 4, 8, 16, 32]
+        names = ["relu", "layer1", "layer2", "layer3", "layer4"]
+        return [{"module": n, "num_chs": c, "reduction": r} for n, c, r in zip(names, channels, reductions)]
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(features), 1) if self.pool else features
 
 
 class FeaturesTrunk(TorchvisionTrunk):
-    """torchvision MobileNetV3 / EfficientNet: ``features`` then global average pooling."""
+    """torchvision MobileNetV3 / EfficientNet: ``features`` then global average pooling (or, with
+    ``pool=False``, the last feature map). A stage ends where the next block strides."""
 
     input_hint = "(C, H, W) images, e.g. (3, 224, 224)"
     first_conv = "features.0.0"
     classifier = "classifier"
 
-    def __init__(self, arch: str, weights: str | None, in_channels: int, download: bool):
+    def __init__(self, arch: str, weights: str | None, in_channels: int, download: bool, pool: bool = True):
         super().__init__(arch)
+        self.pool = pool
         net = torchvision.models.get_model(arch, weights=None)
         self.features, self.avgpool = net.features, net.avgpool
         if in_channels != 3:
             self.features[0][0] = _fresh_conv(self.features[0][0], in_channels)
         if weights:
             self.load_pretrained(weights, in_channels, download)
+        # No shortcut of these blocks holds a conv (a residual only joins blocks that keep the
+        # size), so a block's stride is the product of its convs' strides.
+        strides = [_conv_stride(m) for m in self.features]
+        self.stage_ends = [i for i in range(len(strides)) if i == len(strides) - 1 or strides[i + 1] > 1]
 
     def layer_groups(self) -> list[tuple[str, nn.Module]]:
         return [("stem", self.features[0])] + [(f"features.{i}", m) for i, m in enumerate(self.features) if i]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(self.features(x)), 1)
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        starts = [0] + [end + 1 for end in self.stage_ends[:-1]]
+        return [self.features[a : b + 1] for a, b in zip(starts, self.stage_ends)]
+
+    @property
+    def feature_info(self) -> list[dict]:
+        info, reduction, start = [], 1, 0
+        for end in self.stage_ends:
+            blocks = list(self.features[start : end + 1])
+            reduction *= math.prod(_conv_stride(m) for m in blocks)
+            convs = [c for c in blocks[-1].modules() if isinstance(c, nn.Conv2d)]
+            info.append({"module": f"features.{end}", "num_chs": convs[-1].out_channels, "reduction": reduction})
+            start = end + 1
+        return info
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.avgpool(features), 1) if self.pool else features
+
+
+def _conv_stride(module: nn.Module) -> int:
+    return math.prod(c.stride[0] for c in module.modules() if isinstance(c, nn.Conv2d))
 
 
 @register_trunk("resnet18")
@@ -212,18 +257,18 @@ def resnet50(
 
 
 @register_trunk("mobilenet_v3_small")
-def mobilenet_v3_small(weights: str | None = None, in_channels: int = 3, download: bool = True) -> Trunk:
-    """MobileNetV3-Small (torchvision), 576 pooled features; weights e.g. IMAGENET1K_V1."""
-    return FeaturesTrunk("mobilenet_v3_small", weights, in_channels, download)
+def mobilenet_v3_small(weights: str | None = None, in_channels: int = 3, download: bool = True, pool: bool = True) -> Trunk:
+    """MobileNetV3-Small (torchvision), 576 pooled features (pool=false keeps the map); weights e.g. IMAGENET1K_V1."""
+    return FeaturesTrunk("mobilenet_v3_small", weights, in_channels, download, pool)
 
 
 @register_trunk("mobilenet_v3_large")
-def mobilenet_v3_large(weights: str | None = None, in_channels: int = 3, download: bool = True) -> Trunk:
-    """MobileNetV3-Large (torchvision), 960 pooled features; weights e.g. IMAGENET1K_V2."""
-    return FeaturesTrunk("mobilenet_v3_large", weights, in_channels, download)
+def mobilenet_v3_large(weights: str | None = None, in_channels: int = 3, download: bool = True, pool: bool = True) -> Trunk:
+    """MobileNetV3-Large (torchvision), 960 pooled features (pool=false keeps the map); weights e.g. IMAGENET1K_V2."""
+    return FeaturesTrunk("mobilenet_v3_large", weights, in_channels, download, pool)
 
 
 @register_trunk("efficientnet_b0")
-def efficientnet_b0(weights: str | None = None, in_channels: int = 3, download: bool = True) -> Trunk:
-    """EfficientNet-B0 (torchvision), 1280 pooled features; weights e.g. IMAGENET1K_V1."""
-    return FeaturesTrunk("efficientnet_b0", weights, in_channels, download)
+def efficientnet_b0(weights: str | None = None, in_channels: int = 3, download: bool = True, pool: bool = True) -> Trunk:
+    """EfficientNet-B0 (torchvision), 1280 pooled features (pool=false keeps the map); weights e.g. IMAGENET1K_V1."""
+    return FeaturesTrunk("efficientnet_b0", weights, in_channels, download, pool)
