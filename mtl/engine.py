@@ -209,9 +209,19 @@ class GradientEngine:
             self._backward(total, penalty, features, leaf)
             return
         if features is not None:
-            (gradient,) = torch.autograd.grad(total, leaf, retain_graph=True)
+            # One (vectorized) backward through the heads for both: row 0 gives the representation
+            # Σ_t w_t ∇o_t, row 1 each head its own objective's gradient (a head's parameters
+            # reach only its own objective).
             heads = [p for p in self.model.heads.parameters() if p.requires_grad]
-            torch.autograd.backward(objectives.sum(), inputs=heads)
+            rows = torch.stack([weights.to(objectives.dtype), torch.ones_like(objectives)])
+            found: list[list[torch.Tensor | None]] = [[], []]
+            for start, stop, grads in vjp_rows(objectives, rows, [leaf, *heads]):
+                for r in range(start, stop):
+                    found[r] = [None if g is None else g[r - start] for g in grads]
+            (gradient, *_), (_, *own) = found
+            for p, g in zip(heads, own):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
             if features.requires_grad:
                 features.backward(gradient)
             if penalty is not None:

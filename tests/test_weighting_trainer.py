@@ -318,3 +318,45 @@ def test_nash_mtl_bad_max_norm_names_the_key(value):
 
     with pytest.raises(ValueError, match="weighting.max_norm must be >= 0"):
         NashMTL(["a", "b"], max_norm=value)
+
+
+def test_reused_weights_on_the_representation_take_one_backward_through_the_heads():
+    """IMTL-G (weigh_heads False) reusing its weights (trainer.weighting_every=2): the
+    representation gets Σ_t w_t ∇o_t and each head its own objective's gradient, as two
+    backward passes gave them, now from one vectorized pass through the heads."""
+    from mtl.weighting.surgery import IMTLG
+
+    passes = []
+
+    class Counted(IMTLG):
+        def transform_losses(self, losses):
+            losses.register_hook(lambda grad: passes.append(grad.shape))  # once per backward through the objectives
+            return losses
+
+    t, inputs, targets = _model_and_batch_for(tuple(MULTI_MNIST))
+    method = Counted(list(t.tasks), mode="representation")
+    engine = GradientEngine(t.model, method, every=2)
+    loss_fn = functools.partial(task_losses, t.tasks)
+    engine.backward(inputs, t.groups, targets, loss_fn, 0, lambda: None)  # computes the weights
+    w = engine._weights
+    t.model.zero_grad(set_to_none=True)
+    passes.clear()
+    engine.backward(inputs, t.groups, targets, loss_fn, 1, lambda: None)  # reuses them
+    assert len(passes) == 1
+    got = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+
+    # The two passes by hand: the weighted sum's gradient of the representation, the plain
+    # sum's of the heads, then the trunk's backward from the representation.
+    (source,) = inputs
+    features = t.model.trunk(inputs[source])
+    leaf = features.detach().requires_grad_()
+    losses = task_losses(t.tasks, t.model.apply_heads(leaf, t.groups[source]), targets)
+    L = torch.stack([losses[n] for n in method.tasks])
+    (gradient,) = torch.autograd.grad((w * L).sum(), leaf, retain_graph=True)
+    heads = dict(t.model.heads.named_parameters())
+    expected = dict(zip((f"heads.{n}" for n in heads), torch.autograd.grad(L.sum(), list(heads.values()))))
+    trunk = dict(t.model.trunk.named_parameters())
+    expected.update(zip((f"trunk.{n}" for n in trunk), torch.autograd.grad(features, list(trunk.values()), gradient)))
+    assert got.keys() == expected.keys()
+    for n in got:
+        torch.testing.assert_close(got[n], expected[n], msg=n)
