@@ -1,4 +1,4 @@
-"""The ``mtl`` command: train, validate, list."""
+"""The ``mtl`` command: train, compare, validate, rank, list."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         ("train", "train the tasks of CONFIG jointly"),
         ("compare", "single-task vs sequential transfer vs joint training: the grid of CONFIG's compare node"),
         ("validate", "check CONFIG and its data without training"),
+        ("rank", "transferability scores of CONFIG's rank.candidates for each target task, from one forward pass (no training)"),
     )
     for name, help_ in commands:
         c = sub.add_parser(name, help=help_)
@@ -62,6 +63,17 @@ def cmd_compare(config: str, overrides: Sequence[str]) -> int:
     print()
     print(out["table"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"\n{out['cells']} cells; model selection on validation only. Report: {out['report']} (plots beside it); long-form results: {out['csv']}")
+    return 0
+
+
+def cmd_rank(config: str, overrides: Sequence[str]) -> int:
+    from mtl.rank import load, rank
+
+    cfg, node = load(config, list(overrides))
+    out = rank(cfg, node)
+    print()
+    print(out["markdown"])
+    print(f"written: {out['md']}, {out['csv']} (one row per target, candidate and score)")
     return 0
 
 
@@ -163,6 +175,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return cmd_train(args.config, args.overrides)
         if args.command == "compare":
             return cmd_compare(args.config, args.overrides)
+        if args.command == "rank":
+            return cmd_rank(args.config, args.overrides)
         return cmd_validate(args.config, args.overrides, args.judge)
     except NonFiniteError as e:
         print(f"mtl: error: {e}", file=sys.stderr)

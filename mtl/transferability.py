@@ -62,6 +62,31 @@ def one_hot(labels: np.ndarray) -> np.ndarray:
     return np.eye(int(y.max()) + 1)[y]
 
 
+def gram_eigenvalues(f: np.ndarray) -> np.ndarray:
+    """The eigenvalues of FᵀF (the squared singular values of F), from the smaller of the two Gram
+    matrices FᵀF and FFᵀ; tiny negative rounding clipped to 0."""
+    n, d = f.shape
+    return np.clip(scipy.linalg.eigvalsh(f @ f.T if n <= d else f.T @ f), 0.0, None)
+
+
+def left_singular(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(U, σ): the left singular vectors of F [N, r] and the eigenvalues σ = s² of FᵀF [r], for the
+    r singular values that are not 0 in floating point.
+
+    From the eigenvectors of the smaller Gram matrix, not an SVD of F: on features wider than the
+    sample (1,280 pooled features of 500 images) LAPACK's SVD took 10x as long here, and LogME's
+    reference code computes the spectrum from FᵀF too."""
+    n, d = f.shape
+    if n <= d:
+        sigma, u = scipy.linalg.eigh(f @ f.T)
+    else:
+        sigma, v = scipy.linalg.eigh(f.T @ f)
+    keep = sigma > sigma.max(initial=0.0) * max(n, d) * np.finfo(np.float64).eps
+    sigma = sigma[keep]
+    u = u[:, keep] if n <= d else f @ v[:, keep] / np.sqrt(sigma)
+    return u, sigma
+
+
 @register_score("logme")
 class LogME(TransferabilityScore):
     """LogME: the log maximum evidence of a Bayesian linear model on the features, per sample
@@ -91,9 +116,8 @@ class LogME(TransferabilityScore):
         n, d = f.shape
         labels = np.asarray(labels)
         y = labels.astype(np.float64).reshape(n, -1) if labels.dtype.kind == "f" else one_hot(labels)
-        u, s, _ = scipy.linalg.svd(f, full_matrices=False)
-        keep = s > s.max(initial=0.0) * max(n, d) * np.finfo(np.float64).eps
-        u, sigma = u[:, keep], (s[keep] ** 2)[:, None]  # [N, r], [r, 1]
+        u, sigma = left_singular(f)
+        sigma = sigma[:, None]  # [r, 1]
         x2 = (u.T @ y) ** 2  # [r, K]: y's squared coordinates along the features' singular directions
         outside = (y**2).sum(0) - x2.sum(0)  # ‖y‖² off the span of F: a residual whatever w is
         zeros = d - len(sigma)  # eigenvalues of FᵀF that are 0: each adds log α to log|A|
@@ -177,17 +201,17 @@ class HScore(TransferabilityScore):
 
         H(f) = tr(cov(f)⁻¹ cov(E[f | y])),
     with E[f | y] each sample's class mean and cov(f)⁻¹ a pseudo-inverse (features may be
-    collinear). Classification targets only.
+    collinear). Computed in the sample space: with F the centred features, U its left singular
+    vectors and P the projection onto the class indicators (P F = the centred class means),
+    H = tr((FᵀF)⁺ FᵀPF) = tr(UᵀPU) = Σ_c ‖Uᵀ1_c‖²/n_c, which needs no D×D inverse.
+    Classification targets only.
     """
 
     def score(self, features: np.ndarray, labels: np.ndarray, source_probs: np.ndarray | None = None) -> float:
         f = np.asarray(features, dtype=np.float64)
+        u, _ = left_singular(f - f.mean(0, keepdims=True))
         y = one_hot(labels)
-        means = (y.T @ f) / y.sum(0)[:, None]  # [C, D]
-        g = y @ means  # each sample's class mean
-        cov_f = np.atleast_2d(np.cov(f, rowvar=False))
-        cov_g = np.atleast_2d(np.cov(g, rowvar=False))
-        return float(np.trace(scipy.linalg.pinvh(cov_f) @ cov_g))
+        return float((((u.T @ y) ** 2).sum(0) / y.sum(0)).sum())
 
 
 @register_score("transrate")
@@ -207,10 +231,9 @@ class TransRate(TransferabilityScore):
         self.eps = float(eps)
 
     def rate(self, z: np.ndarray) -> float:
-        """R(Z, ε), the coding rate of ``z``'s rows."""
-        n, d = z.shape
-        _, logdet = np.linalg.slogdet(np.eye(d) + z.T @ z / (n * self.eps))
-        return 0.5 * logdet
+        """R(Z, ε), the coding rate of ``z``'s rows: 1/2 Σ_i log(1 + σ_i/(nε)), σ_i the eigenvalues of
+        ZᵀZ (the determinant's, taken from the smaller Gram matrix: a class has fewer rows than features)."""
+        return 0.5 * float(np.log1p(gram_eigenvalues(z) / (len(z) * self.eps)).sum())
 
     def score(self, features: np.ndarray, labels: np.ndarray, source_probs: np.ndarray | None = None) -> float:
         z = np.asarray(features, dtype=np.float64)
