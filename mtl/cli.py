@@ -73,7 +73,8 @@ def cmd_rank(config: str, overrides: Sequence[str]) -> int:
     out = rank(cfg, node)
     print()
     print(out["markdown"])
-    print(f"written: {out['md']}, {out['csv']} (one row per target, candidate and score)")
+    extra = f", {out['validation_csv']} (each score against measured transfer)" if "validation_csv" in out else ""
+    print(f"written: {out['md']}, {out['csv']} (one row per target, candidate and score){extra}")
     return 0
 
 

@@ -38,7 +38,8 @@ from mtl.config import ConfigError, read_yaml, resolve, to_dict
 from mtl.registry import ComponentError, did_you_mean
 from mtl.transferability import CLASSIFICATION, REGRESSION, SCORES, TransferabilityScore
 
-RANK_KEYS = ("candidates", "targets", "scores", "max_samples", "batch_size")
+RANK_KEYS = ("candidates", "targets", "scores", "max_samples", "batch_size", "validate")
+VALIDATE_KEYS = ("measures", "fraction", "split", "resamples")
 CANDIDATE_KEYS = ("trunk", "run", "comparison")
 DEFAULT_MAX_SAMPLES = 1000
 DEFAULT_BATCH_SIZE = 256
@@ -86,6 +87,7 @@ class Settings:
     scores: dict[str, TransferabilityScore]
     max_samples: int
     batch_size: int
+    validation: Validation | None = None
 
 
 def settings(cfg: DictConfig, node: dict[str, Any]) -> Settings:
@@ -115,6 +117,7 @@ def settings(cfg: DictConfig, node: dict[str, Any]) -> Settings:
         scores=build_scores(node.get("scores")),
         max_samples=_count(node.get("max_samples", DEFAULT_MAX_SAMPLES), "rank.max_samples", 2),
         batch_size=_count(node.get("batch_size", DEFAULT_BATCH_SIZE), "rank.batch_size", 1),
+        validation=None if node.get("validate") is None else Validation.from_node(node["validate"], list(candidates), targets),
     )
 
 
@@ -166,6 +169,133 @@ def build_scores(nodes: Any) -> dict[str, TransferabilityScore]:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from None
     return scores
+
+
+# ---- validation against measured transfer ---------------------------------------------------
+
+
+@dataclass
+class Validation:
+    """Each score's rank correlation with the transfer `mtl compare` measured from the same
+    candidates: the weighted Kendall τ (scipy.stats.weightedtau, as LogME's paper reports it)
+    between the candidates' scores and their mean primary test metric over seeds, with a
+    percentile bootstrap CI over seeds (the seeds resampled alike for every candidate: a seed
+    fixes a comparison's labelled subset and initialisation).
+
+    ``measured[measure][candidate]`` is a comparison's long-form results (its results.csv) and
+    the method whose metric counts, e.g. sequential/fine_tune for a source, single_task for
+    random initialisation."""
+
+    measured: dict[str, dict[str, tuple[Any, str]]]  # measure -> candidate -> (results DataFrame, method)
+    fraction: float
+    split: str
+    resamples: int
+
+    @classmethod
+    def from_node(cls, node: Any, candidates: list[str], targets: list[str]) -> Validation:
+        import pandas as pd
+
+        where = "rank.validate"
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: must be a mapping ({', '.join(VALIDATE_KEYS)}), got {node!r}.")
+        for key in node:
+            if key not in VALIDATE_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown key.{did_you_mean(str(key), VALIDATE_KEYS)} Valid keys here: {', '.join(VALIDATE_KEYS)}.")
+        fraction, split = node.get("fraction", 1.0), node.get("split", "test")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ConfigError(f"{where}.fraction: the labelled fraction whose results count, in (0, 1], got {fraction!r}.")
+        if split not in ("train", "val", "test"):
+            raise ConfigError(f"{where}.split: train, val or test, got {split!r}.")
+        measures = node.get("measures")
+        if not isinstance(measures, dict) or not measures:
+            raise ConfigError(
+                f"{where}.measures: name at least one measure, e.g. {{fine_tune: {{mnist: runs/quickstart, random_init: "
+                "{results: runs/quickstart, method: single_task}}}}; got " + f"{measures!r}."
+            )
+        measured: dict[str, dict[str, tuple[Any, str]]] = {}
+        for measure, by_candidate in measures.items():
+            mwhere = f"{where}.measures.{measure}"
+            if not isinstance(by_candidate, dict) or len(by_candidate) < 3:
+                raise ConfigError(f"{mwhere}: map at least 3 candidates to their comparisons (a rank correlation of 2 is ±1 whatever the scores); got {by_candidate!r}.")
+            measured[str(measure)] = {}
+            for label, spec in by_candidate.items():
+                cwhere = f"{mwhere}.{label}"
+                if label not in candidates:
+                    raise ConfigError(f"{cwhere}: {label!r} is not a candidate.{did_you_mean(str(label), candidates)} Candidates: {', '.join(candidates)}.")
+                spec = {"results": spec} if isinstance(spec, str) else spec
+                if not isinstance(spec, dict) or not isinstance(spec.get("results"), str) or set(spec) - {"results", "method"}:
+                    raise ConfigError(f"{cwhere}: a comparison's output_dir (or its results.csv), or {{results: PATH, method: single_task}}; got {spec!r}.")
+                path = Path(spec["results"])
+                path = path / "results.csv" if path.is_dir() else path
+                if not path.is_file():
+                    raise ConfigError(f"{cwhere}: no results file {path}; run the comparison first (mtl compare CONFIG) or fix the path.")
+                df = pd.read_csv(path)
+                method = spec.get("method", f"sequential/{measure}")
+                for target in targets:
+                    rows = df[(df["method"] == method) & (df["task"] == target) & (df["split"] == split) & df["primary"] & (df["fraction"] == fraction)]
+                    if rows.empty:
+                        methods = sorted(df["method"].unique())
+                        raise ConfigError(
+                            f"{cwhere}: {path} has no {split} result of method {method!r} for task {target} at fraction {fraction:g} "
+                            f"(its methods: {', '.join(methods)}); set {cwhere}.method or rank.validate.fraction."
+                        )
+                measured[str(measure)][str(label)] = (df, method)
+        return cls(measured, float(fraction), split, _count(node.get("resamples", 2000), f"{where}.resamples", 100))
+
+    def per_seed(self, df: Any, method: str, target: str) -> Any:
+        """The method's primary metric on ``target`` per seed, signed so that higher is better."""
+        rows = df[(df["method"] == method) & (df["task"] == target) & (df["split"] == self.split) & df["primary"] & (df["fraction"] == self.fraction)]
+        sign = rows["direction"].map({"higher": 1.0, "lower": -1.0})
+        return (rows["value"] * sign).groupby(rows["seed"]).mean()
+
+    def table(self, scores: Any, seed: int) -> Any:
+        """One row per target, measure and score: τ_w, its bootstrap CI and a verdict."""
+        import pandas as pd
+        import scipy.stats
+
+        rows = []
+        rng = np.random.default_rng(seed)
+        for target in scores["target"].unique():
+            for measure, by_candidate in self.measured.items():
+                values = {label: self.per_seed(df, method, target) for label, (df, method) in by_candidate.items()}
+                seeds = sorted(set.intersection(*(set(v.index) for v in values.values())))
+                if not seeds:
+                    raise ConfigError(f"rank.validate.measures.{measure}: its comparisons share no seed for task {target}; pair them by running the same seeds.")
+                measured = np.array([[values[label][s] for s in seeds] for label in by_candidate])  # [candidates, seeds]
+                draws = rng.integers(0, len(seeds), size=(self.resamples, len(seeds)))
+                for name, rows_of_score in scores[scores["target"] == target].groupby("score", sort=False):
+                    # A comparison candidate's source stages (label/seedK) score as their mean.
+                    base = rows_of_score["candidate"].str.replace(r"/seed\d+$", "", regex=True)
+                    value = rows_of_score.groupby(base)["value"].mean()
+                    x = np.array([value.get(label, np.nan) for label in by_candidate])
+                    row = {"target": target, "measure": measure, "score": name, "candidates": len(x), "seeds": len(seeds)}
+                    if np.isnan(x).any():
+                        rows.append({**row, "tau_w": math.nan, "ci_low": math.nan, "ci_high": math.nan, "verdict": "not applicable"})
+                        continue
+                    tau = scipy.stats.weightedtau(x, measured.mean(1)).statistic
+                    if len(seeds) < 2:
+                        low = high = math.nan
+                    else:
+                        boot = np.array([scipy.stats.weightedtau(x, measured[:, d].mean(1)).statistic for d in draws])
+                        low, high = np.nanpercentile(boot, [2.5, 97.5])
+                    verdict = ("not resolved (one seed, no CI)" if math.isnan(low) else
+                               "agrees" if low > 0 else "disagrees" if high < 0 else "not resolved")
+                    rows.append({**row, "tau_w": tau, "ci_low": low, "ci_high": high, "verdict": verdict})
+        return pd.DataFrame(rows)
+
+
+def validation_markdown(df: Any, v: Validation) -> str:
+    lines = [
+        f"### Scores against measured transfer ({v.split} primary metric at fraction {v.fraction:g})", "",
+        "| target | measure | score | τ_w | 95% CI (bootstrap over seeds) | verdict | candidates | seeds |", "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in df.itertuples():
+        ci = "—" if math.isnan(r.ci_low) else f"[{r.ci_low:.2f}, {r.ci_high:.2f}]"
+        tau = "n/a" if math.isnan(r.tau_w) else f"{r.tau_w:.2f}"
+        lines.append(f"| {r.target} | {r.measure} | {r.score} | {tau} | {ci} | {r.verdict} | {r.candidates} | {r.seeds} |")
+    lines += ["", "τ_w: weighted Kendall τ (scipy.stats.weightedtau) between the scores and the mean measured metric; "
+              "'agrees' when the CI lies above 0, 'disagrees' below, else 'not resolved'."]
+    return "\n".join(lines)
 
 
 # ---- targets --------------------------------------------------------------------------------
@@ -467,9 +597,15 @@ def rank(cfg: DictConfig, node: dict[str, Any], log: Callable[[str], None] = pri
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = tables(df, list(s.scores))
+    result = {"table": df, "csv": out / "rank.csv", "md": out / "rank.md"}
+    if s.validation is not None:
+        checked = s.validation.table(df, cfg.seed)
+        markdown += "\n" + validation_markdown(checked, s.validation) + "\n"
+        write_text(checked.to_csv(index=False), out / "rank_validation.csv")
+        result.update(validation=checked, validation_csv=out / "rank_validation.csv")
     write_text(df.to_csv(index=False), out / "rank.csv")
     write_text(markdown, out / "rank.md")
-    return {"table": df, "markdown": markdown, "csv": out / "rank.csv", "md": out / "rank.md"}
+    return {**result, "markdown": markdown}
 
 
 def tables(df: Any, scores: list[str]) -> str:
@@ -495,6 +631,11 @@ def tables(df: Any, scores: list[str]) -> str:
             lines.append("| " + " | ".join([str(candidate), *cells, *times]) + " |")
         lines.append("")
         lines += [f"n/a: {', '.join(where)}: {why}." for why, where in reasons.items()]
+        wide = rows[rows["feature_dim"] >= rows["samples"] - 1]["candidate"].unique()
+        if "hscore" in scores and len(wide):
+            # The centred features then span the centred sample space: tr(UᵀPU) = C - 1 for any features.
+            lines.append(f"hscore: {', '.join(map(str, wide))} have at least as many features as samples - 1, where H-score is "
+                         "the number of classes - 1 whatever the features; raise rank.max_samples to tell them apart.")
         parts.append("\n".join(lines).rstrip())
     legend = "Higher is better for every score; (k) is the candidate's rank among this target's candidates."
     return "\n\n".join([*parts, legend]) + "\n"

@@ -196,3 +196,85 @@ def test_a_pretrained_classifier_gives_leep(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     df = rank(*load(str(path)), log=lambda _: None)["table"]
     assert df["not_applicable"].eq("").all() and np.isfinite(df["value"]).all()
+
+
+# ---- validation against measured transfer ----------------------------------------------------
+
+WIDTHS = {"a": [8], "b": [16], "c": [4], "d": [2]}
+
+
+def _results(path, method, per_seed, task="wine"):
+    """A comparison's long-form results.csv (the columns `mtl compare` writes that validation reads)."""
+    rows = [
+        {"method": method, "seed": seed, "fraction": 1.0, "task": task, "split": "test", "metric": "accuracy",
+         "value": value, "direction": "higher", "primary": True}
+        for seed, value in per_seed.items()
+    ]
+    path.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(path / "results.csv", index=False)
+    return str(path)
+
+
+def _scores(tmp_path, labels):
+    path = _config(tmp_path, {k: {"trunk": {"hidden": WIDTHS[k]}} for k in labels}, scores=["logme"])
+    return rank(*load(path), log=lambda _: None)["table"].set_index("candidate")["value"]
+
+
+def test_validation_tau_and_its_bootstrap_ci(tmp_path):
+    logme = _scores(tmp_path, "abcd")
+    order = logme.sort_values().index  # worst to best by LogME
+    # Measured accuracy in the scores' order on every seed: τ_w = 1 on every resample of seeds.
+    agree = {k: {"fine_tune": _results(tmp_path / f"agree_{k}", "sequential/fine_tune", {s: 0.5 + 0.1 * i + 0.01 * s for s in range(3)})}
+             for i, k in enumerate(order)}
+    # The reverse order, and a single-task baseline named by its method.
+    reverse = {k: _results(tmp_path / f"rev_{k}", "single_task", {s: 0.9 - 0.1 * i for s in range(3)}) for i, k in enumerate(order)}
+    measures = {
+        "fine_tune": {k: v["fine_tune"] for k, v in agree.items()},
+        "scratch": {k: {"results": v, "method": "single_task"} for k, v in reverse.items()},
+    }
+    path = _config(tmp_path, {k: {"trunk": {"hidden": WIDTHS[k]}} for k in "abcd"}, scores=["logme", "leep"],
+                   validate={"measures": measures, "resamples": 200})
+    out = rank(*load(path), log=lambda _: None)
+    v = out["validation"].set_index(["measure", "score"])
+    assert v.loc[("fine_tune", "logme"), "tau_w"] == pytest.approx(1.0) and v.loc[("fine_tune", "logme"), "verdict"] == "agrees"
+    assert (v.loc[("fine_tune", "logme"), "ci_low"], v.loc[("fine_tune", "logme"), "ci_high"]) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert v.loc[("scratch", "logme"), "tau_w"] == pytest.approx(-1.0) and v.loc[("scratch", "logme"), "verdict"] == "disagrees"
+    assert v.loc[("fine_tune", "leep"), "verdict"] == "not applicable"  # no source heads: no LEEP to correlate
+    assert "Scores against measured transfer" in out["markdown"] and out["validation_csv"].is_file()
+
+
+def test_validation_is_weightedtau_of_the_seed_means_and_unresolved_when_seeds_disagree(tmp_path):
+    logme = _scores(tmp_path, "abc")
+    # Seed 0 ranks a > b > c, seed 1 the reverse: the bootstrap CI spans 0.
+    per_seed = {"a": {0: 0.9, 1: 0.5}, "b": {0: 0.7, 1: 0.72}, "c": {0: 0.5, 1: 0.95}}
+    measures = {"fine_tune": {k: _results(tmp_path / k, "sequential/fine_tune", v) for k, v in per_seed.items()}}
+    path = _config(tmp_path, {k: {"trunk": {"hidden": WIDTHS[k]}} for k in "abc"}, scores=["logme"], validate={"measures": measures, "resamples": 200})
+    row = rank(*load(path), log=lambda _: None)["validation"].iloc[0]
+    means = [np.mean(list(per_seed[k].values())) for k in "abc"]
+    expected = scipy_weightedtau([logme[k] for k in "abc"], means)
+    assert row["tau_w"] == pytest.approx(expected) and row["seeds"] == 2
+    assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "not resolved"
+
+
+def scipy_weightedtau(x, y):
+    import scipy.stats
+
+    return scipy.stats.weightedtau(x, y).statistic
+
+
+@pytest.mark.parametrize(
+    "measures, message",
+    [
+        ({"fine_tune": {"a": "R", "b": "R"}}, r"rank.validate.measures.fine_tune: map at least 3 candidates"),
+        ({"fine_tune": {"a": "R", "b": "R", "z": "R"}}, r"rank.validate.measures.fine_tune.z: 'z' is not a candidate"),
+        ({"fine_tune": {"a": "R", "b": "R", "c": "nowhere"}}, r"rank.validate.measures.fine_tune.c: no results file nowhere.*mtl compare"),
+        ({"linear_probe": {"a": "R", "b": "R", "c": "R"}}, r"rank.validate.measures.linear_probe.a: .* no test result of method 'sequential/linear_probe' .*its methods: sequential/fine_tune"),
+    ],
+)
+def test_validation_bad_input_names_the_key(tmp_path, measures, message):
+    results = _results(tmp_path / "cmp", "sequential/fine_tune", {0: 0.8})
+    measures = {m: {k: results if v == "R" else v for k, v in by.items()} for m, by in measures.items()}
+    path = _config(tmp_path, {k: {} for k in "abc"}, validate={"measures": measures})
+    with pytest.raises(ConfigError, match=message):
+        rank(*load(path), log=lambda _: None)
+    assert not (tmp_path / "out").exists()
