@@ -19,7 +19,8 @@ where the fingerprint hashes the trunk's class, its plain settings (image size, 
 length, pooling, ...) and the bytes of every parameter and buffer (the preprocessing's own
 constants included). Tensor version counters tell when the weights may have changed (an
 optimizer step, ``load_state_dict``, a move to another device), and the fingerprint is then
-recomputed, so fine-tuned weights never meet features of the weights before them. A batch
+recomputed, so fine-tuned weights never meet features of the weights before them (a write
+through ``.data`` escapes the counters: change weights by ``load_state_dict`` or in place). A batch
 runs the trunk on its misses only, in one forward. Tables live in one process-wide store,
 least recently used first, so the cells of a comparison that freeze the same pretrained
 trunk share the features of their common validation and test sets. When one trunk's
