@@ -242,3 +242,107 @@ def test_another_command_or_grid_never_writes_into_a_comparison(tmp_path, capsys
 def test_a_source_that_is_also_a_target_is_refused(tmp_path, capsys):
     assert main(["compare", QUICKSTART, f"output_dir={tmp_path / 'x'}", *SHORT, "compare.sources=[mnist,digits]"]) == 2
     assert "compare.sources: digits is also a target" in capsys.readouterr().err
+
+
+# ---- seeds as a budget, and fair tuning --------------------------------------------------------
+
+TINY = [*SHORT, "compare.fractions=[1.0]", "~compare.regimes.sequential"]  # single-task and joint only
+TUNE = "compare.tune={grid: {trainer.optimizer.lr: [0.001, 0.01]}, extra: {joint: {weighting.name: [equal, rlw]}}, seeds: 1}"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["compare.seeds={min: 3, max: 2}"], "compare.seeds.max: must be >= min, got min 3 and max 2"),
+        (["compare.seeds={min: 1, max: 4}"], "compare.seeds.min: must be >= 2, got 1: the budget stops on a paired test"),
+        (["compare.seeds={min: 2.5, max: 4}"], "compare.seeds.min: must be a whole number of seeds, got 2.5"),
+        (["compare.seeds={min: 2, mx: 4}"], "compare.seeds.mx: unknown key. Did you mean 'max'"),
+        (["compare.seeds={min: 2, max: 4}", "~compare.regimes.single_task"], r"a budget adds seeds until every comparison with single_task resolves.*compare.regimes.single_task=\{\}"),
+        (["compare.tune={grid: {optimizer.lr: [0.001]}}"], r"compare.tune.grid.optimizer.lr: not a key of single_task's config .*Did you mean 'trainer.optimizer.lr'"),
+        (["compare.tune={extra: {joint: {weighting.gama: [0.1]}}}", "weighting={name: famo}"], r"compare.tune.extra.joint.weighting.gama: not a key of joint's config.*Did you mean 'weighting.gamma'"),
+        (["compare.tune={extra: {jiont: {trainer.optimizer.lr: [0.1]}}}"], "compare.tune.extra.jiont: no method of that name. Did you mean 'joint'"),
+        (["compare.tune={grid: {trainer.optimizer.lr: [-0.1]}}"], r"compare.tune \(single_task, trainer.optimizer.lr=-0.1\): .*trainer.optimizer.lr: must be > 0"),
+        (["compare.tune={grid: {trainer.optimizer.lr: 0.1}}"], "compare.tune.grid.trainer.optimizer.lr: must be a non-empty list of values"),
+        (["compare.tune={grids: {}}"], "compare.tune.grids: unknown key. Did you mean 'grid'"),
+    ],
+)
+def test_bad_budget_or_tuning_fails_before_any_training(tmp_path, extra, message, capsys):
+    out = tmp_path / "never"
+    assert main(["compare", QUICKSTART, f"output_dir={out}", *TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mtl: error:") and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_a_budget_plans_seeds_0_to_max_and_tuning_its_own_seeds(tmp_path):
+    from mtl.compare import seed_plan
+    from mtl.tune import TUNE_SEED
+
+    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", *TINY, "compare.seeds={min: 2, max: 4}", TUNE])
+    grid = Grid(cfg)
+    assert seed_plan(cfg)[0] == [0, 1, 2, 3] and (grid.budget.min, grid.budget.max) == (2, 4)
+    assert sorted({c.seed for c in grid.cells}) == [0, 1, 2, 3]
+    # Per method and fraction: 2 learning rates, × 2 weightings for joint (its extra grid), on one tuning seed.
+    points = {(c.label, c.variant): set() for c in grid.tuning.cells}
+    for c in grid.tuning.cells:
+        points[(c.label, c.variant)].add(c.point)
+        assert c.seed == TUNE_SEED and c.dirs[-1].relative_to(tmp_path).parts[:2] == ("tune", c.point)
+    assert {k: len(v) for k, v in points.items()} == {("single_task", "mnist"): 2, ("single_task", "digits"): 2, ("joint", ""): 4}
+    assert "trainer.optimizer.lr=0.01,weighting.name=rlw" in points[("joint", "")]
+
+
+def test_validation_score_and_tune_keys_by_hand():
+    from mtl.tune import leaf_keys, point_name, validation_score
+
+    results = {"tasks": {"a": {"primary_metric": "accuracy", "directions": {"accuracy": "max"}},
+                         "b": {"primary_metric": "mae", "directions": {"mae": "min"}}},
+               "splits": {"val": {"a": {"accuracy": 0.9}, "b": {"mae": 0.5}}, "test": {"a": {"accuracy": 0.0}, "b": {"mae": 9.0}}}}
+    assert validation_score(results) == pytest.approx((0.9 - 0.5) / 2)  # never the test split
+    results["splits"]["val"]["b"]["mae"] = None
+    assert validation_score(results) == pytest.approx(0.9)
+    assert leaf_keys({"trainer": {"optimizer": {"lr": 0.1, "betas": [0.9, 0.99]}, "grad_clip": None}}) == ["trainer.optimizer.lr", "trainer.grad_clip"]
+    assert point_name({"trainer.optimizer.lr": 0.001, "weighting.name": "pkg/mod:W"}) == "trainer.optimizer.lr=0.001,weighting.name=pkg_mod_W"
+
+
+@pytest.mark.slow
+def test_a_budgeted_grid_runs_its_seeds_reports_why_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["compare", QUICKSTART, f"output_dir={out}", *TINY, "compare.seeds={min: 2, max: 3}"]
+    assert main(args) == 0
+    log = capsys.readouterr().out
+    df = pd.read_csv(out / "results.csv")
+    seeds = sorted(df.seed.unique())
+    assert seeds in ([0, 1], [0, 1, 2])
+    assert ("max (3 seeds) reached" in log) == (seeds == [0, 1, 2])
+    report = (out / "report.md").read_text()
+    assert "a budget of 2 to 3" in report and "Seeds each method ran" in report
+    assert "max reached (3 seeds)" in report or "resolved at" in report
+    # Rerun: every decision is replayed from the finished cells; an interrupted cell is redone.
+    cell = out / "cells" / "joint" / "f1" / f"seed{seeds[-1]}"
+    (cell / "results.json").unlink()
+    assert main(args) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[")]
+    assert [l for l in lines if "done in" in l] == [next(l for l in lines if f"joint f=1 seed={seeds[-1]}" in l)]
+    assert (out / "report.md").read_text() == report
+
+
+@pytest.mark.slow
+def test_tuning_selects_on_validation_and_the_evaluation_runs_use_it(tmp_path):
+    from mtl.tune import validation_score
+
+    out = tmp_path / "run"
+    assert main(["compare", QUICKSTART, f"output_dir={out}", *TINY, "compare.seeds=[0,1]", TUNE]) == 0
+    info = json.loads((out / "tune.json").read_text())
+    assert info["seeds"] == [10000]
+    joint = next(u for u in info["units"] if u["method"] == "joint")
+    assert joint["runs"] == 4 and len(joint["points"]) == 4
+    # The selected point is the best mean validation score of its tuning runs.
+    scores = {}
+    for cell in (out / "tune").glob("*/joint/f1/seed10000"):
+        scores[cell.parts[-4]] = validation_score(json.loads((cell / "results.json").read_text()))
+    best = max(scores, key=scores.get)
+    assert best == ",".join(f"{k}={v}" for k, v in joint["selected"].items())
+    cfg = load_config(out / "cells" / "joint" / "f1" / "seed0" / "config.yaml")
+    assert cfg.trainer.optimizer.lr == joint["selected"]["trainer.optimizer.lr"] and cfg.weighting.name == joint["selected"]["weighting.name"]
+    report = (out / "report.md").read_text()
+    assert "## Tuning" in report and "| joint |  | 1 | " in report and "| joint | 4 | 2 |" in report

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mtl import stats
 from mtl.report import (
-    REQUIRED_COLUMNS, analyse, comparison_table, convergence, delta_m, delta_m_keys, delta_m_paired, still_improving,
-    write_report,
+    REQUIRED_COLUMNS, Stop, analyse, budget_stops, comparison_table, convergence, delta_m, delta_m_keys, delta_m_paired,
+    still_improving, write_report,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -297,3 +298,69 @@ def test_a_seed_fixes_the_labelled_subset_and_the_initialisation_in_every_regime
         assert torch.equal(train, ref_train) and torch.equal(test, ref_test), label
         assert all(torch.equal(trunk[k], ref_trunk[k]) for k in trunk), label
     assert not torch.equal(built[("single_task", 0)][0], built[("single_task", 1)][0])
+
+
+def budget_results():
+    """Four seeds of a target "tgt" (mae, lower is better): fine_tune improves on single-task by
+    d = 0.5, 0.5, 0.6, 0.55; linear_probe by d = 0.1, −0.1, 0.05, −0.05 (nothing)."""
+    rows = []
+    base = [2.0, 2.2, 2.1, 2.3]
+    for seed in range(4):
+        rows += cell_rows("single_task", seed, 1.0, "tgt", base[seed])
+        rows += cell_rows("sequential/fine_tune", seed, 1.0, "tgt", base[seed] - [0.5, 0.5, 0.6, 0.55][seed])
+        rows += cell_rows("sequential/linear_probe", seed, 1.0, "tgt", base[seed] - [0.1, -0.1, 0.05, -0.05][seed])
+    return pd.DataFrame(rows)
+
+
+def test_budget_stops_by_hand():
+    """Budget 2 to 4 seeds, levels α_2 = 0.0056, α_3 = 0.0181, α_4 = 0.0264; four comparisons
+    (two methods, each on tgt's mae and on Δm%). At 2 seeds fine_tune's differences are equal
+    (0.5, 0.5): no test there (a fixed-n report would say p = 0). At 3 seeds, d = 0.5, 0.5, 0.6:
+    t = 0.5333 / (0.05774 / √3) = 16.0, p = 0.0039; its per-seed Δm% 25, 22.73, 28.57 gives
+    t = 14.95, p = 0.0044. Holm over the four open ones: 4 × 0.0039 = 0.0155 and 3 × 0.0044 =
+    0.0133 are both < 0.0181, so both resolve at 3 seeds; linear_probe never does."""
+    budget = stats.SeedBudget(2, 4)
+    levels = budget.levels()
+    assert levels.tolist() == pytest.approx([0.0056, 0.0181, 0.0264], abs=1e-4)
+    stops = budget_stops(budget_results(), budget)
+    assert set(stops) == {(1.0, m, on) for m in ("sequential/fine_tune", "sequential/linear_probe") for on in ("tgt: mae", "Δm%")}
+    for on in ("tgt: mae", "Δm%"):
+        assert stops[(1.0, "sequential/fine_tune", on)] == Stop(verdict=1, resolved=True, n=3, level=pytest.approx(levels[1]))
+        assert stops[(1.0, "sequential/linear_probe", on)] == Stop(verdict=0, resolved=False, n=4, level=pytest.approx(levels[2]))
+    # After 2 seeds nothing is resolved: compare adds seed 2 for both methods.
+    two = budget_stops(budget_results().query("seed < 2"), budget)
+    assert not any(s.resolved for s in two.values()) and {s.n for s in two.values()} == {2}
+
+
+def test_budget_report_gives_each_comparison_its_seeds_and_why_it_stopped(tmp_path):
+    text = write_report(budget_results(), tmp_path, budget=stats.SeedBudget(2, 4))
+    assert "a budget of 2 to 4, added one at a time" in text
+    assert "(seeds: level; 2: 0.0056, 3: 0.0181, 4: 0.0264)" in text
+    line = next(l for l in text.splitlines() if l.startswith("| sequential/fine_tune | tgt: mae"))
+    assert line.endswith("| resolved at 3 seeds (level 0.0181) | better |")
+    line = next(l for l in text.splitlines() if l.startswith("| sequential/linear_probe | Δm%"))
+    assert "| max reached (4 seeds) | no resolved difference at 4 seeds;" in line
+    assert "| sequential/fine_tune | 1 | 4 |" in text  # the seeds each method ran
+    # A grid stopped before its budget was spent says so.
+    text = write_report(budget_results().query("seed < 3"), tmp_path, budget=stats.SeedBudget(2, 4))
+    assert "not resolved; budget unfinished (3 of 4 seeds)" in text
+
+
+def test_tuning_section_lists_selected_values_and_runs(results, tmp_path):
+    """What `mtl compare` writes to tune.json, read back into the report."""
+    units = [
+        {"method": "single_task", "variant": "tgt", "fraction": 1.0, "selected": {"trainer.optimizer.lr": 0.01},
+         "validation": -1.1, "runs": 4, "points": [{}, {}]},
+        {"method": "joint", "variant": "", "fraction": 1.0, "selected": {"trainer.optimizer.lr": 0.001, "weighting.name": "rlw"},
+         "validation": None, "runs": 8, "points": [{}] * 4},
+    ]
+    info = {"seeds": [10000, 10001], "grid": {"trainer.optimizer.lr": [0.001, 0.01]}, "extra": {"joint": {"weighting.name": ["equal", "rlw"]}},
+            "selected_on": "validation: primary metric", "units": units}
+    (tmp_path / "tune.json").write_text(json.dumps(info))
+    text = write_report(results, tmp_path)
+    assert "## Tuning" in text and "same grid (trainer.optimizer.lr: [0.001, 0.01])" in text
+    assert "(joint: weighting.name: ['equal', 'rlw'])" in text and "tuning seeds 10000, 10001" in text
+    assert "| single_task | tgt | 1 | trainer.optimizer.lr=0.01 | -1.1000 | 2 | 4 |" in text
+    assert "| joint |  | 1 | trainer.optimizer.lr=0.001, weighting.name=rlw | n/a | 4 | 8 |" in text
+    # Runs per method: the tuning runs, and the evaluation cells of results (fine_tune: 2 seeds × 2 fractions).
+    assert "| joint | 8 |" in text and "| sequential/fine_tune | 0 | 4 |" in text
