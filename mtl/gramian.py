@@ -21,12 +21,24 @@ output of v's node, and no parameter is consumed on both sides of v.
 from __future__ import annotations
 
 import bisect
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
+_said: set[str] = set()  # the ops already reported as unbatchable, each said once per process
+
+
+def _unbatchable(error: RuntimeError) -> bool:
+    """True for the error of autograd's vectorized backward on an op it cannot batch (legacy
+    vmap's "Batching rule not implemented for aten::..." or "vmap: ..."); False for anything
+    else, out-of-memory first: a row-by-row retry would hide it or run out again, slower."""
+    text = str(error)
+    return not isinstance(error, torch.OutOfMemoryError) and ("Batching rule not implemented" in text or text.startswith("vmap:"))
 
 
 @contextmanager
@@ -152,8 +164,8 @@ def vjp_rows(
     w.r.t. ``inputs``, each ``[stop - start, *input.shape]`` (None: the input is unused).
 
     One vectorized backward per ``chunk`` rows (0: all at once), so the transient memory (the
-    batched activation gradients) grows with the chunk. Where autograd cannot vmap an op,
-    one backward per row from there on."""
+    batched activation gradients) grows with the chunk. Where autograd cannot vmap an op
+    (``_unbatchable``), one backward per row from there on; any other error is raised."""
     size = chunk or len(rows)
     start, batched = 0, True
     while start < len(rows):
@@ -166,9 +178,13 @@ def vjp_rows(
             else:
                 grads = torch.autograd.grad(output, inputs, grad_outputs=rows[start], retain_graph=True, allow_unused=True)
                 grads = [None if g is None else g.unsqueeze(0) for g in grads]
-        except RuntimeError:
-            if not batched:
+        except RuntimeError as e:
+            if not batched or not _unbatchable(e):
                 raise
+            reason = str(e).strip().splitlines()[0]
+            if reason not in _said:
+                _said.add(reason)
+                logger.warning("mtl: autograd cannot vectorize this backward (%s); one backward per row instead, slower.", reason)
             batched = False
             continue
         yield start, stop, list(grads)

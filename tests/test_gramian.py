@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -177,3 +178,57 @@ def test_engine_staged_equals_the_jacobian_path(name):
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+class _Doubled(torch.autograd.Function):
+    """y = 2x whose backward reads a value to the host on the way: vmap has no batching rule for that."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        assert math.isfinite(float(g.sum()))
+        return 2 * g
+
+
+class _FailsFirst(torch.autograd.Function):
+    """y = x whose first backward (the batched one) raises ``error``: a batched backward on a
+    GPU running out of memory where one row at a time would fit, or any other failure."""
+
+    error: Exception | None = None
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        error, _FailsFirst.error = _FailsFirst.error, None
+        if error is not None:
+            raise error
+        return g
+
+
+def test_an_op_autograd_cannot_batch_falls_back_to_rows_said_once(caplog):
+    from mtl import gramian
+
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    gramian._said.clear()
+    for _ in range(2):
+        objectives = _Doubled.apply(x).sum(dim=1)  # o_t = 2(x_t1 + x_t2): ∂o_t/∂x_t = (2, 2)
+        J = jacobian(objectives, [x])
+        torch.testing.assert_close(J, torch.tensor([[2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 2.0, 2.0]]))
+    said = [r.getMessage() for r in caplog.records if "cannot vectorize" in r.getMessage()]
+    assert len(said) == 1 and "Batching rule not implemented for aten::item" in said[0]
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), RuntimeError("a real failure")], ids=["out-of-memory", "other"]
+)
+def test_other_errors_of_the_batched_backward_are_raised_not_retried_by_rows(error):
+    x = torch.ones(2, 2, requires_grad=True)
+    _FailsFirst.error = error
+    with pytest.raises(type(error), match=str(error)):
+        jacobian(_FailsFirst.apply(x).sum(dim=1), [x])
