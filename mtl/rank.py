@@ -63,7 +63,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if node is not None and not isinstance(node, dict):
-        raise ConfigError(f"{path}: rank: must be a mapping (candidates, targets, scores, max_samples, batch_size), got {node!r}.")
+        raise ConfigError(f"{path}: rank: must be a mapping ({', '.join(RANK_KEYS)}), got {node!r}.")
     rank = OmegaConf.create({"rank": node or {}})
     for item in mine:
         try:
@@ -395,13 +395,17 @@ def expand(candidates: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[s
     return out
 
 
+RUN_FILES = ("config.yaml", "checkpoints/best.pt", "results.json")  # results.json is written when a run ends
+
+
 def _check_run(run: Path, where: str) -> None:
-    if not (run / "config.yaml").is_file() or not (run / "checkpoints" / "best.pt").is_file():
-        missing = "no such directory" if not run.is_dir() else "no config.yaml and checkpoints/best.pt"
-        raise ConfigError(
-            f"{where}: {run} is not a finished training run ({missing}; relative paths start from {Path.cwd()}). Train it first "
-            f"(mtl train CONFIG output_dir={run}), or fix the path."
-        )
+    missing = [name for name in RUN_FILES if not (run / name).is_file()]
+    if not run.is_dir() or missing:
+        what = "no such directory" if not run.is_dir() else f"no {' or '.join(missing)}"
+        fix = f"train it first (mtl train CONFIG output_dir={run})"
+        if run.is_dir() and missing == ["results.json"]:
+            fix = f"it is still training or was interrupted: let it finish, or resume it (mtl train CONFIG output_dir={run} resume=true)"
+        raise ConfigError(f"{where}: {run} is not a finished training run ({what}; relative paths start from {Path.cwd()}); {fix}, or fix the path.")
 
 
 def build_candidate(cfg: DictConfig, label: str, where: str, cand: dict[str, Any]) -> Candidate:

@@ -48,6 +48,7 @@ def _source_run(tmp_path, tasks=("wine_source",), seed=3):
     (run / "checkpoints").mkdir(parents=True)
     save_config(cfg, run / "config.yaml")
     checkpoint.save({"model": model.state_dict(), "epoch": 1}, run / "checkpoints" / "best.pt")
+    (run / "results.json").write_text("{}")  # what the run's end writes
     return run, model
 
 
@@ -126,7 +127,7 @@ def test_regression_target_gets_logme_and_reasons(tmp_path):
     [
         ({"a": {}}, {"scores": ["lgme"]}, [], r"rank.scores\[0\]: unknown score 'lgme'. Did you mean 'logme'"),
         ({"a": {"trunk": {"checkpoint": "missing/trunk.pt"}}}, {}, [], r"rank.candidates.a.trunk.checkpoint: file not found: missing/trunk.pt .* Fix the path"),
-        ({"a": {"run": "nowhere"}}, {}, [], r"rank.candidates.a.run: nowhere is not a finished training run \(no such directory.*mtl train CONFIG output_dir=nowhere"),
+        ({"a": {"run": "nowhere"}}, {}, [], r"rank.candidates.a.run: nowhere is not a finished training run \(no such directory.*train it first \(mtl train CONFIG output_dir=nowhere\)"),
         ({"a": {"comparison": "nowhere"}}, {}, [], r"rank.candidates.a.comparison: nowhere holds no source stages .*mtl compare"),
         ({"a": {"trunk": {"in_features": 30}}}, {}, [], r"rank.candidates.a.trunk: trunk MLP cannot take the inputs of target tasks.wine \(shape \(13,\)\).*Give this candidate a trunk for these inputs"),
         ({"a": {"trunk": {"hidden": [-1]}}}, {}, [], r"rank.candidates.a.trunk"),
@@ -173,12 +174,20 @@ def test_shipped_rank_config_is_valid_and_asks_for_its_source_run(tmp_path):
         expand(s.candidates)
 
 
+def test_an_unfinished_run_is_refused_with_how_to_finish_it(tmp_path):
+    run, _ = _source_run(tmp_path)
+    (run / "results.json").unlink()
+    with pytest.raises(ConfigError, match=r"rank.candidates.x.run: .* \(no results.json;.*still training or was interrupted.*resume=true"):
+        expand({"x": {"run": str(run)}})
+
+
 def test_a_comparison_gives_one_candidate_per_source_stage(tmp_path):
     for seed in (0, 1, 10):
         stage = tmp_path / "cmp" / "sources" / f"seed{seed}"
         (stage / "checkpoints").mkdir(parents=True)
         (stage / "config.yaml").write_text("{}")
         (stage / "checkpoints" / "best.pt").write_bytes(b"")
+        (stage / "results.json").write_text("{}")
     labels = [label for label, _, _ in expand({"q": {"comparison": str(tmp_path / "cmp")}})]
     assert labels == ["q/seed0", "q/seed1", "q/seed10"]
 
