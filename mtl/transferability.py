@@ -26,7 +26,8 @@ REGRESSION = "regression"
 
 class TransferabilityScore:
     """Base class of transferability scores: ``score(features, labels, source_probs) -> float``,
-    higher meaning better expected transfer.
+    higher meaning better expected transfer. ``labels`` are integer class indices [N] for a
+    classification target, floats [N, K] for a regression target.
 
     ``kinds`` are the target kinds the score is defined for (classification, regression);
     ``needs_source`` marks scores that read the source model's class probabilities."""
@@ -97,8 +98,8 @@ class LogME(TransferabilityScore):
         L(α, β) = D/2 log α + N/2 log β − N/2 log 2π − β/2 ‖Fm − y‖² − α/2 ‖m‖² − 1/2 log|A|,
         A = αI + βFᵀF,  m = βA⁻¹Fᵀy,
     maximised by the fixed point α = γ/‖m‖², β = (N − γ)/‖Fm − y‖², γ = Σ_i βσ_i/(α + βσ_i), σ_i the
-    eigenvalues of FᵀF (You et al. 2021, Algorithm 1; with the SVD of F each iteration costs O(D),
-    as in their arXiv:2110.10545). LogME = (1/K) Σ_columns L(α*, β*)/N. Classification and regression.
+    eigenvalues of FᵀF (You et al. 2021, Algorithm 1; in F's singular basis each iteration costs
+    O(min(N, D)), as in their arXiv:2110.10545). LogME = (1/K) Σ_columns L(α*, β*)/N. Classification and regression.
     """
 
     kinds = (CLASSIFICATION, REGRESSION)
