@@ -364,7 +364,13 @@ class Candidate:
     load_s: float
 
 
-def expand(candidates: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+def merged_trunk(base: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """A candidate's trunk node: one that names another trunk replaces the config's node; keys
+    alone set arguments of the config's trunk."""
+    return dict(node) if node.get("name", base["name"]) != base["name"] else {**base, **node}
+
+
+def expand(candidates: dict[str, dict[str, Any]], base_trunk: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """(label, config key, node) per candidate; a comparison gives one per seed's source stage.
     Every path is checked here, before any trunk is built."""
     out = []
@@ -385,11 +391,13 @@ def expand(candidates: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[s
             _check_run(Path(cand["run"]), f"{where}.run")
             out.append((label, f"{where}.run", cand))
         else:
-            checkpoint = (cand.get("trunk") or {}).get("checkpoint")
+            own = cand.get("trunk") or {}
+            checkpoint = merged_trunk(base_trunk, own).get("checkpoint")
+            key = f"{where}.trunk.checkpoint" if "checkpoint" in own else "trunk.checkpoint"
             if checkpoint and not Path(str(checkpoint)).is_file():
                 raise ConfigError(
-                    f"{where}.trunk.checkpoint: file not found: {checkpoint} (relative paths start from {Path.cwd()}). "
-                    f"Fix the path in {where}.trunk.checkpoint (a trunk.pt or checkpoints/best.pt of a run)."
+                    f"{key}: file not found: {checkpoint} (relative paths start from {Path.cwd()}). "
+                    f"Fix the path in {key} (a trunk.pt or checkpoints/best.pt of a run)."
                 )
             out.append((label, f"{where}.trunk", cand))
     return out
@@ -416,10 +424,7 @@ def build_candidate(cfg: DictConfig, label: str, where: str, cand: dict[str, Any
     if "run" in cand:
         trunk, source, note = _run_trunk(Path(cand["run"]), where)
     else:
-        base = to_dict(cfg)["trunk"]
-        node = cand.get("trunk") or {}
-        # A trunk named anew replaces the config's node; keys alone set arguments of the config's trunk.
-        merged = dict(node) if node.get("name", base["name"]) != base["name"] else {**base, **node}
+        merged = merged_trunk(to_dict(cfg)["trunk"], cand.get("trunk") or {})
         trunk = _trunk(merged, where)
         source, note = _pretrained_head(merged, where)
     return Candidate(label, where, trunk, source, note, time.perf_counter() - start)
@@ -558,7 +563,7 @@ def rank(cfg: DictConfig, node: dict[str, Any], log: Callable[[str], None] = pri
     from mtl.results import write_text
 
     s = settings(cfg, node)
-    plan = expand(s.candidates)
+    plan = expand(s.candidates, to_dict(cfg)["trunk"])
     device = resolve_device(cfg.device)
     targets = load_targets(cfg, s)
     candidates = []

@@ -149,6 +149,12 @@ def test_bad_input_is_one_error_naming_the_key_before_scoring(tmp_path, candidat
     assert not (tmp_path / "out").exists()
 
 
+def test_a_missing_checkpoint_of_the_configs_trunk_names_trunk_checkpoint(tmp_path):
+    path = _config(tmp_path, {"a": {}, "b": {"trunk": {"checkpoint": None}}})
+    with pytest.raises(ConfigError, match=r"^trunk.checkpoint: file not found: gone.pt .*Fix the path in trunk.checkpoint"):
+        rank(*load(path, ["trunk.checkpoint=gone.pt"]), log=lambda _: None)
+
+
 def test_cli_prints_the_table_and_reports_bad_input_in_one_line(tmp_path, capsys):
     path = _config(tmp_path, {"random_init": {}}, scores=["logme", "transrate"])
     assert main(["rank", path, "rank.max_samples=40"]) == 0
@@ -171,14 +177,14 @@ def test_shipped_rank_config_is_valid_and_asks_for_its_source_run(tmp_path):
     s = settings(cfg, node)
     assert s.targets == ["digits"] and list(s.scores) == ["logme", "leep", "nce", "hscore", "transrate"]
     with pytest.raises(ConfigError, match="rank.candidates.mnist.run: .* is not a finished training run.*mtl train"):
-        expand(s.candidates)
+        expand(s.candidates, {"name": "seed_net"})
 
 
 def test_an_unfinished_run_is_refused_with_how_to_finish_it(tmp_path):
     run, _ = _source_run(tmp_path)
     (run / "results.json").unlink()
     with pytest.raises(ConfigError, match=r"rank.candidates.x.run: .* \(no results.json;.*still training or was interrupted.*resume=true"):
-        expand({"x": {"run": str(run)}})
+        expand({"x": {"run": str(run)}}, TRUNK)
 
 
 def test_a_comparison_gives_one_candidate_per_source_stage(tmp_path):
@@ -188,7 +194,7 @@ def test_a_comparison_gives_one_candidate_per_source_stage(tmp_path):
         (stage / "config.yaml").write_text("{}")
         (stage / "checkpoints" / "best.pt").write_bytes(b"")
         (stage / "results.json").write_text("{}")
-    labels = [label for label, _, _ in expand({"q": {"comparison": str(tmp_path / "cmp")}})]
+    labels = [label for label, _, _ in expand({"q": {"comparison": str(tmp_path / "cmp")}}, TRUNK)]
     assert labels == ["q/seed0", "q/seed1", "q/seed10"]
 
 
