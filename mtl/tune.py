@@ -91,6 +91,8 @@ class Tuning:
         self.units = [c for c in grid.cells if c.seed == grid.seeds[0]]
         self.cells = []
         for unit in self.units:
+            if not self.method_grid(unit):  # only other methods declared a grid: nothing to search
+                continue
             for values in self.points(unit):
                 for seed in self.seeds:
                     cell = replace(unit, seed=seed, tuned=values, point=point_name(values), dirs=[])
@@ -140,6 +142,10 @@ class Tuning:
         the records of ``tune.json``."""
         records = []
         for unit in self.units:
+            if not self.method_grid(unit):
+                records.append({"method": unit.label, "variant": unit.variant, "fraction": unit.fraction, "selected": {},
+                                "validation": None, "runs": 0, "points": []})
+                continue
             scored = []
             for values in self.points(unit):
                 cells = [c for c in self.cells if c.point == point_name(values) and (c.label, c.variant, c.fraction) == (unit.label, unit.variant, unit.fraction)]

@@ -289,6 +289,9 @@ def test_a_budget_plans_seeds_0_to_max_and_tuning_its_own_seeds(tmp_path):
         assert c.seed == TUNE_SEED and c.dirs[-1].relative_to(tmp_path).parts[:2] == ("tune", c.point)
     assert {k: len(v) for k, v in points.items()} == {("single_task", "mnist"): 2, ("single_task", "digits"): 2, ("joint", ""): 4}
     assert "trainer.optimizer.lr=0.01,weighting.name=rlw" in points[("joint", "")]
+    # An extra grid alone: the other methods have nothing to search and get no tuning runs.
+    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", *TINY, "compare.tune={extra: {joint: {weighting.name: [equal, rlw]}}}"])
+    assert {(c.label, c.point) for c in Grid(cfg).tuning.cells} == {("joint", "weighting.name=equal"), ("joint", "weighting.name=rlw")}
 
 
 def test_validation_score_and_tune_keys_by_hand():
