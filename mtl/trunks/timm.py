@@ -125,9 +125,9 @@ class TimmModelTrunk(Trunk):
     def forward_intermediates(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None, intermediates_only: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]] | list[torch.Tensor]:
-        if not hasattr(self.model, "forward_intermediates"):
+        if not hasattr(self.model, "forward_intermediates") or not self.feature_info:
             raise NotImplementedError(
-                f"timm's {type(self.model).__name__} has no forward_intermediates in timm {_timm_version()}; "
+                f"timm's {type(self.model).__name__} has no forward_intermediates (or feature_info) in timm {_timm_version()}; "
                 "update timm (pip install -U timm) or choose another trunk.model_name."
             )
         # Checked here so that a wrong index gets this trunk's message, not timm's assertion.
