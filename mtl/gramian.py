@@ -12,10 +12,15 @@ G = Σ_k J_k J_kᵀ, since the columns of J are partitioned by the stages.
 Peak memory is T × the largest stage's parameters (plus T × one cut's activations), not
 T × all of them; the work is that of one batched backward, in one call per stage.
 
-A tensor v is a cut when no edge of the graph jumps over it: nodes are numbered in the
-order the forward created them (``_sequence_nr``), an edge a → b (a consumed b's output)
-has b before a, and v is a cut iff no edge has b < v < a, no later node takes another
-output of v's node, and no parameter is consumed on both sides of v.
+A tensor v is a cut when no edge of the graph jumps over it: nodes are numbered in a
+topological order (``topological_order``: an edge a → b, a consumed b's output, has b < a),
+and v is a cut iff no edge has b < v < a, no later node takes another output of v's node,
+and no parameter is consumed on both sides of v. In any topological order that test is
+sound: from the objectives (the largest number) a path to a node below v that avoids v
+must cross v's number on an edge, so "no edge crosses" means everything numbered below v
+is reached through v. The order here follows the forward's module outputs (nodes first
+reached from an earlier output get smaller numbers), close to the creation order, so a node
+of a later layer is rarely numbered below an earlier cut (which would only miss that cut).
 """
 
 from __future__ import annotations
@@ -67,6 +72,26 @@ class Stage:
     bottom: torch.Tensor | None
 
 
+def topological_order(root: torch.autograd.graph.Node, firsts: list[torch.autograd.graph.Node]) -> dict:
+    """``{node: number}`` for the graph below ``root``: children before parents, numbered in a
+    post-order walk from each of ``firsts`` in turn (the module outputs in forward order), then
+    from ``root``. Public autograd API only (``next_functions``); leaves (AccumulateGrad) are
+    not numbered."""
+    number: dict = {}
+    for start in [*firsts, root]:
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in number:
+                continue
+            if expanded:  # every child is numbered by now: a DAG never reaches a node from below it
+                number[node] = len(number)
+                continue
+            stack.append((node, True))
+            stack += [(c, False) for c, _ in node.next_functions if c is not None and getattr(c, "variable", None) is None and c not in number]
+    return number
+
+
 def plan(objectives: torch.Tensor, candidates: list[torch.Tensor], shared: list[nn.Parameter]) -> list[Stage] | None:
     """The stages from the objectives down to the lowest ``shared`` parameter, or None when
     the graph has no cut that splits ``shared`` (one stage would be J itself).
@@ -77,36 +102,34 @@ def plan(objectives: torch.Tensor, candidates: list[torch.Tensor], shared: list[
     if root is None or not candidates:
         return None
     wanted = {id(p) for p in shared}
+    order = topological_order(root, [t.grad_fn for t in candidates])
     spans: list[tuple[int, int]] = []  # the numbers of the two ends of each edge between graph nodes
     taken: dict[int, set[int]] = {}  # node number -> the output indices later nodes consume
     consumers: dict[int, list[int]] = {}  # id(param) -> numbers of the nodes that consume it
-    nodes = {root._sequence_nr(): root}  # number -> node, each visited once
+    reached = {root}  # the nodes below the objectives, each visited once
     stack = [root]
     while stack:
         node = stack.pop()
-        a = node._sequence_nr()
+        a = order[node]
         for child, index in node.next_functions:
             if child is None:
                 continue
             if getattr(child, "variable", None) is not None:  # AccumulateGrad: a leaf
                 consumers.setdefault(id(child.variable), []).append(a)
                 continue
-            b = child._sequence_nr()
-            spans.append((min(a, b), max(a, b)))
+            b = order[child]
+            spans.append((b, a))
             taken.setdefault(b, set()).add(index)
-            if b not in nodes:
-                nodes[b] = child
+            if child not in reached:
+                reached.add(child)
                 stack.append(child)
-            elif nodes[b] is not child:
-                return None  # two nodes share a number: the order cannot be trusted
 
     # Candidates by node number, one tensor per node (in-place ops leave several module
     # outputs on one tensor); only nodes the objectives reach.
     by_number: dict[int, torch.Tensor] = {}
     for tensor in candidates:
-        number = tensor.grad_fn._sequence_nr()
-        if nodes.get(number) is tensor.grad_fn and number != root._sequence_nr():
-            by_number[number] = tensor
+        if tensor.grad_fn in reached and tensor.grad_fn is not root:
+            by_number[order[tensor.grad_fn]] = tensor
     numbers = sorted(by_number)
     invalid = [0] * (len(numbers) + 1)  # a difference array over the sorted candidates
 

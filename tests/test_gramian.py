@@ -232,3 +232,19 @@ def test_other_errors_of_the_batched_backward_are_raised_not_retried_by_rows(err
     _FailsFirst.error = error
     with pytest.raises(type(error), match=str(error)):
         jacobian(_FailsFirst.apply(x).sum(dim=1), [x])
+
+
+def test_the_graph_order_is_topological_and_follows_the_module_outputs():
+    from mtl.gramian import topological_order
+
+    trunk = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with recording(trunk) as outputs:
+        y = trunk(torch.randn(5, 3))
+    root = (y.square().sum(dim=0) * torch.tensor([1.0, 2.0])).grad_fn
+    number = topological_order(root, [t.grad_fn for t in outputs])
+    edges = [(node, child) for node in number for child, _ in node.next_functions if child in number]
+    assert edges and all(number[child] < number[node] for node, child in edges)  # children first
+    # The module outputs in forward order (linear, tanh, linear, the Sequential's = the last
+    # linear's), below the objectives' nodes.
+    ranks = [number[t.grad_fn] for t in outputs]
+    assert ranks == sorted(ranks) and max(ranks) < number[root]
