@@ -28,8 +28,9 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), ~key deletes a key")
         if name == "validate":
             c.add_argument(
-                "--for", dest="judge", choices=("train", "compare"), default=None,
-                help="judge what `mtl train` or `mtl compare` would run; default: both if the config has a compare node, else train",
+                "--for", dest="judge", choices=("train", "compare", "rank"), default=None,
+                help="judge what `mtl train`, `mtl compare` or `mtl rank` would run; default: train, and compare and rank "
+                "where the config has their node",
             )
     ls = sub.add_parser("list", help="what is registered; with NAME, its docstring and config arguments")
     ls.add_argument("kind", choices=sorted(KINDS))
@@ -83,17 +84,22 @@ def _judged(config: str, overrides: Sequence[str], judge: str | None) -> tuple[s
     override) has a compare node, else what `mtl train` runs."""
     if judge:
         return (judge,)
-    written = "compare" in read_yaml(config) or any(o.split("=")[0].split(".")[0] == "compare" for o in overrides)
-    return ("train", "compare") if written and "~compare" not in overrides else ("train",)
+    raw = read_yaml(config)
+    written = "compare" in raw or any(o.split("=")[0].split(".")[0] == "compare" for o in overrides)
+    commands = ("train", "compare") if written and "~compare" not in overrides else ("train",)
+    return commands + (("rank",) if "rank" in raw and "~rank" not in overrides else ())
 
 
 def cmd_validate(config: str, overrides: Sequence[str], judge: str | None = None) -> int:
     from mtl.trainer import Trainer
 
+    from mtl import rank
+
     commands = _judged(config, overrides, judge)
-    cfg = load_config(config, list(overrides))
+    # The rank node is read by `mtl rank` alone: set aside, as `mtl rank` does, before the run config is checked.
+    cfg, node = rank.load(config, list(overrides)) if "rank" in read_yaml(config) else (load_config(config, list(overrides)), None)
     print(f"{config}: judged for {' and '.join(f'`mtl {c}`' for c in commands)}"
-          f"{'' if judge else ' (--for train or --for compare judges one)'}")
+          f"{'' if judge else ' (--for train, compare or rank judges one)'}")
     if "train" in commands:
         trainer = Trainer(cfg)  # builds and checks everything, writes nothing
         for name, task in trainer.tasks.items():
@@ -113,6 +119,10 @@ def cmd_validate(config: str, overrides: Sequence[str], judge: str | None = None
                 raise
             raise ConfigError(f"{e} (judged for `mtl compare`, as the config has a compare node; `--for train` judges only what `mtl train` runs)") from None
         print(f"  compare: {len(grid.cells)} cells; every distinct stage builds")
+    if "rank" in commands:
+        s, targets, candidates = rank.prepare(cfg, node)
+        print(f"  rank: {len(candidates)} candidates x {len(targets)} targets ({', '.join(t.name for t in targets)}), "
+              f"at most {s.max_samples} samples each; every candidate's trunk takes every target's inputs; scores {', '.join(s.scores)}")
     print(f"{config}: OK")
     return 0
 

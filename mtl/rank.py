@@ -62,9 +62,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str
         cfg = resolve(raw, [o for o in overrides if _top_key(o) != "rank"])
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    if node is not None and not isinstance(node, dict):
-        raise ConfigError(f"{path}: rank: must be a mapping ({', '.join(RANK_KEYS)}), got {node!r}.")
-    rank = OmegaConf.create({"rank": node or {}})
+    rank = OmegaConf.create({"rank": node})
     for item in mine:
         try:
             if item.startswith("~"):
@@ -74,10 +72,18 @@ def load(path: str, overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str
                     raise ConfigError(f"{item}: no such key to delete.")
                 del holder[leaf]
             else:
-                rank = OmegaConf.merge(rank, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
+                # As `mtl train` applies overrides: a mapping merges into a mapping, anything else replaces
+                # (a list given for a mapping is then reported by the checks with its key).
+                key = item.partition("=")[0].strip()
+                value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)
+                merge = isinstance(value, DictConfig) and isinstance(OmegaConf.select(rank, key, default=None), DictConfig)
+                OmegaConf.update(rank, key, value, merge=merge)
+        except (OmegaConfBaseException, ValueError, TypeError) as e:
             raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}; write rank.KEY=VALUE, e.g. rank.max_samples=200.") from None
-    return cfg, OmegaConf.to_container(rank, resolve=True)["rank"]
+    node = OmegaConf.to_container(rank, resolve=True).get("rank")  # ~rank deletes the node
+    if node is not None and not isinstance(node, dict):
+        raise ConfigError(f"{path}: rank: must be a mapping ({', '.join(RANK_KEYS)}), got {node!r}.")
+    return cfg, node or {}
 
 
 @dataclass
@@ -553,24 +559,30 @@ def features(trunk: Any, inputs: Any, batch_size: int, device: Any) -> Any:
         return torch.cat([trunk(inputs[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(inputs), batch_size)])
 
 
-def rank(cfg: DictConfig, node: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Check everything, score every candidate for every target, write rank.csv and rank.md."""
-    import pandas as pd
-    import torch
-
-    from mtl.builders import resolve_device
-    from mtl.heads import Head
-    from mtl.results import write_text
-
+def prepare(cfg: DictConfig, node: dict[str, Any]) -> tuple[Settings, list[Target], list[Candidate]]:
+    """Everything `mtl rank` checks before it scores (what `mtl validate --for rank` runs): the
+    rank node, every path, the targets' data, each candidate built and dry-run on each target."""
     s = settings(cfg, node)
     plan = expand(s.candidates, to_dict(cfg)["trunk"])
-    device = resolve_device(cfg.device)
     targets = load_targets(cfg, s)
     candidates = []
     for label, where, cand in plan:
         candidate = build_candidate(cfg, label, where, cand)
         check_fit(candidate, targets)
         candidates.append(candidate)
+    return s, targets, candidates
+
+
+def rank(cfg: DictConfig, node: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Check everything, score every candidate for every target, write rank.csv and rank.md."""
+    import pandas as pd
+
+    from mtl.builders import resolve_device
+    from mtl.heads import Head
+    from mtl.results import write_text
+
+    device = resolve_device(cfg.device)
+    s, targets, candidates = prepare(cfg, node)
     rows = []
     for target in targets:
         for c in candidates:

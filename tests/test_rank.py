@@ -170,6 +170,9 @@ def test_overrides_reach_the_run_config_and_the_rank_node(tmp_path):
     assert cfg.seed == 7 and node["batch_size"] == 16 and list(node["candidates"]) == ["a"]
     with pytest.raises(ConfigError, match="~rank.nope: no such key"):
         load(_config(tmp_path, {"a": {}}), ["~rank.nope"])
+    assert load(_config(tmp_path, {"a": {}}), ["~rank"])[1] == {}
+    with pytest.raises(ConfigError, match=r"rank: must be a mapping \(candidates, "):
+        load(_config(tmp_path, {"a": {}}), ["rank=5"])
 
 
 def test_shipped_rank_config_is_valid_and_asks_for_its_source_run(tmp_path):
@@ -293,3 +296,16 @@ def test_validation_bad_input_names_the_key(tmp_path, measures, message):
     with pytest.raises(ConfigError, match=message):
         rank(*load(path), log=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_judges_the_rank_node_without_scoring(tmp_path, capsys):
+    run, _ = _source_run(tmp_path)
+    path = _config(tmp_path, {"random_init": {}, "run": {"run": str(run)}})
+    assert main(["validate", path]) == 0
+    out = capsys.readouterr().out
+    assert "judged for `mtl train` and `mtl rank`" in out and "rank: 2 candidates x 1 targets (wine)" in out
+    assert not (tmp_path / "out").exists()
+    assert main(["validate", path, "--for", "rank", "rank.candidates.run.run=gone"]) == 2
+    assert "rank.candidates.run.run: gone is not a finished training run" in capsys.readouterr().err
+    assert main(["validate", path, "--for", "train"]) == 0
+    assert "`mtl rank`" not in capsys.readouterr().out
