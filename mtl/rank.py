@@ -523,8 +523,8 @@ def _pretrained_head(node: dict[str, Any], where: str) -> tuple[Callable[[Any], 
 
         return source, "ImageNet-1k classifier (1000 source classes)"
     if node.get("checkpoint"):
-        return None, "a trunk checkpoint holds no source classifier (give the run instead: rank.candidates.<label>.run)"
-    return None, "no source classifier (a randomly initialised or headless trunk)"
+        return None, "a trunk file holds none (rank the run that saved it instead: {run: DIR})"
+    return None, "none with a randomly initialised or headless trunk"
 
 
 def check_fit(candidate: Candidate, targets: list[Target]) -> None:
@@ -655,7 +655,7 @@ def tables(df: Any, scores: list[str]) -> str:
         wide = rows[rows["feature_dim"] >= rows["samples"] - 1]["candidate"].unique()
         if "hscore" in scores and len(wide):
             # The centred features then span the centred sample space: tr(UᵀPU) = C - 1 for any features.
-            lines.append(f"hscore: {', '.join(map(str, wide))} have at least as many features as samples - 1, where H-score is "
+            lines.append(f"hscore for {', '.join(map(str, wide))}: at least as many features as samples - 1, where H-score is "
                          "the number of classes - 1 whatever the features; raise rank.max_samples to tell them apart.")
         parts.append("\n".join(lines).rstrip())
     legend = "Higher is better for every score; (k) is the candidate's rank among this target's candidates."

@@ -76,7 +76,7 @@ def test_rank_scores_each_candidate_on_the_drawn_samples(tmp_path):
     assert float(got["wine_run", "leep"]) == pytest.approx(LEEP().score(None, y, probs), rel=1e-6)
     # Without a source classifier, LEEP is not a number but a reason.
     row = df[(df.candidate == "random_init") & (df.score == "leep")].iloc[0]
-    assert row["value"] == "" and "no source classifier" in row["not_applicable"]
+    assert row["value"] == "" and "needs a source classifier: none with a randomly initialised" in row["not_applicable"]
     assert "n/a" in out["markdown"] and (tmp_path / "out" / "rank.md").read_text() == out["markdown"]
 
 
