@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 import yaml
 
@@ -269,15 +270,9 @@ def test_validation_is_weightedtau_of_the_seed_means_and_unresolved_when_seeds_d
     path = _config(tmp_path, {k: {"trunk": {"hidden": WIDTHS[k]}} for k in "abc"}, scores=["logme"], validate={"measures": measures, "resamples": 200})
     row = rank(*load(path), log=lambda _: None)["validation"].iloc[0]
     means = [np.mean(list(per_seed[k].values())) for k in "abc"]
-    expected = scipy_weightedtau([logme[k] for k in "abc"], means)
+    expected = scipy.stats.weightedtau([logme[k] for k in "abc"], means).statistic
     assert row["tau_w"] == pytest.approx(expected) and row["seeds"] == 2
     assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "not resolved"
-
-
-def scipy_weightedtau(x, y):
-    import scipy.stats
-
-    return scipy.stats.weightedtau(x, y).statistic
 
 
 @pytest.mark.parametrize(
