@@ -309,8 +309,8 @@ class Grid:
 
     def _dirs(self, cell: Cell) -> list[Path]:
         base = _cell_dir(self.root, cell)
-        if cell.shared_source:
-            return [self.root / "sources" / f"seed{cell.seed}", base]
+        if cell.shared_source:  # a tuning seed's source stage stays under tune/, out of the comparison's sources/
+            return [self.root / ("tune/sources" if cell.point else "sources") / f"seed{cell.seed}", base]
         if len(cell.stages) == 1:
             return [base]
         return [base / s.name for s in cell.stages]

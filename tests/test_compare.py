@@ -292,6 +292,9 @@ def test_a_budget_plans_seeds_0_to_max_and_tuning_its_own_seeds(tmp_path):
     # An extra grid alone: the other methods have nothing to search and get no tuning runs.
     cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", *TINY, "compare.tune={extra: {joint: {weighting.name: [equal, rlw]}}}"])
     assert {(c.label, c.point) for c in Grid(cfg).tuning.cells} == {("joint", "weighting.name=equal"), ("joint", "weighting.name=rlw")}
+    # A tuning seed's shared source stage stays out of the comparison's sources/ (which `mtl rank` reads).
+    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", *SHORT, "compare.regimes.sequential.recipes=[fine_tune]", TUNE])
+    assert {c.dirs[0] for c in Grid(cfg).tuning.cells if c.shared_source} == {tmp_path / "tune" / "sources" / f"seed{TUNE_SEED}"}
 
 
 def test_validation_score_and_tune_keys_by_hand():
