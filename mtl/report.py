@@ -10,7 +10,9 @@ so a report can be regenerated from ``results.csv`` alone.
 Every comparison is against the single-task baseline and *paired by seed*: in a grid every
 method runs the same seeds, and a seed fixes the target's labelled subset and the RNGs that
 initialise the model and order the batches (see ``mtl.stats``). Verdicts come only from
-``mtl.stats``: per-seed differences, paired t-test, Holm over every comparison of the report.
+``mtl.stats``: per-seed differences, paired t-test, Holm over every comparison of the report;
+for a grid whose seeds were a budget, its group-sequential stop rule (``stats.SeedBudget``),
+replayed on the table by :func:`budget_stops`.
 """
 
 from __future__ import annotations
