@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
+from mtl.checkpoint import write_atomic
 from mtl.config import WandbConfig
 
 
@@ -47,9 +48,7 @@ class DiskLogger:
         if resume_step is not None and self.path.exists():
             # Events after the checkpoint will be logged again by the resumed run.
             kept = [line for line in self.path.read_text().splitlines(keepends=True) if _step_of(line) <= resume_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, lambda f: f.write("".join(kept).encode()))
         self._file = open(self.path, "a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
