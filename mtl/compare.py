@@ -265,9 +265,11 @@ def stage_config(cfg: DictConfig, cell: Cell, index: int, run_dir: Path, init: d
     wandb = {"group": group, "job_type": cell.regime, "tags": tags, "name": name}
     run = {"output_dir": str(run_dir), "seed": cell.seed, "resume": True, "tasks": tasks, "logging": {"progress_bar": False, "wandb": wandb}}
     # Tuned values set the last stage, the one whose model the comparison evaluates.
-    overrides = _merge(stage.overrides, nested(cell.tuned)) if cell.tuned and index == len(cell.stages) - 1 else stage.overrides
-    raw = _merge(_apply_stage(base, overrides), init, run)
+    tuned = nested(cell.tuned) if cell.tuned and index == len(cell.stages) - 1 else {}
+    raw = _merge(_apply_stage(base, _merge(stage.overrides, tuned)), init, run)
     raw["tasks"] = tasks  # a merge would keep the tasks this stage does not train
+    if "tasks" in tuned:  # ... and would drop a tuned task key
+        raw = _merge(raw, {"tasks": tuned["tasks"]})
     try:
         return resolve(raw)
     except ConfigError as e:

@@ -352,3 +352,15 @@ def test_tuning_selects_on_validation_and_the_evaluation_runs_use_it(tmp_path):
     assert cfg.trainer.optimizer.lr == joint["selected"]["trainer.optimizer.lr"] and cfg.weighting.name == joint["selected"]["weighting.name"]
     report = (out / "report.md").read_text()
     assert "## Tuning" in report and "| joint |  | 1 | " in report and "| joint | 4 | 2 |" in report
+
+
+def test_tuned_values_set_the_last_stage_task_keys_included(tmp_path):
+    from mtl.compare import stage_config
+
+    tune = "compare.tune={extra: {sequential: {tasks.digits.size: [24], weighting.name: [rlw]}}}"
+    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", "compare.fractions=[0.05]", "compare.regimes.sequential.recipes=[fine_tune]", tune])
+    grid = Grid(cfg)
+    cell = next(c for c in grid.tuning.cells if c.label == "sequential/fine_tune")
+    source, target = (stage_config(cfg, cell, i, cell.dirs[i], {}, grid.targets) for i in (0, 1))
+    assert target.tasks.digits.size == 24 and target.tasks.digits.train_fraction == 0.05 and target.weighting.name == "rlw"
+    assert source.weighting.name == "equal" and "digits" not in source.tasks  # the shared source stage is never tuned
