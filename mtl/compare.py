@@ -293,7 +293,6 @@ class Grid:
     """Runs the planned cells; ``rows()`` gathers the long-form results."""
 
     def __init__(self, cfg: DictConfig, log=print):
-        from mtl.report import BASELINE
         from mtl.tune import Tuning
 
         self.cfg = cfg
@@ -304,9 +303,12 @@ class Grid:
         self.log = log
         for cell in self.cells:
             cell.dirs = self._dirs(cell)
-        if self.budget and not any(c.label == BASELINE for c in self.cells):
-            raise ConfigError(f"compare.seeds: a budget adds seeds until every comparison with {BASELINE} resolves, and this grid "
-                              f"has none; add the baseline (compare.regimes.{BASELINE}={{}}) or list the seeds, e.g. compare.seeds=[0,1,2].")
+        if self.budget:
+            from mtl.report import BASELINE  # the report (plots) is imported only where a budget needs its baseline's name
+
+            if not any(c.label == BASELINE for c in self.cells):
+                raise ConfigError(f"compare.seeds: a budget adds seeds until every comparison with {BASELINE} resolves, and this grid "
+                                  f"has none; add the baseline (compare.regimes.{BASELINE}={{}}) or list the seeds, e.g. compare.seeds=[0,1,2].")
         self.tuning = Tuning(self) if cfg.compare.tune else None
 
     def _dirs(self, cell: Cell) -> list[Path]:
