@@ -19,9 +19,10 @@ def test_overhead_tiny_run(capsys, one_thread):
     assert summary["mtl_s"] > 0 and summary["plain_s"] > 0
     assert summary["ratio"] == pytest.approx(summary["mtl_s"] / summary["plain_s"])
     assert summary["cpu_ratio"] == pytest.approx(summary["mtl_cpu_s"] / summary["plain_cpu_s"])
+    assert summary["paired_ratio"] == pytest.approx(summary["mtl_runs_s"][0] / summary["plain_runs_s"][0])  # one round
     assert all(math.isfinite(summary[k]) and summary[k] >= 0 for k in ("mtl_setup_s", "mtl_open_close_s", "plain_setup_s"))
     printed = capsys.readouterr().out.splitlines()
-    for name, key in (("ratio", "ratio"), ("cpu ratio", "cpu_ratio")):
+    for name, key in (("ratio", "ratio"), ("paired ratio", "paired_ratio"), ("cpu ratio", "cpu_ratio")):
         line = next(line for line in printed if line.strip().startswith(name + " "))
         assert float(line.split()[len(name.split())]) == pytest.approx(summary[key], abs=1e-3)
 

@@ -1,6 +1,7 @@
 """End to end: the CLI on the quickstart's real data, at reduced length."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -180,3 +181,47 @@ def test_a_training_step_reads_no_config_node(run_dir):
     for _ in range(3):
         trainer._train_step()
     assert trainer.step == 3
+
+
+def test_background_checkpoint_writes_hold_the_state_when_submitted(tmp_path):
+    from mtl.trainer import CheckpointWriter
+
+    writer, release = CheckpointWriter(), threading.Event()
+
+    def write(state, path):
+        release.wait(5)  # the write starts after training changed the live tensors
+        checkpoint.save(state, path)
+
+    live = torch.nn.Linear(2, 1)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    writer.submit(write, {"model": live.state_dict(), "step": 1}, tmp_path / "a.pt")
+    with torch.no_grad():
+        live.weight.add_(1.0)
+    release.set()
+    writer.wait()
+    saved = checkpoint.load(tmp_path / "a.pt")
+    assert saved["step"] == 1 and saved["model"].keys() == before.keys()
+    for k in before:
+        torch.testing.assert_close(saved["model"][k], before[k])
+    # The state dict's version metadata, which load_state_dict reads, is kept.
+    assert saved["model"]._metadata == live.state_dict()._metadata
+    writer.close()
+
+
+def test_a_failed_background_write_is_raised_by_the_next_wait_in_order(tmp_path):
+    from mtl.trainer import CheckpointWriter
+
+    writer, done = CheckpointWriter(), []
+
+    def write(state, name):
+        if name == "bad":
+            raise OSError("disk full")
+        done.append(name)
+
+    for name in ("first", "bad", "last"):
+        writer.submit(write, {}, name)
+    with pytest.raises(OSError, match="disk full"):
+        writer.wait()
+    assert done == ["first", "last"]  # in order, all ended; a failure stops no later write
+    writer.wait()  # raised once
+    writer.close()

@@ -11,7 +11,8 @@ accuracy, and at the end evaluate that model on train/val/test:
 
 - ``mtl``: ``Trainer(cfg).fit()``, logging and checkpointing at the config's settings
   (metrics.jsonl, the progress bar, W&B in the config's mode, a step checkpoint and
-  best.pt on disk each epoch, results.json, trunk.pt), every check it makes included
+  best.pt on disk each epoch, written on the trainer's background thread and waited for
+  before ``fit`` returns, results.json, trunk.pt), every check it makes included
   (the finiteness check of every step, the masked losses, torchmetrics' accuracy and F1);
 - ``plain``: the loop of ``plain_loop`` below, what one writes by hand: shuffled batches by
   indexing a permutation, one forward of both tasks' inputs, the summed cross-entropies,
@@ -23,7 +24,8 @@ data, model) and, inside ``fit``, opening the run (run directory, config.yaml, t
 run's start) and closing the loggers (W&B's finish). Imports happen before anything is
 timed. The two sides alternate, ``--repeats`` times each after one untimed round;
 ``ratio`` is the median wall time of ``mtl`` over that of ``plain``, measured in one run,
-and ``cpu ratio`` the same of this process's CPU time, which another process's load
+``paired ratio`` the median over rounds of each round's own ratio (both sides ran back to
+back, so a slow drift of the machine's load cancels), and ``cpu ratio`` the same of this process's CPU time, which another process's load
 hardly changes but which misses time spent waiting (an fsync of a checkpoint, say).
 Wall times are only as good as the machine is idle; on a shared machine, ``--threads 1``
 is steadier.
@@ -242,12 +244,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plain_setup_s": median(plain_runs, "setup_s"),
     }
     summary["ratio"] = summary["mtl_s"] / summary["plain_s"]
+    # Each round ran both sides back to back: its own ratio cancels a drift of the machine's load between rounds.
+    summary["paired_ratio"] = statistics.median(m["run_s"] / p["run_s"] for m, p in zip(mtl_runs, plain_runs))
     summary["cpu_ratio"] = summary["mtl_cpu_s"] / summary["plain_cpu_s"]
     steps, mtl_s, plain_s = summary["steps"], summary["mtl_s"], summary["plain_s"]
     print(f"{Path(args.config).name} {' '.join(args.overrides)}: {steps} steps, {args.repeats} repeats, {summary['threads']} threads, load average {os.getloadavg()[0]:.2f}")
     print(f"  mtl train loop  {mtl_s:8.3f} s  ({1e3 * mtl_s / steps:.1f} ms/step; runs {', '.join(f'{v:.2f}' for v in summary['mtl_runs_s'])})")
     print(f"  plain loop      {plain_s:8.3f} s  ({1e3 * plain_s / steps:.1f} ms/step; runs {', '.join(f'{v:.2f}' for v in summary['plain_runs_s'])})")
     print(f"  ratio           {summary['ratio']:8.3f}  (median mtl / median plain, wall clock)")
+    print(f"  paired ratio    {summary['paired_ratio']:8.3f}  (median over rounds of mtl / plain within the round)")
     print(f"  cpu ratio       {summary['cpu_ratio']:8.3f}  (the same of this process's CPU time: {summary['mtl_cpu_s']:.3f} / {summary['plain_cpu_s']:.3f} s; "
           "steadier on a busy machine, blind to time spent waiting, e.g. on fsync)")
     print(f"  one-time, not in the ratio: Trainer() {summary['mtl_setup_s']:.2f} s, run open + loggers close (W&B start/finish) "
