@@ -82,13 +82,15 @@ def _constant(d: np.ndarray) -> np.ndarray:
 def paired_t_test(diffs) -> np.ndarray:
     """Two-sided p-value of the paired t-test (H0: mean difference 0) along the last axis:
     ``scipy.stats.ttest_1samp(diffs, 0)``, identical to ``ttest_rel(method, baseline)``.
-    Differences equal at every seed give p = 0 (all non-zero) or p = 1 (all zero); one seed
+    Differences equal at every seed give p = 1 when all are zero, and NaN (no test) when they
+    are not: the t statistic divides by a spread of zero, and coarse metrics (accuracy on a
+    small test set) tie by chance often enough that p = 0 there made false verdicts. One seed
     gives NaN (no test)."""
     d = np.asarray(diffs, float)
     if d.shape[-1] < 2:
         return np.full(d.shape[:-1], np.nan)
     p = np.asarray(_quiet(stats.ttest_1samp, d, 0.0, axis=-1).pvalue, float)
-    return np.where(_constant(d), np.where(d.mean(axis=-1) != 0, 0.0, 1.0), p)
+    return np.where(_constant(d), np.where(d.mean(axis=-1) != 0, np.nan, 1.0), p)
 
 
 def cohen_dz(diffs) -> np.ndarray:
@@ -293,6 +295,8 @@ class Difference:
         level α/m (Holm's strictest step, so an upper estimate); one seed: no test."""
         if self.n < 2:
             return "one seed: no test"
+        if math.isnan(self.p) and math.isinf(self.dz):
+            return f"the same difference at all {self.n} seeds: no t-test (zero spread); add seeds"
         decision = decide(self.mean, self.p_holm, alpha)
         if decision:
             return "better" if decision > 0 else "worse"

@@ -163,7 +163,9 @@ def test_write_report(results, tmp_path):
     assert "| joint | -15.70 [" in text
     # Verdicts come from the paired tests only; no generated "findings" remain.
     assert "## Findings" not in text and "beats single-task" not in text
-    assert "| joint | src: accuracy | 2 | -0.1000 [-0.1000, -0.1000] | -inf | <0.0001 | <0.0001 | worse |" in text
+    # The same loss at both seeds: zero spread, so no t-test (p = 0 there made false verdicts on coarse metrics).
+    assert ("| joint | src: accuracy | 2 | -0.1000 [-0.1000, -0.1000] | -inf | – | – | "
+            "the same difference at all 2 seeds: no t-test (zero spread); add seeds |") in text
     assert ("| sequential/fine_tune | tgt: mae | 2 | +0.1000 [-1.1706, +1.3706] | +0.71 | 0.5000 | 1.0000 | "
             "no resolved difference at 2 seeds; about 31 seeds would resolve a difference of this size at 80% power |") in text
     assert "Holm-corrected over all 10 tested comparisons" in text

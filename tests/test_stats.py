@@ -34,8 +34,11 @@ def test_paired_t_test_by_hand():
     assert stats.paired_t_test([1.0, 2.0, 3.0]) == pytest.approx(0.0741799, rel=1e-5)
     a, b = np.array([3.1, 2.0, 5.5, 4.0]), np.array([2.0, 1.9, 4.1, 3.3])
     assert stats.paired_t_test(a - b) == pytest.approx(sps.ttest_rel(a, b).pvalue)
-    assert stats.paired_t_test([0.2, 0.2, 0.2]) == 0.0  # the same gain at every seed
-    assert stats.paired_t_test([0.8 - 0.4, 0.9 - 0.5]) == 0.0  # ... up to float rounding
+    assert np.isnan(stats.paired_t_test([0.2, 0.2, 0.2]))  # the same gain at every seed: no spread, no test
+    tie = stats.Difference.of([0.01, 0.01])
+    stats.correct([tie])
+    assert tie.verdict() == "the same difference at all 2 seeds: no t-test (zero spread); add seeds"
+    assert np.isnan(stats.paired_t_test([0.8 - 0.4, 0.9 - 0.5]))  # ... up to float rounding
     assert stats.paired_t_test([0.0, 0.0, 0.0]) == 1.0
     assert math.isnan(stats.paired_t_test([0.3]))
 
