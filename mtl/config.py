@@ -111,6 +111,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)  # read by `mtl compare` only
+    rank: Optional[Dict[str, Any]] = None  # read by `mtl rank` only (mtl/rank.py checks it)
 
 
 def _check_keys(node: Any, schema: type, path: str) -> None:
