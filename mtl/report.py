@@ -28,6 +28,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mtl import stats
+from mtl.results import write_text
 
 BASELINE = "single_task"
 REQUIRED_COLUMNS = (
@@ -308,7 +309,7 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, title: str = "Comparison
         _parameters(df, out),
     ]
     text = "\n\n".join(s for s in sections if s) + "\n"
-    (out / "report.md").write_text(text)
+    write_text(text, out / "report.md")  # atomic: a reader never sees half a report
     return text
 
 
