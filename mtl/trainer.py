@@ -50,7 +50,9 @@ from mtl.results import directions, evaluate, flatten, selection_score, write_js
 
 # How a run is computed, not what it computes: a resume may change these (e.g. a smaller
 # jacobian_chunk after running out of memory).
-RESUMABLE_CHANGES = ("resume", "trainer.epochs", "device", "logging", "trainer.jacobian_chunk", "trainer.staged_gramian")
+# The feature cache changes how a frozen trunk's features are computed, not what they are.
+RESUMABLE_CHANGES = ("resume", "trainer.epochs", "device", "logging", "trainer.jacobian_chunk", "trainer.staged_gramian",
+                     "trunk.feature_cache", "trunk.feature_cache_mb")
 # Read by `mtl compare` only: a training run (a comparison's cell too) is judged without them.
 UNREAD_BY_TRAINING = ("compare",)
 # Which command wrote a directory ({"command": "train" | "compare"}), so that one command
@@ -461,7 +463,8 @@ class Trainer:
         self._end_epoch_losses()
         # Buffers (BatchNorm statistics) saw each rank's own shard: evaluate and save their mean.
         self.dist.mean_([b for b in self.model.buffers() if b.is_floating_point()])
-        val = evaluate(self.model, self.tasks, {n: s.val for n, s in self.splits.items()}, t.eval_batch_size, self.device)
+        val = evaluate(self.model, self.tasks, {n: s.val for n, s in self.splits.items()}, t.eval_batch_size, self.device,
+                       num_workers=t.num_workers, groups=self.groups)
         score = selection_score(val, t.select_on, self.tasks)
         self.loggers.log({**flatten("val", val), "epoch": epoch + 1}, self.step)
         self.epoch = epoch + 1
@@ -647,7 +650,8 @@ class Trainer:
         best = checkpoint.load(self.best_path, map_location=self.device)
         self.model.load_state_dict(best["model"])
         splits = {
-            split: evaluate(self.model, self.tasks, {n: getattr(s, split) for n, s in self.splits.items()}, t.eval_batch_size, self.device)
+            split: evaluate(self.model, self.tasks, {n: getattr(s, split) for n, s in self.splits.items()}, t.eval_batch_size, self.device,
+                            num_workers=t.num_workers, groups=self.groups)
             for split in ("train", "val", "test")
         }
         dirs = directions(self.tasks)

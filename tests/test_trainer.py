@@ -131,9 +131,9 @@ def test_selection_evaluates_the_validation_sets_only(run_dir, monkeypatch):
     seen = []
     original = trainer_module.evaluate
 
-    def spy(model, tasks, datasets, batch_size, device):
+    def spy(model, tasks, datasets, batch_size, device, **kwargs):
         seen.append(datasets)
-        return original(model, tasks, datasets, batch_size, device)
+        return original(model, tasks, datasets, batch_size, device, **kwargs)
 
     monkeypatch.setattr(trainer_module, "evaluate", spy)
     t = trainer_module.Trainer(load_config(QUICKSTART, quick(run_dir, 2, 2)))
@@ -225,3 +225,12 @@ def test_a_failed_background_write_is_raised_by_the_next_wait_in_order(tmp_path)
     assert done == ["first", "last"]  # in order, all ended; a failure stops no later write
     writer.wait()  # raised once
     writer.close()
+
+
+def test_a_resume_may_turn_the_feature_cache_on_or_off():
+    """The cache changes how a frozen trunk's features are computed, not what they are."""
+    from mtl.trainer import config_changes
+
+    old = {"trunk": {"name": "seed_net", "feature_cache": True}, "seed": 0}
+    assert config_changes(old, {"trunk": {"name": "seed_net", "feature_cache": False, "feature_cache_mb": 64}, "seed": 0}) == []
+    assert config_changes(old, {"trunk": {"name": "seed_net", "feature_cache": True}, "seed": 1}) == ["seed"]

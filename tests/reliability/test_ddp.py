@@ -25,6 +25,7 @@ SETUPS = {
     "mgda-parameters": ["weighting.name=mgda"],
     "mgda_ub-representation": ["weighting.name=mgda_ub", *MULTI_MNIST],
     "uncertainty": ["weighting.name=uncertainty"],
+    "nash_mtl-capped": ["weighting.name=nash_mtl", "weighting.max_norm=0.05"],  # the cap binds: one norm after the all-reduce
     "partial-labels-equal": PARTIAL,
     "partial-labels-pcgrad": [*PARTIAL, "weighting.name=pcgrad", "trainer.staged_gramian=false"],
     "partial-labels-upgrad-staged": [*PARTIAL, "weighting.name=upgrad"],
