@@ -432,7 +432,7 @@ def convergence(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
 # ---- formatting ----
 
 
-def _fmt(mean: float, std: float = math.nan, digits: int = 4, signed: bool = False) -> str:
+def format_mean_std(mean: float, std: float = math.nan, digits: int = 4, signed: bool = False) -> str:
     """``mean ± std``; the std is left out where it does not exist (one seed)."""
     if pd.isna(mean):
         return "n/a"
@@ -456,7 +456,7 @@ def _arrow(direction: str) -> str:
     return "↑" if direction == "max" else "↓"
 
 
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -562,7 +562,7 @@ def _task_table(table: pd.DataFrame, fraction: float, primary: dict[str, str], d
     for method, row in rows.iterrows():
         cells = [method, str(int(row["n_seeds"]))]
         for task, metric in primary.items():
-            text = _fmt(row[f"test/{task}/{metric}/mean"], row[f"test/{task}/{metric}/std"])
+            text = format_mean_std(row[f"test/{task}/{metric}/mean"], row[f"test/{task}/{metric}/std"])
             cells.append(f"**{text}**" if method in best[task] else text)
         body.append(cells)
     return "\n".join([
@@ -571,7 +571,7 @@ def _task_table(table: pd.DataFrame, fraction: float, primary: dict[str, str], d
         "Primary test metric, mean ± std over seeds; the best mean per column in bold (a "
         "description, not a verdict: see Verdicts); n/a: not reported.",
         "",
-        _markdown(header, body),
+        markdown_table(header, body),
     ])
 
 
@@ -595,7 +595,7 @@ def _delta_tables(analyses: list[FractionAnalysis], metrics: str) -> str:
                     row.append("n/a" if d is None else f"{_fmt_ci(d.mean, d.low, d.high, 2)} ({len(d.seeds)})")
                 body.append(row)
             parts += ["", f"### Over {name}: {', '.join(tasks)} (metrics: {metrics})", "",
-                      _markdown(["method", *(f"fraction {a.fraction:g}" for a in cols)], body)]
+                      markdown_table(["method", *(f"fraction {a.fraction:g}" for a in cols)], body)]
     return "\n".join(parts)
 
 
@@ -621,7 +621,7 @@ def _verdicts(analyses: list[FractionAnalysis]) -> str:
         body = [[c.method, c.on, str(c.test.n), _fmt_ci(c.test.mean, c.test.low, c.test.high, 2 if c.on == "Δm%" else 4),
                  "–" if np.isnan(c.test.dz) else f"{c.test.dz:+.2f}", _fmt_p(c.test.p), _fmt_p(c.test.p_holm),
                  c.test.verdict(m=max(m, 1))] for c in a.comparisons]
-        lines += ["", f"### Labelled fraction {a.fraction:g}", "", _markdown(header, body)]
+        lines += ["", f"### Labelled fraction {a.fraction:g}", "", markdown_table(header, body)]
     return "\n".join(lines)
 
 
@@ -658,10 +658,10 @@ def _budget_verdicts(analyses: list[FractionAnalysis], budget: stats.SeedBudget,
                 verdict = c.test.verdict(m=max(m, 1))
             body.append([c.method, c.on, str(c.test.n), _fmt_ci(c.test.mean, c.test.low, c.test.high, 2 if c.on == "Δm%" else 4),
                          "–" if np.isnan(c.test.dz) else f"{c.test.dz:+.2f}", _fmt_p(c.test.p), stopped, verdict])
-        lines += ["", f"### Labelled fraction {a.fraction:g}", "", _markdown(header, body)]
+        lines += ["", f"### Labelled fraction {a.fraction:g}", "", markdown_table(header, body)]
     runs = df.drop_duplicates(["method", "fraction", "seed"]).groupby(["method", "fraction"], sort=False)["seed"].nunique()
     lines += ["", "Seeds each method ran, per labelled fraction:", "",
-              _markdown(["method", "fraction", "seeds"], [[mt, f"{f:g}", str(k)] for (mt, f), k in runs.items()])]
+              markdown_table(["method", "fraction", "seeds"], [[mt, f"{f:g}", str(k)] for (mt, f), k in runs.items()])]
     return "\n".join(lines)
 
 
@@ -688,11 +688,11 @@ def _tuning(df: pd.DataFrame, out: Path) -> str:
         f"never evaluation seeds. Selected on {info['selected_on']} (higher is better; lower-is-better metrics negated); "
         "the test split was not read. The evaluation cells below ran with the selected values.",
         "",
-        _markdown(["method", "task", "fraction", "selected", "validation score", "points", "tuning runs"], body),
+        markdown_table(["method", "task", "fraction", "selected", "validation score", "points", "tuning runs"], body),
         "",
         "Runs per method (cells: a sequential cell's shared source stage is not counted):",
         "",
-        _markdown(["method", "tuning runs", "evaluation runs"], runs),
+        markdown_table(["method", "tuning runs", "evaluation runs"], runs),
     ])
 
 
@@ -718,7 +718,7 @@ def _ranks(analyses: list[FractionAnalysis], metrics: str) -> str:
     if not body:
         return ""
     rows = [[m, *(body[m].get(f, "n/a") for f in fractions)] for m in body]
-    return "\n".join(lines + ["", _markdown(["method", *(f"fraction {f:g}" for f in fractions)], rows)])
+    return "\n".join(lines + ["", markdown_table(["method", *(f"fraction {f:g}" for f in fractions)], rows)])
 
 
 def _paired_plot(analyses: list[FractionAnalysis], out: Path, metrics: str) -> str:
@@ -783,7 +783,7 @@ def _convergence(df: pd.DataFrame, out: Path) -> str:
                 body.append([method, f"{fraction:g}", task, f"{len(seeds)} of {len(group)}", ", ".join(str(s) for s in sorted(seeds)),
                              f"{group['epochs'].min()}" if group["epochs"].nunique() == 1 else f"{group['epochs'].min()}–{group['epochs'].max()}"])
         lines += ["", "**Still improving** (each cell's folder: the `cell` column of results.csv):", "",
-                  _markdown(["method", "fraction", "task", "cells flagged", "seeds", "epochs"], body)]
+                  markdown_table(["method", "fraction", "task", "cells flagged", "seeds", "epochs"], body)]
     return "\n".join(lines)
 
 
@@ -856,8 +856,8 @@ def _generalization(df: pd.DataFrame, out: Path, primary: dict[str, str], direct
         row = [method, f"{fraction:g}"]
         for task in tasks:
             has = task in by_task.index
-            row += [_fmt(by_task.loc[task, "gap"], signed=True) if has else "n/a"]
-            row += [_fmt(by_task.loc[task, "brittleness"]) if has else "n/a"]
+            row += [format_mean_std(by_task.loc[task, "gap"], signed=True) if has else "n/a"]
+            row += [format_mean_std(by_task.loc[task, "brittleness"]) if has else "n/a"]
         body.append(row)
 
     colors = _colors(df)
@@ -890,7 +890,7 @@ def _generalization(df: pd.DataFrame, out: Path, primary: dict[str, str], direct
         "(brittleness; lower is steadier; descriptive: with few seeds a std is itself very uncertain). "
         "n/a: no train-split value or a single seed.",
         "",
-        _markdown(header, body),
+        markdown_table(header, body),
         "",
         "![generalization](generalization.png)",
     ])
@@ -925,7 +925,7 @@ def _parameters(df: pd.DataFrame, out: Path) -> str:
         "Per seed, summed over a method's runs at its largest fraction (single-task trains one "
         "model per task, so its count is what serving every task takes).",
         "",
-        _markdown(["method", "runs", "trainable", "total", "trainable share", "wall time (s)"], body),
+        markdown_table(["method", "runs", "trainable", "total", "trainable share", "wall time (s)"], body),
         "",
         "![parameters](parameters.png)",
     ])

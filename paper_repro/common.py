@@ -97,17 +97,17 @@ def seed_stats(df: pd.DataFrame, by: Sequence[str], split: str = "test") -> pd.D
 
 def fmt(mean: float, std: float = math.nan, scale: float = 100.0, digits: int = 2, signed: bool = False) -> str:
     """``mean ± std`` (scaled: accuracies in percent by default); ``n/a`` for NaN: the report's formatting."""
-    from mtl.report import _fmt
+    from mtl.report import format_mean_std
 
     mean, std = (math.nan if v is None else v * scale for v in (mean, std))
-    return _fmt(mean, std, digits, signed)
+    return format_mean_std(mean, std, digits, signed)
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A Markdown table, as the report writes them (any cell value, shown with ``str``)."""
-    from mtl.report import _markdown
+    from mtl.report import markdown_table
 
-    return _markdown([str(h) for h in header], [[str(c) for c in row] for row in rows])
+    return markdown_table([str(h) for h in header], [[str(c) for c in row] for row in rows])
 
 
 def write(results: Path, name: str, text: str) -> Path:
