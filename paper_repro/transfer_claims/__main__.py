@@ -284,7 +284,7 @@ def verdicts(summary: pd.DataFrame, per_seed: pd.DataFrame | None = None) -> str
 
 def lr_sweep(sweep: dict[float, pd.DataFrame], results) -> str:
     if len(sweep) < 2:
-        return "## Learning-rate sweep\n\nNot run (fewer than two learning rates finished)."
+        return "## Learning-rate sweep\n\nNot in this run (fewer than two learning rates: skipped with --no-sweep, or not finished)."
     rows = []
     for lr, df in sweep.items():
         s = target_stats(df)
