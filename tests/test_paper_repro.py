@@ -151,6 +151,35 @@ def test_transfer_claims_verdicts_by_hand():
     assert "Seeds needed for the headline difference" in text and "fine-tune on p at 0.1, +5.5 points" in text
 
 
+def test_weighting_benchmark_verdicts_by_hand(tmp_path):
+    """Δm% against single-task and against equal weighting, paired by seed, Holm over both families."""
+    from scipy import stats as sps
+
+    from paper_repro.weighting_benchmark.__main__ import table
+
+    acc = {  # (left, right) per seed
+        "single_task": [(0.70, 0.60), (0.72, 0.58), (0.68, 0.62)],
+        "equal": [(0.70, 0.60), (0.70, 0.60), (0.70, 0.60)],
+        "uncertainty": [(0.77, 0.66), (0.78, 0.66), (0.77, 0.67)],  # about +10% of equal's accuracy at every seed
+        "dwa": [(0.71, 0.59), (0.69, 0.61), (0.70, 0.60)],
+    }
+    rows = [{"method": m, "seed": i, "task": task, "metric": "accuracy", "split": "test", "value": v, "direction": "max",
+             "primary": True, "cell": f"{m}/{i}"} for m, seeds in acc.items() for i, pair in enumerate(seeds)
+            for task, v in zip(("left", "right"), pair)]
+    t, tests = table(pd.DataFrame(rows), tmp_path)
+    t = t.set_index("method")
+    per_seed = [100 * ((b[0] - e[0]) / e[0] + (b[1] - e[1]) / e[1]) / 2 for b, e in zip(acc["uncertainty"], acc["equal"])]
+    assert len(tests) == 3 + 2  # three MTL methods against single-task, two against equal weighting
+    p = sps.ttest_1samp(per_seed, 0).pvalue
+    assert t.loc["uncertainty", "vs_equal_pct_p_holm"] == pytest.approx(min(1.0, 5 * p))  # the smallest p of the five
+    assert t.loc["uncertainty", "vs_equal_pct_verdict"] == "better"
+    assert t.loc["dwa", "vs_equal_pct_verdict"].startswith("no resolved difference at 3 seeds")
+    # Δm% of the seed means against equal's: (0.7733/0.70 − 1 + 0.6633/0.60 − 1) / 2.
+    assert t.loc["uncertainty", "vs_equal_pct"] == pytest.approx(100 * ((0.7733333 / 0.7 - 1) + (0.6633333 / 0.6 - 1)) / 2, abs=1e-4)
+    assert t.loc["uncertainty", "mean_rank"] == 1.0 and t.loc["uncertainty", "rank_low"] == t.loc["uncertainty", "rank_high"] == 1.0
+    assert pd.isna(t.loc["single_task", "vs_equal_pct"]) and t.loc["single_task", "delta_m_pct"] == 0
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 
 
