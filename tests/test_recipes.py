@@ -170,7 +170,14 @@ def thawed(model):
 # each linear head 50·10+10 = 510. Over epochs 0 and 1:
 HEADS = 2 * 510
 TOTAL = 260 + 5020 + 16050 + HEADS
-TRAINABLE = {"linear_probe": HEADS, "gradual_unfreezing": HEADS + 16050}  # others: all
+# Adapters the parameter-efficient recipes add to seed_net, at their defaults:
+# lora r = 8 on conv1, conv2, fc: (1·25 + 10)·8 + (10·25 + 20)·8 + (320 + 50)·8 = 5400;
+# residual adapters after conv1, conv2 (BN 2C + 1×1 conv C²): 20 + 100 + 40 + 400 = 560;
+# ia3 one scale per output channel of conv1, conv2, fc: 10 + 20 + 50, as many as bitfit's biases.
+BIASES = 10 + 20 + 50
+ADDED = {"lora": 5400, "residual_adapters": 560, "ia3": BIASES}
+TRAINABLE = {"linear_probe": HEADS, "gradual_unfreezing": HEADS + 16050, "bitfit": HEADS + BIASES}
+TRAINABLE |= {name: HEADS + n for name, n in ADDED.items()}  # others: all
 
 
 @pytest.mark.parametrize("name", RECIPES.names())
@@ -179,7 +186,7 @@ def test_every_registered_recipe_trains_the_quickstart_end_to_end(name, run_dir)
     results = _results(run_dir)
     assert results["steps"] == 4
     params = results["parameters"]
-    assert 0 < params["trainable"] <= params["total"] == TOTAL
+    assert 0 < params["trainable"] <= params["total"] == TOTAL + ADDED.get(name, 0)
     assert params["trainable"] == TRAINABLE.get(name, TOTAL)
     for task in ("mnist", "digits"):
         assert torch.isfinite(torch.tensor(results["splits"]["test"][task]["loss"]))
