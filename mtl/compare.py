@@ -13,6 +13,14 @@ with the stage's tasks, recipe and overrides. Built-in regimes:
   stages       any list of stages written in YAML; each starts from the previous stage's
                selected checkpoint (``init_from``: trunk and the heads of tasks that continue).
 
+Forgetting: in a sequential or stages regime, every task trained before the last stage keeps
+its head, and after each later stage it is evaluated on that stage's trunk (``mtl.forgetting``:
+the accuracy matrix of Lopez-Paz & Ranzato 2017, stored per cell in ``forgetting.json``).
+results.csv then has every task of the cell, not the last stage's only, with each value's
+``after_training`` value, ``backward_transfer`` and ``retention``; the report gives ACC, BWT and
+FWT. ``compare.regimes.<label>.forgetting`` lists the tasks to follow (default: every task
+trained before the last stage; ``[]``: none, e.g. when evaluating a large source is costly).
+
 Seeds: ``compare.seeds`` lists them, or is a budget ``{min, max}``: seeds 0, 1, 2, ... are
 added one at a time, from min, until every comparison with single-task resolves under the
 group-sequential rule of ``mtl.stats.SeedBudget`` or max is reached; a method (at a
@@ -73,6 +81,7 @@ class Cell:
     dirs: list[Path] = field(default_factory=list)
     tuned: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value, set on the last stage
     point: str = ""  # a tuning cell's grid point (its folder under tune/); "" for the comparison's own cells
+    forgetting: list[str] = field(default_factory=list)  # earlier tasks evaluated after every later stage
 
 
 def _merge(*nodes: dict[str, Any]) -> dict[str, Any]:
@@ -160,17 +169,50 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
             raise ConfigError(f"{where}.kind: unknown regime kind {kind!r}.{did_you_mean(kind, BUILTIN_KINDS)} Kinds: {', '.join(BUILTIN_KINDS)}.")
         recipes = node.pop("recipes", None)
         custom = node.pop("stages", None)
+        follow = node.pop("forgetting", None)
         if node:
-            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential) or stages (kind stages).")
+            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential), stages (kind stages) "
+                              "or forgetting (sequential, stages).")
         if recipes is not None and kind != "sequential":
             raise ConfigError(f"{where}.recipes: only a sequential regime takes recipes (the target stage's recipe).")
+        if follow is not None and kind in ("single_task", "joint"):
+            raise ConfigError(f"{where}.forgetting: a {kind} regime trains its tasks in one stage, so no later stage can evaluate them; "
+                              "forgetting is measured in sequential and stages regimes.")
         for seed in seeds:
             if kind == "single_task":
                 # A task that is not a target keeps all its data: one baseline per seed.
                 cells += [_single(label, t, seed, 1.0, target_over) for t in cfg.tasks if t not in targets]
             for fraction in c.fractions:
-                cells += _cells(kind, label, seed, float(fraction), targets, sources, recipes, custom, source_over, target_over, where, cfg)
+                new = _cells(kind, label, seed, float(fraction), targets, sources, recipes, custom, source_over, target_over, where, cfg)
+                for cell in new:
+                    cell.forgetting = _follow(follow, cell.stages, f"{where}.forgetting", cfg) if kind in ("sequential", "stages") else []
+                cells += new
     return cells
+
+
+def _follow(listed: Any, stages: list[Stage], where: str, cfg: DictConfig) -> list[str]:
+    """The earlier tasks a sequential cell evaluates after every later stage: ``listed``
+    (``compare.regimes.<label>.forgetting``), checked, or by default every task trained before
+    the last stage (``mtl.forgetting.followable``)."""
+    from mtl.forgetting import followable
+
+    can = followable([s.tasks for s in stages])
+    if listed is None:
+        return can
+    if not isinstance(listed, list) or not all(isinstance(t, str) for t in listed):
+        raise ConfigError(f"{where}: must be a list of task names (default: every task trained before the last stage; [] for none), got {listed!r}.")
+    if listed and len(stages) < 2:
+        raise ConfigError(f"{where}: the regime has {len(stages)} stage; backward transfer compares a task after its own stage with "
+                          "after a later one, so it needs 2 or more stages (add a stage, or remove forgetting).")
+    _check_tasks(listed, cfg, where)
+    for i, task in enumerate(listed):
+        if task not in can:
+            trained = [s.name for s in stages if task in s.tasks]
+            why = (f"is trained in the last stage ({stages[-1].name}), so no later stage evaluates it after its training" if trained
+                   else "is trained by no stage of this regime")
+            raise ConfigError(f"{where}[{i}]: task {task!r} {why}; backward transfer needs a task trained before the last stage"
+                              + (f": {', '.join(can)}." if can else ", and this regime has none."))
+    return list(dict.fromkeys(listed))
 
 
 def _single(label: str, task: str, seed: int, fraction: float, overrides: dict[str, Any]) -> Cell:
@@ -455,6 +497,16 @@ class Grid:
         return chosen, trained
 
     def rows(self, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
+        """The long-form results of the finished ``cells`` (default: every planned cell): one row
+        per task, split and metric of the cell's final model. A sequential cell also has the
+        earlier tasks it follows (val and test splits, from its forgetting matrix, computed here
+        on first use). Every row says which stages trained its task (``trained_first``,
+        ``trained_last``, of ``stages``), its value right after that training
+        (``after_training``), and, for a task trained before the last stage, its
+        ``backward_transfer`` (final − after training, signed: negative is forgetting) and
+        ``retention`` (``mtl.forgetting``)."""
+        from mtl.forgetting import retention
+
         rows = []
         for cell in self.cells if cells is None else cells:
             path = cell.dirs[-1] / "results.json"
@@ -462,9 +514,24 @@ class Grid:
                 continue
             results = json.loads(path.read_text())
             wall = sum(json.loads((d / "results.json").read_text())["wall_time_s"] for d in cell.dirs if (d / "results.json").exists())
-            for task, info in results["tasks"].items():
-                for split, per_task in results["splits"].items():
-                    for metric, value in per_task[task].items():
+            last = len(cell.stages) - 1
+            final = {t: (info, {s: results["splits"][s][t] for s in results["splits"]}, {s: results["splits"][s][t] for s in results["splits"]})
+                     for t, info in results["tasks"].items()}
+            if cell.forgetting:
+                m = self.forgetting(cell)
+                for t in cell.forgetting:
+                    info = m["tasks"][t]
+                    own = info["stages"][-1]
+                    final[t] = (info, {s: m["after"][last][s][t] for s in m["after"][last]}, {s: m["after"][own][s][t] for s in m["after"][own]})
+            for task, (info, splits, after) in final.items():
+                trained = [i for i, s in enumerate(cell.stages) if task in s.tasks]
+                for split, per_task in splits.items():
+                    for metric, value in per_task.items():
+                        value = float("nan") if value is None else value
+                        before = after[split].get(metric)
+                        before = float("nan") if before is None else before
+                        direction = info["directions"][metric]
+                        earlier = trained[-1] < last
                         rows.append(
                             {
                                 "method": cell.label,
@@ -475,16 +542,29 @@ class Grid:
                                 "task": task,
                                 "split": split,
                                 "metric": metric,
-                                "value": float("nan") if value is None else value,
-                                "direction": info["directions"][metric],
+                                "value": value,
+                                "direction": direction,
                                 "primary": metric == info["primary_metric"],
                                 "trainable_params": results["parameters"]["trainable"],
                                 "total_params": results["parameters"]["total"],
                                 "wall_time_s": wall,
                                 "cell": str(cell.dirs[-1].relative_to(self.root)),
+                                "stages": len(cell.stages),
+                                "trained_first": trained[0],
+                                "trained_last": trained[-1],
+                                "after_training": before,
+                                "backward_transfer": ((value - before) if direction == "max" else (before - value)) if earlier else float("nan"),
+                                "retention": retention(value, before, direction == "max") if earlier else float("nan"),
                             }
                         )
         return rows
+
+    def forgetting(self, cell: Cell) -> dict[str, Any]:
+        """The finished sequential ``cell``'s accuracy matrix (``mtl.forgetting.matrix``), kept in its folder."""
+        from mtl.forgetting import FILE, ChainStage, matrix
+
+        stages = [ChainStage(s.name, list(s.tasks), d) for s, d in zip(cell.stages, cell.dirs)]
+        return matrix(_cell_dir(self.root, cell) / FILE, stages, cell.forgetting, self.log)
 
 
 def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:

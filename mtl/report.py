@@ -1,6 +1,7 @@
 """Comparison report: per-task tables, Δm% against single-task, verdicts from paired
-statistics, convergence flags, and data-efficiency, generalization, paired-difference and
-parameter plots.
+statistics, convergence flags, forgetting in sequential regimes (ACC, BWT, FWT), and
+data-efficiency, generalization, paired-difference, parameter and accuracy-against-trainable-
+parameters plots.
 
 Input is the long-form results table that ``mtl compare`` writes (one row per value; see
 ``REQUIRED_COLUMNS``). Every number and every sentence is computed here from that table
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from mtl import stats
 from mtl.results import write_text
@@ -283,8 +285,9 @@ def _table(analyses: list[FractionAnalysis], primary: dict[str, str]) -> pd.Data
 def write_report(df: pd.DataFrame, out_dir: str | Path, title: str = "Comparison", metrics: str = "all",
                  budget: stats.SeedBudget | None = None) -> str:
     """Write ``report.md`` and its plots (each as PNG at 150 dpi and PDF:
-    ``data_efficiency_<task>``, ``paired_differences``, ``generalization``, ``parameters``)
-    into ``out_dir``; return the Markdown. Convergence is read from the cells' ``metrics.jsonl``
+    ``data_efficiency_<task>``, ``paired_differences``, ``generalization``, ``parameters``,
+    ``accuracy_vs_parameters``) into ``out_dir``; return the Markdown. A table with the
+    forgetting columns (a grid with sequential regimes) also gets ACC, BWT and FWT. Convergence is read from the cells' ``metrics.jsonl``
     when ``out_dir`` is the grid's output_dir, tuning from its ``tune.json``. With ``budget``
     (a grid whose seeds were a budget) the verdicts are the budget's stop rule's."""
     df = _prepare(df)
@@ -306,7 +309,9 @@ def write_report(df: pd.DataFrame, out_dir: str | Path, title: str = "Comparison
         _convergence(df, out),
         _data_efficiency(df, out, primary, directions),
         _generalization(df, out, primary, directions),
+        _forgetting_section(df),
         _parameters(df, out),
+        _accuracy_vs_parameters(df, out, primary, directions),
     ]
     text = "\n\n".join(s for s in sections if s) + "\n"
     write_text(text, out / "report.md")  # atomic: a reader never sees half a report
@@ -417,6 +422,8 @@ def convergence(df: pd.DataFrame, root: str | Path) -> pd.DataFrame:
     primary, directions = _primary_metrics(df), _directions(df)
     records = []
     cells = df[df["split"] == "test"].drop_duplicates(["cell", "task"])
+    if "trained_last" in cells.columns:  # an earlier task of a sequential cell trained in another run (its source stage)
+        cells = cells[cells["trained_last"] >= cells["stages"] - 1]
     for row in cells.itertuples(index=False):
         path = Path(root) / row.cell / "metrics.jsonl"
         if not path.exists():
@@ -928,4 +935,198 @@ def _parameters(df: pd.DataFrame, out: Path) -> str:
         markdown_table(["method", "runs", "trainable", "total", "trainable share", "wall time (s)"], body),
         "",
         "![parameters](parameters.png)",
+    ])
+
+
+# ---- forgetting (sequential regimes) and accuracy against trainable parameters ----
+
+FORGETTING_COLUMNS = ("stages", "trained_first", "trained_last", "after_training", "backward_transfer")
+
+
+@dataclass
+class Forgetting:
+    """One multi-stage method at one fraction, per seed over the tasks of its cells (test split,
+    primary metrics): ACC, BWT and FWT (``mtl.forgetting``); ``vs_joint``: ACC minus the joint
+    regime's ACC of the same seed. Each a ``stats.Difference`` of per-seed values (ACC: its
+    mean and spread, no test); None where it does not apply."""
+
+    method: str
+    fraction: float
+    acc: np.ndarray
+    bwt: stats.Difference | None
+    fwt: stats.Difference | None
+    vs_joint: stats.Difference | None
+
+
+def forgetting(df: pd.DataFrame, joint: str = "joint") -> list[Forgetting]:
+    """ACC, BWT and FWT of every method whose cells have 2 or more stages, per labelled fraction,
+    from the long-form table alone (its forgetting columns, written by ``mtl compare``):
+
+      ACC = mean over the cell's tasks of the final value (R_{T,i});
+      BWT = mean over the tasks trained before the last stage of ``backward_transfer``
+            (R_{T,i} − R_{i,i}, signed: negative is forgetting);
+      FWT = mean over the tasks not trained in the first stage of ``after_training`` (R_{i,i})
+            minus the single-task value of the same task and seed (signed by direction).
+
+    Averages over tasks are taken only when every task's primary metric is the same metric
+    with the same direction (they must share a scale); otherwise that method has none. The
+    tests (BWT ≠ 0, FWT ≠ 0, ACC − joint ≠ 0: paired t-tests over seeds) are Holm-corrected
+    together, as one family of their own."""
+    df = _prepare(df)
+    if any(c not in df.columns for c in FORGETTING_COLUMNS):
+        return []
+    primary, directions = _primary_metrics(df), _directions(df)
+    test = df[(df["split"] == "test") & df["primary"]]
+    out = []
+    for fraction in sorted(test["fraction"].unique()):
+        base = _values(_method_rows(df, BASELINE, fraction), "test") if BASELINE in set(df["method"]) else pd.DataFrame()
+        joint_acc = _acc_per_seed(test[(test["method"] == joint) & (test["fraction"] == fraction)], primary, directions)
+        for method in _methods(test):
+            rows = test[(test["method"] == method) & (test["fraction"] == fraction)]
+            if rows.empty or rows["stages"].max() < 2:
+                continue
+            acc = _acc_per_seed(rows, primary, directions)
+            if acc is None:
+                out.append(Forgetting(method, fraction, np.array([]), None, None, None))
+                continue
+            sign = 1.0 if directions[(rows["task"].iloc[0], rows["metric"].iloc[0])] == "max" else -1.0
+            earlier = rows[rows["trained_last"] < rows["stages"] - 1]
+            bwt = earlier.groupby("seed")["backward_transfer"].mean().dropna()
+            later = rows[rows["trained_first"] > 0]
+            gains = []
+            for row in later.itertuples(index=False):
+                key = (row.task, primary[row.task])
+                if key in base.columns and row.seed in base.index and pd.notna(base.loc[row.seed, key]):
+                    gains.append((row.seed, sign * (row.after_training - base.loc[row.seed, key])))
+            fwt = pd.DataFrame(gains, columns=["seed", "gain"]).groupby("seed")["gain"].mean() if gains else pd.Series(dtype=float)
+            both = acc.index.intersection(joint_acc.index) if joint_acc is not None else []
+            out.append(Forgetting(
+                method, fraction, acc.to_numpy(),
+                stats.Difference.of(bwt.to_numpy()) if len(bwt) else None,
+                stats.Difference.of(fwt.to_numpy()) if len(fwt) else None,
+                stats.Difference.of(sign * (acc[both] - joint_acc[both]).to_numpy()) if len(both) else None,
+            ))
+    stats.correct([d for f in out for d in (f.bwt, f.fwt, f.vs_joint) if d is not None])
+    return out
+
+
+def _acc_per_seed(rows: pd.DataFrame, primary: dict[str, str], directions: Directions) -> pd.Series | None:
+    """Per seed, the mean final value over the tasks (ACC); None without rows or when the tasks'
+    primary metrics differ (an average over different scales means nothing)."""
+    if rows.empty or len({(m, directions[(t, m)]) for t, m in primary.items() if t in set(rows["task"])}) > 1:
+        return None
+    per_seed = rows.groupby(["seed", "task"])["value"].mean().unstack("task")
+    return per_seed.dropna().mean(axis=1)
+
+
+def _forgetting_section(df: pd.DataFrame) -> str:
+    results = forgetting(df)
+    if not results:
+        return ""
+    d = _prepare(df)
+    primary, directions = _primary_metrics(d), _directions(d)
+    m = sum(1 for f in results for t in (f.bwt, f.fwt, f.vs_joint) if t is not None and t.n > 1)
+
+    def cell(diff: stats.Difference | None) -> list[str]:
+        if diff is None:
+            return ["n/a", "–", "–"]
+        return [_fmt_ci(diff.mean, diff.low, diff.high), _fmt_p(diff.p_holm if diff.n > 1 else math.nan), diff.verdict(m=max(m, 1))]
+
+    body = []
+    for f in results:
+        acc = format_mean_std(f.acc.mean(), f.acc.std(ddof=1) if len(f.acc) > 1 else math.nan) if len(f.acc) else "n/a (mixed metrics)"
+        body.append([f.method, f"{f.fraction:g}", str(len(f.acc)), acc, *cell(f.bwt), *cell(f.fwt), *cell(f.vs_joint)])
+    d = d[(d["split"] == "test") & d["primary"] & (d["stages"] >= 2) & (d["trained_last"] < d["stages"] - 1)]
+    tasks = []
+    for (method, fraction, task), g in d.groupby(["method", "fraction", "task"], sort=False):
+        diff = stats.Difference.of(g["backward_transfer"].dropna().to_numpy())
+        tasks.append([method, f"{fraction:g}", task, f"{primary[task]} {_arrow(directions[(task, primary[task])])}", str(diff.n),
+                      format_mean_std(g["after_training"].mean()), format_mean_std(g["value"].mean()),
+                      _fmt_ci(diff.mean, diff.low, diff.high), format_mean_std(g["retention"].mean()) if "retention" in g else "n/a"])
+    return "\n".join([
+        "## Forgetting in sequential transfer",
+        "",
+        "Every task trained before a cell's last stage keeps its head, and after each later stage it is evaluated on that "
+        "stage's trunk (the matrix R of Lopez-Paz & Ranzato 2017, GEM: R[k][i] is task i's test metric after stage k). "
+        "Over a cell's tasks, on their primary test metric: **ACC** = (1/T) Σ_i R[T][i], the final mean; "
+        "**BWT** = 1/(T−1) Σ_{i<T} (R[T][i] − R[i][i]), the change of the earlier tasks since their own training "
+        "(**negative is forgetting**); **FWT** = 1/(T−1) Σ_{i≥2} (R[i][i] − b_i), each later task just after its training "
+        "against single-task b_i of the same seed (GEM's b_i is a random model's score, which with a new head per task is "
+        "chance; a model trained alone is Continual World's reference, Wołczyk et al. 2021). Metrics are signed so that "
+        "positive is better. Mean over seeds [95% t interval]; p (Holm): paired t-test against 0, Holm-corrected over the "
+        f"{m} tests of this section; ACC − joint: per seed against the joint regime. An average over tasks is given only "
+        "when the tasks share their primary metric.",
+        "",
+        markdown_table(["method", "fraction", "n", "ACC", "BWT [95% CI]", "p (Holm)", "verdict", "FWT [95% CI]", "p (Holm)",
+                        "verdict", "ACC − joint [95% CI]", "p (Holm)", "verdict"], body),
+        "",
+        "Per earlier task: its value right after its own training, after the last stage, their difference (backward "
+        "transfer, positive is better) and the retention (final / after training; after / final for lower-is-better "
+        "metrics; 1 = nothing lost):",
+        "",
+        markdown_table(["method", "fraction", "task", "metric", "n", "after training", "final", "backward transfer [95% CI]",
+                        "retention"], tasks),
+    ])
+
+
+def _parameter_tasks(df: pd.DataFrame, primary: dict[str, str]) -> list[str]:
+    """The targets (tasks whose single-task runs span several labelled fractions), else every task."""
+    test = df[df["split"] == "test"]
+    runs = test[test["method"] == BASELINE] if BASELINE in set(test["method"]) else test
+    counts = runs.groupby("task")["fraction"].nunique()
+    targets = [t for t in primary if counts.get(t, 0) > 1]
+    return targets or list(primary)
+
+
+def _accuracy_vs_parameters(df: pd.DataFrame, out: Path, primary: dict[str, str], directions: Directions) -> str:
+    tasks = _parameter_tasks(df, primary)
+    if "trained_last" in df.columns:  # an earlier task of a sequential cell was trained by another run than the counted one
+        df = df[df["trained_last"] >= df["stages"] - 1]
+    # A non-target's baseline runs at fraction 1 only and stands in at every fraction: no panel of its own.
+    methods = df[df["method"] != BASELINE]
+    fractions = sorted((methods if not methods.empty else df)["fraction"].unique())
+    colors = _colors(df)
+    body = []
+    fig = Figure(figsize=(4.2 * len(fractions), 3.4 * len(tasks)))
+    axes = fig.subplots(len(tasks), len(fractions), squeeze=False)
+    for r, task in enumerate(tasks):
+        metric = primary[task]
+        for c, fraction in enumerate(fractions):
+            ax = axes[r, c]
+            methods, xs = _methods(df), []
+            for i, method in enumerate(methods):
+                rows = _method_rows(df, method, fraction)
+                rows = rows[(rows["split"] == "test") & (rows["task"] == task) & (rows["metric"] == metric)]
+                if rows.empty:
+                    continue
+                by_seed = rows.groupby("seed")[["value", "trainable_params"]].mean()
+                mean, half, params = by_seed["value"].mean(), _ci_halfwidth(by_seed["value"]), by_seed["trainable_params"].mean()
+                # Methods that train as many parameters (fine-tune, joint) are dodged by a factor on the log axis.
+                xs.append(params * 10 ** _dodge(i, len(methods), 0.02))
+                ax.errorbar(xs[-1:], [mean], [half], fmt="o", capsize=3, color=colors[method], label=method)
+                interval = f" [{mean - half:.4f}, {mean + half:.4f}]" if len(by_seed) > 1 else ""
+                body.append([task, f"{fraction:g}", method, f"{params:,.0f}", str(len(by_seed)), f"{mean:.4f}{interval}"])
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # a narrow range otherwise labels every minor tick, overlapping
+            if xs:  # at least a decade wide, with a margin: a label then sits on a major tick
+                ax.set_xlim(min(xs) / 3, max(max(xs), 10 * min(xs)) * 3)
+            ax.set_xlabel("trainable parameters (log scale)")
+            ax.set_ylabel(f"test {metric} {_arrow(directions[(task, metric)])}")
+            ax.set_title(f"{task}, fraction {fraction:g}")
+            ax.ticklabel_format(axis="y", useOffset=False)
+            if ax.has_data():
+                ax.legend(fontsize="x-small")
+    _save(fig, out, "accuracy_vs_parameters")
+    return "\n".join([
+        "## Accuracy against trainable parameters",
+        "",
+        "Each method's primary test metric (mean over seeds, 95% t interval) against the parameters its run trains "
+        "(the last stage's: a sequential recipe's count is what fine-tuning the target costs), per task and labelled "
+        "fraction; the targets only where the single-task runs show which they are (several fractions), and a task only "
+        "where the counted run trained it (a sequential cell's earlier tasks are in Forgetting). Also as "
+        "[PDF](accuracy_vs_parameters.pdf).",
+        "",
+        markdown_table(["task", "fraction", "method", "trainable", "n", "test value [95% CI]"], body),
+        "",
+        "![accuracy against trainable parameters](accuracy_vs_parameters.png)",
     ])

@@ -42,12 +42,15 @@ def test_results_csv_is_long_form_with_every_cell(grid_dir):
     test_acc = df[(df.split == "test") & (df.metric == "accuracy")]
     counts = test_acc.groupby(["method", "task"]).size().to_dict()
     # single-task: digits at 2 fractions and mnist once, per seed; sequential reports the
-    # target only; joint reports both tasks at both fractions.
+    # target and the source (its head kept, on the target stage's trunk); joint reports both
+    # tasks at both fractions.
     assert counts == {
         ("single_task", "digits"): 4,
         ("single_task", "mnist"): 2,
         ("sequential/linear_probe", "digits"): 4,
+        ("sequential/linear_probe", "mnist"): 4,
         ("sequential/fine_tune", "digits"): 4,
+        ("sequential/fine_tune", "mnist"): 4,
         ("joint", "digits"): 4,
         ("joint", "mnist"): 4,
     }
@@ -75,7 +78,7 @@ def test_source_stage_trains_once_per_seed_and_transfers_its_trunk(grid_dir):
 def test_report_and_plots_are_written(grid_dir):
     report = (grid_dir / "report.md").read_text()
     assert "Δm%" in report and "validation" in report
-    for name in ("data_efficiency_digits.png", "generalization.png", "parameters.png"):
+    for name in ("data_efficiency_digits.png", "generalization.png", "parameters.png", "accuracy_vs_parameters.png"):
         assert (grid_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
