@@ -48,8 +48,10 @@ class Recipe:
     """Base class, and the full fine-tune: every parameter trains at the stage's LR."""
 
     def setup(self, model: MultiTaskModel) -> None:
-        """Subclasses that override it call ``super().setup(model)``: it records the base trunk."""
+        """Subclasses that override it call ``super().setup(model)``: it records the base trunk,
+        and the shapes of its state as built, before any adapter (what a stage loads from the last)."""
         self.base = adapters.base_reference(model.trunk)
+        self.base_shapes = {k: tuple(v.shape) for k, v in model.trunk.state_dict().items()}
 
     def param_groups(self, model: MultiTaskModel) -> list[dict]:
         return [{"params": list(model.parameters()), "lr_scale": 1.0}]
@@ -103,6 +105,10 @@ class Recipe:
                 f"{where}: its keys are not the ones this recipe trains (missing: {', '.join(missing[:5]) or 'none'}; "
                 f"unexpected: {', '.join(unexpected[:5]) or 'none'}); build the model with the recipe arguments it was written with."
             )
+        own = model.state_dict()
+        misfit = [f"{k} {tuple(v.shape)} (here {tuple(own[k].shape)})" for k, v in checkpoint["model"].items() if v.shape != own[k].shape]
+        if misfit:
+            raise ConfigError(f"{where}: shapes differ from this model's: {'; '.join(misfit[:5])}; build the model with the recipe arguments it was written with.")
         model.load_state_dict(checkpoint["model"], strict=False)
 
 
