@@ -151,6 +151,53 @@ def delta_m_primary(df: pd.DataFrame, baseline: str = "single_task") -> pd.DataF
     return pd.DataFrame(out, columns=["method", "delta_m_pct", "delta_m_pct_std", "delta_m_pct_low", "delta_m_pct_high", "n_seeds"])
 
 
+def per_seed(df: pd.DataFrame) -> pd.DataFrame:
+    """Seeds × (task, metric) test values of the primary metrics, per method (index: method, seed):
+    what the paired comparisons read."""
+    rows = primary_test(df)
+    return rows.groupby(["method", "seed", "task", "metric"])["value"].mean().unstack(["task", "metric"])
+
+
+def directions(df: pd.DataFrame) -> dict[tuple[str, str], str]:
+    rows = primary_test(df)
+    return {(t, m): d for t, m, d in rows[["task", "metric", "direction"]].drop_duplicates().itertuples(index=False)}
+
+
+def against(values: pd.DataFrame, dirs: dict, baseline: str) -> dict:
+    """Δm% (``mtl.report.DeltaM``, paired by seed: ``mtl.report.delta_m_paired``) of every MTL
+    method but ``baseline`` against it; single-task is never compared."""
+    from mtl.report import delta_m_paired
+
+    methods = values.index.get_level_values("method").unique()
+    keys = list(values.columns)
+    return {m: delta_m_paired(values.loc[m], values.loc[baseline], dirs, keys)
+            for m in methods if m not in (baseline, "single_task") and baseline in methods}
+
+
+def rank_ci(values: pd.DataFrame, dirs: dict, methods: list[str]) -> pd.DataFrame:
+    """Mean rank of the per-task test values among ``methods`` (as Navon et al. 2022 and Liu et
+    al. 2023: rank per task, averaged over tasks), here per seed and then averaged over the
+    seeds every method has, with a percentile bootstrap 95% CI over seeds (``mtl.stats``)."""
+    import numpy as np
+
+    from mtl import stats
+
+    seeds = sorted(set.intersection(*(set(values.loc[m].dropna().index) for m in methods)))
+    per_task = [stats.ranks(np.array([values.loc[(m, seeds), key].to_numpy(float) for m in methods]), dirs[key] == "max")
+                for key in values.columns]
+    r = np.mean(per_task, axis=0)  # methods × seeds
+    if len(seeds) < 2:
+        return pd.DataFrame({"mean_rank": r.mean(axis=1), "rank_low": np.nan, "rank_high": np.nan}, index=methods)
+    low, high = stats.bootstrap_ci(np.mean, (r,))
+    return pd.DataFrame({"mean_rank": r.mean(axis=1), "rank_low": low, "rank_high": high}, index=methods)
+
+
+def ci(mean: float, low: float, high: float) -> str:
+    if pd.isna(mean):
+        return "n/a"
+    return f"{mean:+.2f}" + ("" if pd.isna(low) else f" [{low:+.2f}, {high:+.2f}]")
+
+
 def kendall_tau(a: Sequence[str], b: Sequence[str]) -> float:
     """Kendall's τ between two orderings of the same items (1: same order, −1: reversed):
     ``scipy.stats.kendalltau`` of each item's position in ``a`` and in ``b``."""

@@ -48,6 +48,17 @@ def test_study_configs_load_and_plan(config):
     assert plan(cfg)
 
 
+def test_multi_mnist_original_protocol_is_the_authors_setup_with_a_tuned_lr():
+    cfg = load(STUDIES / "multi_mnist" / "multi_mnist.yaml", [], STUDIES / "multi_mnist" / "original.yaml")
+    opt = cfg.trainer.optimizer
+    assert (opt.name, opt.momentum, cfg.trainer.batch_size, cfg.trainer.epochs) == ("sgd", 0.9, 256, 100)
+    # x0.85 every 10 epochs; an epoch is 14 steps of 256 over the 3,500 training pairs.
+    assert (cfg.trainer.lr_schedule.name, cfg.trainer.lr_schedule.step_size, cfg.trainer.lr_schedule.gamma) == ("step", 140, 0.85)
+    assert all(cfg.tasks[t].head.dropout == 0.5 for t in ("left", "right"))
+    assert list(cfg.compare.tune.grid["trainer.optimizer.lr"]) == [0.003, 0.01, 0.03]
+    assert {c.label for c in plan(cfg)} == {"single_task", "equal", "uncertainty", "gradnorm", "mgda_ub"}
+
+
 @pytest.mark.parametrize("pair", sorted(p.stem for p in (STUDIES / "transfer_claims" / "pairs").glob("*.yaml")))
 def test_transfer_pairs_merge_over_the_base(pair):
     cfg = load(STUDIES / "transfer_claims" / "base.yaml", [], STUDIES / "transfer_claims" / "pairs" / f"{pair}.yaml")

@@ -17,14 +17,15 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from mtl import stats
-from mtl.report import DeltaM, delta_m_paired
-from paper_repro.common import SMOKE, STUDIES, fmt, folders, markdown, parser, primary_test, provenance, run_grid, seed_stats, write
+from paper_repro.common import (
+    SMOKE, STUDIES, against, ci, directions, fmt, folders, markdown, parser, per_seed, primary_test, provenance, rank_ci, run_grid,
+    seed_stats, write,
+)
 from paper_repro.weighting_benchmark.published import SOURCE, tables_markdown
 
 HERE = STUDIES / "weighting_benchmark"
@@ -81,39 +82,6 @@ def kind(method: str) -> str:
     return "gradient" if issubclass(WEIGHTINGS.get(method), GradientWeighting) else "loss"
 
 
-def per_seed(df: pd.DataFrame) -> pd.DataFrame:
-    """Seeds × (task, metric) test values of the primary metrics, per method (index: method, seed)."""
-    rows = primary_test(df)
-    return rows.groupby(["method", "seed", "task", "metric"])["value"].mean().unstack(["task", "metric"])
-
-
-def directions(df: pd.DataFrame) -> dict[tuple[str, str], str]:
-    rows = primary_test(df)
-    return {(t, m): d for t, m, d in rows[["task", "metric", "direction"]].drop_duplicates().itertuples(index=False)}
-
-
-def against(values: pd.DataFrame, dirs: dict, baseline: str) -> dict[str, DeltaM]:
-    """Δm% of every MTL method but ``baseline`` against it, paired by seed (``mtl.report.delta_m_paired``)."""
-    methods = values.index.get_level_values("method").unique()
-    keys = list(values.columns)
-    return {m: delta_m_paired(values.loc[m], values.loc[baseline], dirs, keys)
-            for m in methods if m not in (baseline, "single_task") and baseline in methods}
-
-
-def rank_ci(values: pd.DataFrame, dirs: dict, methods: list[str]) -> pd.DataFrame:
-    """Mean rank of the per-task test values among ``methods`` (as Navon et al. 2022 and Liu et
-    al. 2023: rank per task, averaged over tasks), here per seed and then averaged over the
-    seeds every method has, with a percentile bootstrap 95% CI over seeds (``mtl.stats``)."""
-    seeds = sorted(set.intersection(*(set(values.loc[m].dropna().index) for m in methods)))
-    per_task = [stats.ranks(np.array([values.loc[(m, seeds), key].to_numpy(float) for m in methods]), dirs[key] == "max")
-                for key in values.columns]
-    r = np.mean(per_task, axis=0)  # methods × seeds
-    if len(seeds) < 2:
-        return pd.DataFrame({"mean_rank": r.mean(axis=1), "rank_low": np.nan, "rank_high": np.nan}, index=methods)
-    low, high = stats.bootstrap_ci(np.mean, (r,))
-    return pd.DataFrame({"mean_rank": r.mean(axis=1), "rank_low": low, "rank_high": high}, index=methods)
-
-
 def table(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[stats.Difference]]:
     """The results table and the tests behind its verdicts: every MTL method's per-seed Δm%
     against single-task and against equal weighting (paired t-tests), Holm over all of them."""
@@ -144,12 +112,6 @@ def table(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[stats.Differ
     mtl = out["method"] != "single_task"
     out = out.sort_values(["delta_m_pct"], ascending=False, key=lambda s: s.where(mtl, float("inf"))).reset_index(drop=True)
     return out, tests
-
-
-def ci(mean: float, low: float, high: float) -> str:
-    if pd.isna(mean):
-        return "n/a"
-    return f"{mean:+.2f}" + ("" if pd.isna(low) else f" [{low:+.2f}, {high:+.2f}]")
 
 
 def findings(t: pd.DataFrame, m: int) -> list[str]:
