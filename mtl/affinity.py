@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mtl.gramian import vjp_rows
+
 
 class NonFiniteAffinity(RuntimeError):
     """A lookahead loss (or the loss it is divided by) that makes Z undefined."""
@@ -52,12 +54,16 @@ class LookaheadAffinity:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def gradients(self, losses: torch.Tensor) -> list[list[torch.Tensor]]:
-        """Each task's gradient w.r.t. the shared parameters (a zero where a parameter does not
-        reach the task, as in a step on that task alone); the graph is kept for the joint backward."""
-        return [
-            list(torch.autograd.grad(loss, self.shared, retain_graph=True, materialize_grads=True))
-            for loss in losses
-        ]
+        """Each task's gradient w.r.t. the shared parameters, from one batched backward (the
+        gradient engine's ``vjp_rows``); a zero where a parameter does not reach the task, as in
+        a step on that task alone. The graph is kept for the joint backward."""
+        eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
+        grads: list[list[torch.Tensor]] = [[] for _ in losses]
+        for start, stop, batched in vjp_rows(losses, eye, self.shared):
+            for p, g in zip(self.shared, batched):
+                for k in range(start, stop):
+                    grads[k].append(torch.zeros_like(p) if g is None else g[k - start])
+        return grads
 
     def __call__(self, gradients: list[list[torch.Tensor]], evaluate: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``Z`` ``[T, T]`` (row i: the step on task i; column j: the loss of task j), the losses

@@ -1,4 +1,4 @@
-"""The ``mtl`` command: train, compare, validate, rank, list."""
+"""The ``mtl`` command: train, compare, validate, rank, group, list."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
                 help="judge what `mtl train`, `mtl compare` or `mtl rank` would run; default: train, and compare and rank "
                 "where the config has their node",
             )
+    g = sub.add_parser("group", help="task affinity (TAG) from one joint run of CONFIG's tasks, and the groupings it proposes")
+    g.add_argument("config", help="YAML config, e.g. configs/group_quickstart.yaml")
+    g.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), ~key deletes a key")
+    g.add_argument("--every", type=int, default=10, help="measure the affinity every k steps (default 10; 1: every step)")
+    g.add_argument("--groups", type=int, default=None, help="propose groupings of at most 1, ..., G groups (default: one per task)")
+    g.add_argument("--steps", type=int, default=None, help="training steps (default: trainer.epochs x the steps of an epoch)")
     ls = sub.add_parser("list", help="what is registered; with NAME, its docstring and config arguments")
     ls.add_argument("kind", choices=sorted(KINDS))
     ls.add_argument("name", nargs="?", help="one component, e.g. `mtl list weightings pcgrad`")
@@ -76,6 +82,18 @@ def cmd_rank(config: str, overrides: Sequence[str]) -> int:
     print(out["markdown"])
     extra = f", {out['validation_csv']} (each score against measured transfer)" if "validation_csv" in out else ""
     print(f"written: {out['md']}, {out['csv']} (one row per target, candidate and score){extra}")
+    return 0
+
+
+def cmd_group(config: str, overrides: Sequence[str], every: int, groups: int | None, steps: int | None) -> int:
+    from mtl.group import GroupRun, check_arguments
+
+    check_arguments(every, groups, steps)  # before the config and its data are read
+    cfg = load_config(config, list(overrides))
+    out = GroupRun(cfg, every, groups, steps, command=[config, *overrides]).run()
+    print()
+    print(out["markdown"])
+    print(f"written: {cfg.output_dir}/affinity.csv (per measured step, from -> onto), groups.md, groups.json")
     return 0
 
 
@@ -179,6 +197,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return cmd_list(args.kind, args.name)
     # Imported here, not at the top: `mtl list` answers without importing torch.
     from mtl import distributed
+    from mtl.affinity import NonFiniteAffinity
     from mtl.engine import NonFiniteError
 
     try:
@@ -188,8 +207,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             return cmd_compare(args.config, args.overrides)
         if args.command == "rank":
             return cmd_rank(args.config, args.overrides)
+        if args.command == "group":
+            return cmd_group(args.config, args.overrides, args.every, args.groups, args.steps)
         return cmd_validate(args.config, args.overrides, args.judge)
-    except NonFiniteError as e:
+    except (NonFiniteError, NonFiniteAffinity) as e:
         print(f"mtl: error: {e}", file=sys.stderr)
         return 1
     finally:
