@@ -251,7 +251,12 @@ class Validation:
     def per_seed(self, df: Any, method: str, target: str) -> Any:
         """The method's primary metric on ``target`` per seed, signed so that higher is better."""
         rows = df[(df["method"] == method) & (df["task"] == target) & (df["split"] == self.split) & df["primary"] & (df["fraction"] == self.fraction)]
-        sign = rows["direction"].map({"higher": 1.0, "lower": -1.0})
+        # `mtl compare` writes a metric's direction as max (higher is better) or min.
+        sign = rows["direction"].map({"max": 1.0, "min": -1.0})
+        if sign.isna().any():
+            bad = sorted(set(rows["direction"][sign.isna()].astype(str)))
+            raise ConfigError(f"rank.validate: results of {method!r} on {target} have direction {', '.join(bad)}; "
+                              "a results.csv of `mtl compare` says max or min.")
         return (rows["value"] * sign).groupby(rows["seed"]).mean()
 
     def table(self, scores: Any, seed: int) -> Any:

@@ -222,11 +222,11 @@ def test_a_pretrained_classifier_gives_leep(tmp_path):
 WIDTHS = {"a": [8], "b": [16], "c": [4], "d": [2]}
 
 
-def _results(path, method, per_seed, task="wine"):
+def _results(path, method, per_seed, task="wine", direction="max"):
     """A comparison's long-form results.csv (the columns `mtl compare` writes that validation reads)."""
     rows = [
         {"method": method, "seed": seed, "fraction": 1.0, "task": task, "split": "test", "metric": "accuracy",
-         "value": value, "direction": "higher", "primary": True}
+         "value": value, "direction": direction, "primary": True}
         for seed, value in per_seed.items()
     ]
     path.mkdir(parents=True, exist_ok=True)
@@ -273,6 +273,18 @@ def test_validation_is_weightedtau_of_the_seed_means_and_unresolved_when_seeds_d
     expected = scipy.stats.weightedtau([logme[k] for k in "abc"], means).statistic
     assert row["tau_w"] == pytest.approx(expected) and row["seeds"] == 2
     assert row["ci_low"] < 0 < row["ci_high"] and row["verdict"] == "not resolved"
+
+
+def test_validation_signs_a_lower_is_better_metric(tmp_path):
+    """A min-direction metric (an error) counts with its sign flipped: the lowest error ranks first."""
+    logme = _scores(tmp_path, "abc")
+    order = logme.sort_values().index  # worst to best by LogME
+    measures = {"fine_tune": {k: _results(tmp_path / k, "sequential/fine_tune", {s: 0.9 - 0.1 * i + 0.01 * s for s in range(3)},
+                                          direction="min") for i, k in enumerate(order)}}
+    path = _config(tmp_path, {k: {"trunk": {"hidden": WIDTHS[k]}} for k in "abc"}, scores=["logme"],
+                   validate={"measures": measures, "resamples": 200})
+    row = rank(*load(path), log=lambda _: None)["validation"].iloc[0]
+    assert row["tau_w"] == pytest.approx(1.0) and row["verdict"] == "agrees"
 
 
 @pytest.mark.parametrize(
