@@ -24,7 +24,7 @@ class NonFiniteAffinity(RuntimeError):
 
 class LookaheadAffinity:
     """Lookahead inter-task affinity (Fifty et al. 2021, "Efficiently Identifying Task
-    Groupings for Multi-Task Learning", NeurIPS, Eq. 1):
+    Groupings for Multi-Task Learning", NeurIPS), the paper's definition:
 
         Z^t_{i→j} = 1 − L_j(X^t, θ_s^{t+1|i}, θ_j^t) / L_j(X^t, θ_s^t, θ_j^t)
 
@@ -36,8 +36,8 @@ class LookaheadAffinity:
     shared parameters and none elsewhere), so its rule is the run's: SGD, its momentum, Adam's
     moments and bias correction, AdamW's decay, at the LR of step t. The authors' code does the
     same for its optimizer (momentum SGD: θ + μ·v − η·∇L_i, plain SGD at the first step). It
-    divides Z by the LR; Eq. 1, used here, does not (the two differ only when the LR changes
-    during the run, which then weighs late, low-LR steps more in the authors' mean).
+    divides Z by the LR; the paper's definition, used here, does not (the two differ only when
+    the LR changes during the run, which then weighs late, low-LR steps more in the authors' mean).
 
     L_j before and after are forward passes without gradients in training mode (batch
     statistics, as the authors' code), each from the same random state, so dropout draws the
@@ -184,7 +184,7 @@ def grouping_score(z, tasks: Sequence[str], groups: Sequence[Sequence[str]]) -> 
 
 
 def select_groups(z, tasks: Sequence[str], max_groups: int) -> dict[int, Grouping]:
-    """TAG's network selection (Fifty et al. 2021, Sec. 3.2), for each budget G = 1, ...,
+    """TAG's network selection (Fifty et al. 2021), for each budget G = 1, ...,
     ``max_groups``: the collection of at most G task groups that maximises the total affinity
     onto the tasks,
 

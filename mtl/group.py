@@ -326,14 +326,16 @@ def report(result: dict[str, Any], commands: dict[int, list[str]]) -> str:
         serving = ", ".join(f"{t}: {g['serving'][t] + 1} ({g['onto'][t]:+.4f})" for t in names)
         lines.append(f"| {g['max_groups']} | {groups} | {g['score']:+.4f} | {serving} |")
     t = result["step_time"]
-    lines += [
-        "",
-        "## Cost",
-        "",
-        f"Median step {t['plain_s'] * 1e3:.1f} ms without the measurement ({t['plain_steps']} steps), {t['affinity_s'] * 1e3:.1f} ms "
-        f"with it ({t['affinity_steps']} steps): ×{t['ratio']:.2f} at a measured step, ×{t['run_ratio']:.2f} for the run at --every "
-        f"{result['every']}.",
-    ]
+    lines += ["", "## Cost", ""]
+    if t["plain_steps"]:
+        lines.append(
+            f"Median step {t['plain_s'] * 1e3:.1f} ms without the measurement ({t['plain_steps']} steps), {t['affinity_s'] * 1e3:.1f} ms "
+            f"with it ({t['affinity_steps']} steps): ×{t['ratio']:.2f} at a measured step, ×{t['run_ratio']:.2f} for the run at --every "
+            f"{result['every']}."
+        )
+    else:
+        lines.append(f"Median step {t['affinity_s'] * 1e3:.1f} ms, every step measured: no step without the measurement to compare with "
+                     "(--every 2 or more gives both).")
     if commands:
         lines += ["", "## Run a grouping against all-joint and single-task", "",
                   "Each group becomes a joint regime of its own (`groupK`); read each task's row in its serving group's regime.", ""]

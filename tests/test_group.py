@@ -33,7 +33,7 @@ def test_cli_writes_affinity_groups_and_prints_the_table(tmp_path, capsys, one_t
         for b in ("wine", "wine2"):
             mine = [float(r["affinity"]) for r in rows if (r["from"], r["onto"]) == (a, b)]
             assert result["affinity"][a][b] == pytest.approx(sum(mine) / 3)
-            for r in rows:  # each row is Eq. 1 of its own losses
+            for r in rows:  # each row is Z = 1 - L_after / L_before of its own losses
                 assert float(r["affinity"]) == pytest.approx(1 - float(r["loss_after"]) / float(r["loss_before"]), abs=1e-6)
     assert [g["groups"] for g in result["groupings"]] == [[["wine", "wine2"]]] * 2
     timing = result["step_time"]
@@ -49,6 +49,7 @@ def test_training_does_not_depend_on_when_affinity_is_measured(tmp_path, one_thr
         run = GroupRun(cfg, every=every, steps=4)
         run.run(log=lambda line: None)
         models.append(run.model.state_dict())
+    assert "every step measured: no step without the measurement" in (tmp_path / "1" / "groups.md").read_text()
     for (name, a), b in zip(models[0].items(), models[1].values()):
         assert torch.equal(a, b), name
 
