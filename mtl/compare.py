@@ -477,7 +477,7 @@ class Grid:
         trained = self.run(chosen)
         for n in range(budget.min, budget.max):
             stops = budget_stops(pd.DataFrame(self.rows(chosen)), budget)
-            open_ = {(k[1], k[0]) for k, s in stops.items() if not s.resolved}  # (method, fraction)
+            open_ = self.open_comparisons(stops)
             if not open_:
                 self.log(f"seed budget: every comparison resolved at {n} seeds or fewer; no more seeds.")
                 return chosen, trained
@@ -495,6 +495,15 @@ class Grid:
             chosen += more
         self.log(f"seed budget: max ({budget.max} seeds) reached.")
         return chosen, trained
+
+    def open_comparisons(self, stops: dict) -> set[tuple[str, float]]:
+        """(method, fraction) pairs with a comparison the budget has not resolved (``stops``: from
+        ``mtl.report.budget_stops``). A sequential method's comparisons on its earlier tasks are
+        reported but buy no seeds: a linear probe's source scores what single-task scores at
+        every seed (the same run), a tie no number of seeds resolves."""
+        followed = {c.label: set(c.forgetting) for c in self.cells}
+        return {(method, fraction) for (fraction, method, on), stop in stops.items()
+                if not stop.resolved and on.partition(": ")[0] not in followed.get(method, ())}
 
     def rows(self, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
         """The long-form results of the finished ``cells`` (default: every planned cell): one row

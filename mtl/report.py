@@ -647,7 +647,8 @@ def _budget_verdicts(analyses: list[FractionAnalysis], budget: stats.SeedBudget,
         "(better/worse) and its method gets no more seeds once all of its comparisons are. The false-verdict rate stays "
         "≤ 0.05 (`mtl.stats.SeedBudget`; checked by simulation in `tests/test_stats.py`). Difference: method − "
         "single-task, **positive is better**, mean over the comparison's seeds with its 95% t interval (fixed-n, "
-        "descriptive: not adjusted for the looks); p: its paired t-test on those seeds; stopped: why it got its seeds.",
+        "descriptive: not adjusted for the looks); p: its paired t-test on those seeds; stopped: why it got its seeds. "
+        "A sequential method's comparisons on its earlier tasks (see Forgetting) are shown but add no seeds.",
     ]
     header = ["method", "on", "n", "difference [95% CI]", "d_z", "p", "stopped", "verdict"]
     made = df["seed"].nunique()

@@ -367,3 +367,18 @@ def test_tuned_values_set_the_last_stage_task_keys_included(tmp_path):
     source, target = (stage_config(cfg, cell, i, cell.dirs[i], {}, grid.targets) for i in (0, 1))
     assert target.tasks.digits.size == 24 and target.tasks.digits.train_fraction == 0.05 and target.weighting.name == "rlw"
     assert source.weighting.name == "equal" and "digits" not in source.tasks  # the shared source stage is never tuned
+
+
+def test_a_budget_buys_no_seeds_for_a_sequential_methods_earlier_tasks(tmp_path):
+    from mtl.report import Stop
+
+    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", "compare.seeds={min: 2, max: 4}", "compare.fractions=[0.05]",
+                                   "compare.regimes.sequential.recipes=[linear_probe]"])
+    grid = Grid(cfg)
+    open_, done = Stop(0, False, 2, 0.01), Stop(1, True, 2, 0.01)
+    stops = {(0.05, "sequential/linear_probe", "mnist: accuracy"): open_,  # the source, followed: no seeds for it
+             (0.05, "sequential/linear_probe", "digits: accuracy"): done,
+             (0.05, "joint", "mnist: accuracy"): open_}
+    assert grid.open_comparisons(stops) == {("joint", 0.05)}
+    stops[(0.05, "sequential/linear_probe", "Δm%")] = open_
+    assert grid.open_comparisons(stops) == {("joint", 0.05), ("sequential/linear_probe", 0.05)}

@@ -366,3 +366,94 @@ def test_tuning_section_lists_selected_values_and_runs(results, tmp_path):
     assert "| joint |  | 1 | trainer.optimizer.lr=0.001, weighting.name=rlw | n/a | 4 | 8 |" in text
     # Runs per method: the tuning runs, and the evaluation cells of results (fine_tune: 2 seeds × 2 fractions).
     assert "| joint | 8 |" in text and "| sequential/fine_tune | 0 | 4 |" in text
+
+
+# ---- forgetting and accuracy against trainable parameters ----
+
+
+def chain_rows(method, seed, fraction, task, final, after, first, last, stages, params, metric="accuracy"):
+    """Test rows of one task of a multi-stage cell, with the forgetting columns of `mtl compare`."""
+    sign = 1.0 if DIRECTIONS[metric] == "max" else -1.0
+    earlier = last < stages - 1
+    return [{
+        "method": method, "regime": method.partition("/")[0], "recipe": "fine_tune", "seed": seed, "fraction": fraction,
+        "task": task, "split": "test", "metric": metric, "value": final, "direction": DIRECTIONS[metric], "primary": True,
+        "trainable_params": params, "total_params": 1000, "wall_time_s": 1.0, "cell": f"{method}/{fraction}/{seed}",
+        "stages": stages, "trained_first": first, "trained_last": last, "after_training": after,
+        "backward_transfer": sign * (final - after) if earlier else math.nan,
+        "retention": final / after if earlier else math.nan,
+    }]
+
+
+@pytest.fixture
+def chain_results():
+    """Tasks a, b, c: single-task b_i, a 3-stage chain a -> b -> c (the GEM matrix of
+    tests/test_forgetting.py at seed 0, shifted by 0.02 at seed 1), and joint."""
+    R = [[0.9, 0.1, 0.2], [0.8, 0.7, 0.3], [0.6, 0.65, 0.5]]
+    base = {"a": 0.85, "b": 0.6, "c": 0.55}
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        for task, b in base.items():
+            rows += chain_rows("single_task", seed, 1.0, task, b + shift, b + shift, 0, 0, 1, 100)
+            rows += chain_rows("joint", seed, 1.0, task, 0.7 + shift, 0.7 + shift, 0, 0, 1, 300)
+        for i, task in enumerate(base):
+            rows += chain_rows("chain", seed, 1.0, task, R[2][i] + shift, R[i][i] + 2 * shift, i, i, 3, 100 if i == 2 else 77)
+    df = pd.DataFrame(rows)
+    df["primary"] = True
+    PRIMARY.update(a="accuracy", b="accuracy", c="accuracy")
+    yield df
+    for t in "abc":
+        PRIMARY.pop(t)
+
+
+def test_forgetting_gives_acc_bwt_fwt_per_seed_and_the_report_shows_them(chain_results, tmp_path):
+    from mtl.report import forgetting
+
+    (chain,) = forgetting(chain_results)
+    # Seed 0 is the hand-worked matrix: ACC 1.75/3, BWT -0.175, FWT 0.025. Seed 1: final +0.02, after
+    # training +0.04, baselines +0.02: ACC +0.02, BWT -0.02, FWT +0.02.
+    assert chain.acc == pytest.approx([1.75 / 3, 1.75 / 3 + 0.02])
+    assert chain.bwt.n == 2 and chain.bwt.mean == pytest.approx((-0.175 - 0.195) / 2)
+    assert chain.fwt.mean == pytest.approx((0.025 + 0.045) / 2)
+    assert chain.vs_joint.mean == pytest.approx(1.75 / 3 - 0.7)  # ACC − joint's ACC (0.7), the same at both seeds
+    write_report(chain_results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    line = next(l for l in report.splitlines() if l.startswith("| chain | 1 | 2 |"))
+    assert f"{np.mean(chain.acc):.4f} ± {np.std(chain.acc, ddof=1):.4f}" in line
+    assert f"{chain.bwt.mean:+.4f} [{chain.bwt.low:+.4f}, {chain.bwt.high:+.4f}]" in line
+    assert f"{chain.fwt.mean:+.4f} [{chain.fwt.low:+.4f}, {chain.fwt.high:+.4f}]" in line
+    # Per earlier task: a after training 0.9 / 0.94, final 0.6 / 0.62.
+    assert "| chain | 1 | a | accuracy ↑ | 2 | 0.9200 | 0.6100 | -0.3100 [" in report
+    # Single-stage methods have no forgetting row.
+    assert "| joint | 1 |" not in report.split("## Forgetting")[1].split("## Parameters")[0]
+
+
+def test_forgetting_averages_only_tasks_that_share_a_metric(chain_results):
+    from mtl.report import forgetting
+
+    df = chain_results.copy()
+    c = df["task"] == "c"
+    df.loc[c, "metric"], df.loc[c, "direction"] = "mae", "min"
+    PRIMARY["c"] = "mae"
+    (chain,) = forgetting(df)
+    assert len(chain.acc) == 0 and chain.bwt is None and chain.fwt is None
+
+
+def test_a_table_without_forgetting_columns_has_no_forgetting_section(results, tmp_path):
+    from mtl.report import forgetting
+
+    assert forgetting(results) == []
+    assert "## Forgetting" not in write_report(results, tmp_path)
+
+
+def test_accuracy_against_trainable_parameters_table_and_plot(results, tmp_path):
+    report = write_report(results, tmp_path)
+    for suffix, magic in (("png", PNG_MAGIC), ("pdf", b"%PDF")):
+        assert (tmp_path / f"accuracy_vs_parameters.{suffix}").read_bytes()[: len(magic)] == magic
+    section = report.split("## Accuracy against trainable parameters")[1]
+    # tgt is the target (single-task at two fractions): one row per method and fraction; src is not plotted.
+    assert "| src |" not in section
+    seq = results[(results.method == "sequential/fine_tune") & (results.split == "test") & (results.metric == "mae") & (results.fraction == 0.1)]
+    mean, (_, low, high) = seq.value.mean(), stats.t_interval(seq.value.to_numpy())
+    assert f"| tgt | 0.1 | sequential/fine_tune | 10 | 2 | {mean:.4f} [{low:.4f}, {high:.4f}] |" in section
+    assert "| tgt | 1 | joint | 150 | 2 |" in section
