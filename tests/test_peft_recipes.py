@@ -393,3 +393,14 @@ def test_compare_sequential_lora_cell_reports_its_trainable_parameters(tmp_path)
     target = df[(df.method == "sequential/lora") & (df.task == "digits")]
     # seed_net at rank 2: conv1 (25 + 10)·2, conv2 (250 + 20)·2, fc (320 + 50)·2 = 1350; digits head 510.
     assert not target.empty and set(target.trainable_params) == {1350 + 510}
+
+
+def test_recipe_bench_counts_what_each_recipe_trains_and_stores(tmp_path):
+    from mtl.bench.recipes import main as bench
+
+    rows = bench(["--recipes", "fine_tune", "{name: lora, rank: 2}", "--rounds", "1", "--warmup", "0", "--batch", "4", "--out", str(tmp_path / "rows.json")])
+    full, lora = rows
+    assert full["trainable"] == full["total"] == 21_330 + 510  # seed_net and one 50→10 head
+    assert lora["trainable"] == 1350 + 510 and lora["total"] == full["total"] + 1350
+    assert lora["checkpoint_bytes"] < full["checkpoint_bytes"] <= full["model_bytes"]
+    assert full["step_vs_fine_tune"] == 1.0 and lora["step_ms"] > 0
