@@ -37,7 +37,7 @@ from mtl.losses import task_losses
 from mtl.results import write_json, write_text
 from mtl.scheduler import AllTasks, Sources
 from mtl.trainer import mark_written_by, seed_everything, written_by
-from mtl.weighting import LossWeighting
+from mtl.weighting import WEIGHTINGS, LossWeighting
 
 MARK = "group"
 
@@ -78,16 +78,15 @@ class GroupRun:
         if other not in (None, MARK):
             raise ConfigError(f"output_dir: {str(self.run_dir)!r} holds the files of `mtl {other}`; choose another output_dir, "
                               f"e.g. output_dir={self.run_dir}-group.")
+        if cfg.weighting.name in WEIGHTINGS:  # checked before the data loads; an import path is checked once built
+            self._check_weighting(WEIGHTINGS.get(cfg.weighting.name))
         self.device = resolve_device(cfg.device)
         seed_everything(cfg.seed, cfg.deterministic)
         parts = build_components(cfg)
         self.tasks, self.splits = parts.tasks, parts.splits
         self.names = list(self.tasks)
         self.model, self.weighting = parts.model.to(self.device), parts.weighting.to(self.device)
-        if not isinstance(self.weighting, LossWeighting):
-            raise ConfigError(f"weighting: `mtl group` trains with a loss-level weighting (TAG's joint run sums the losses); "
-                              f"{cfg.weighting.name!r} is gradient-level. Use weighting.name=equal (or another of `mtl list weightings` "
-                              "marked loss-level).")
+        self._check_weighting(type(self.weighting))
         self.recipe = build_recipe(cfg)
         self.recipe.setup(self.model)
         self._check_trunk_trains()
@@ -112,6 +111,12 @@ class GroupRun:
         self.steps = steps if steps is not None else t.epochs * self.steps_per_epoch
         self.lr_schedule = build_lr_schedule(cfg, self.optimizer, self.steps)
         self.affinity = self._lookahead()
+
+    def _check_weighting(self, cls: type) -> None:
+        if not issubclass(cls, LossWeighting):
+            loss_level = [n for n in WEIGHTINGS.names() if issubclass(WEIGHTINGS.get(n), LossWeighting)]
+            raise ConfigError(f"weighting: `mtl group` trains with a loss-level weighting (TAG's joint run sums the losses); "
+                              f"{self.cfg.weighting.name!r} is gradient-level. Use weighting.name=equal, or one of {', '.join(loss_level)}.")
 
     def _lookahead(self) -> LookaheadAffinity:
         """Over the trunk parameters that train now (a recipe may unfreeze more each epoch)."""
