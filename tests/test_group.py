@@ -42,13 +42,14 @@ def test_cli_writes_affinity_groups_and_prints_the_table(tmp_path, capsys, one_t
     assert json.loads((out / "written_by.json").read_text()) == {"command": "group"}
 
 
-def test_training_does_not_depend_on_when_affinity_is_measured(tmp_path, one_thread):
+@pytest.mark.parametrize("weighting", ["equal", "uncertainty", "famo"])  # famo: losses after the step; uncertainty: its own parameters
+def test_training_does_not_depend_on_when_affinity_is_measured(tmp_path, weighting, one_thread):
     models = []
     for every in (1, 3):
-        cfg = load_config(WINE, [f"output_dir={tmp_path / str(every)}", *TWO])
+        cfg = load_config(WINE, [f"output_dir={tmp_path / str(every)}", *TWO, f"weighting.name={weighting}"])
         run = GroupRun(cfg, every=every, steps=4)
         run.run(log=lambda line: None)
-        models.append(run.model.state_dict())
+        models.append({**run.model.state_dict(), **{f"weighting.{k}": v for k, v in run.weighting.state_dict().items()}})
     assert "every step measured: no step without the measurement" in (tmp_path / "1" / "groups.md").read_text()
     for (name, a), b in zip(models[0].items(), models[1].values()):
         assert torch.equal(a, b), name
