@@ -83,6 +83,21 @@ def test_bad_forgetting_request_fails_before_any_training(tmp_path, extra, messa
     assert not out.exists()
 
 
+def test_every_earlier_task_is_followed_by_default_and_none_on_request(tmp_path):
+    from mtl.compare import Grid
+    from mtl.config import load_config
+
+    def followed(*extra):
+        cells = Grid(load_config(QUICKSTART, [f"output_dir={tmp_path}", SHIFTED, *extra])).cells
+        return {c.label: c.forgetting for c in cells}
+
+    assert followed() == {"single_task": [], "sequential/linear_probe": ["mnist", "shifted"], "sequential/fine_tune": ["mnist", "shifted"],
+                          "sequential/lp_ft": ["mnist", "shifted"], "joint": []}
+    assert followed("compare.regimes.sequential.forgetting=[shifted]")["sequential/fine_tune"] == ["shifted"]
+    assert followed("compare.regimes.sequential.forgetting=[]")["sequential/fine_tune"] == []
+    assert followed(CHAIN.format(name="c", extra=""))["c"] == ["mnist", "shifted"]
+
+
 # ---- a real grid: single-task, sequential (linear probe, fine-tune), a 3-stage chain, joint ----
 
 
@@ -124,6 +139,11 @@ def test_sequential_cells_report_their_source_tasks_with_backward_transfer(grid)
     assert (probe[probe.task == "mnist"].retention == 1).all()
     # Only the val and test splits are evaluated for an earlier task.
     assert set(df[(df.method == "sequential/fine_tune") & (df.task == "mnist")].split) == {"val", "test"}
+    # Its training run is the source stage, not the cell's: the cell's convergence is judged on the target only.
+    from mtl.report import convergence
+
+    judged = convergence(df, out)
+    assert set(judged[judged.method.str.startswith("sequential")].task) == {"digits"}
 
 
 @pytest.mark.slow
