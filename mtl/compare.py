@@ -514,7 +514,7 @@ class Grid:
         (``after_training``), and, for a task trained before the last stage, its
         ``backward_transfer`` (final − after training, signed: negative is forgetting) and
         ``retention`` (``mtl.forgetting``)."""
-        from mtl.forgetting import retention
+        from mtl.forgetting import backward_transfer, retention
 
         rows = []
         for cell in self.cells if cells is None else cells:
@@ -524,14 +524,17 @@ class Grid:
             results = json.loads(path.read_text())
             wall = sum(json.loads((d / "results.json").read_text())["wall_time_s"] for d in cell.dirs if (d / "results.json").exists())
             last = len(cell.stages) - 1
-            final = {t: (info, {s: results["splits"][s][t] for s in results["splits"]}, {s: results["splits"][s][t] for s in results["splits"]})
-                     for t, info in results["tasks"].items()}
+            final = {}  # task -> (its info, {split: final metrics}, {split: metrics right after its last training})
+            for t, info in results["tasks"].items():
+                values = {s: results["splits"][s][t] for s in results["splits"]}
+                final[t] = (info, values, values)  # trained in the last stage: its final values are its after-training ones
             if cell.forgetting:
                 m = self.forgetting(cell)
+                after = m["after"]
                 for t in cell.forgetting:
                     info = m["tasks"][t]
                     own = info["stages"][-1]
-                    final[t] = (info, {s: m["after"][last][s][t] for s in m["after"][last]}, {s: m["after"][own][s][t] for s in m["after"][own]})
+                    final[t] = (info, {s: after[last][s][t] for s in after[last]}, {s: after[own][s][t] for s in after[own]})
             for task, (info, splits, after) in final.items():
                 trained = [i for i, s in enumerate(cell.stages) if task in s.tasks]
                 for split, per_task in splits.items():
@@ -562,7 +565,7 @@ class Grid:
                                 "trained_first": trained[0],
                                 "trained_last": trained[-1],
                                 "after_training": before,
-                                "backward_transfer": ((value - before) if direction == "max" else (before - value)) if earlier else float("nan"),
+                                "backward_transfer": backward_transfer([value], [before], direction == "max") if earlier else float("nan"),
                                 "retention": retention(value, before, direction == "max") if earlier else float("nan"),
                             }
                         )
