@@ -8,26 +8,32 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import random
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtl import contract, optim
 from mtl.config import ConfigError
+from mtl.data import BatchSource, shared_inputs
+from mtl.distributed import Context
 from mtl.features import DEFAULT_MAX_MB, FeatureCache
 from mtl.heads import HEADS, Head
 from mtl.model import MultiTaskModel
 from mtl.recipes import RECIPES, Recipe
 from mtl.registry import ComponentError, build
-from mtl.scheduler import SCHEDULERS, Sources, TaskScheduler
+from mtl.scheduler import SCHEDULERS, AllTasks, Sources, TaskScheduler
+from mtl.step import Feed, Step, build_step
 from mtl.task import TASKS, Splits, Task, TaskArgumentError
 from mtl.trunks import Trunk, build_trunk, load_trunk_checkpoint
 from mtl.trunks.base import TrunkInputError
 from mtl.trunks.loading import read_checkpoint
-from mtl.weighting import WEIGHTINGS, Weighting
+from mtl.weighting import WEIGHTINGS, GradientWeighting, Weighting
 
 logger = logging.getLogger(__name__)
 
@@ -308,3 +314,115 @@ def check_selection(select_on: str, tasks: dict[str, Task]) -> None:
     valid = [*tasks[task].metrics(), "loss"]
     if metric not in valid:
         raise ConfigError(f"trainer.select_on: task {task!r} has no metric {metric!r}; it has {', '.join(valid)}.")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """torch's, Python's and NumPy's global generators (user datasets and transforms draw from them)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # cuBLAS needs a fixed workspace for reproducible GEMMs (CUDA docs, "Reproducibility").
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+@dataclass
+class Run:
+    """Every object of one training stage, built and checked."""
+
+    tasks: dict[str, Task]
+    splits: dict[str, Splits]
+    model: MultiTaskModel
+    weighting: Weighting
+    recipe: Recipe
+    parameters: dict[str, int]  # total, and trainable in at least one epoch of the stage
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LambdaLR
+    groups: dict[str, list[str]]  # input source -> the tasks it feeds
+    sources: dict[str, BatchSource]
+    scheduler: TaskScheduler
+    feed: Feed
+    step: Step
+
+
+def build_run(cfg: DictConfig, dist: Context, device: torch.device) -> Run:
+    """The stage's tasks, data, model, recipe, optimizer, schedules, batch sources and training
+    step, from the resolved config; the seed is set first (the model's initialisation draws from it)."""
+    t = cfg.trainer
+    seed_everything(cfg.seed, cfg.deterministic)
+    parts = build_components(cfg)
+    model, weighting = parts.model.to(device), parts.weighting.to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    recipe = build_recipe(cfg)
+    recipe.setup(model)
+    parameters = count_parameters(cfg, recipe, model)
+    groups = recipe.param_groups(model)
+    if list(weighting.parameters()):
+        # Learned loss scales (uncertainty, IMTL-L) must not be decayed towards 0.
+        groups.append({"params": list(weighting.parameters()), "lr_scale": 1.0, "weight_decay": 0.0, "name": "weighting"})
+    optimizer = build_optimizer(cfg, groups)
+    inputs = input_groups(parts.tasks, parts.splits)
+    sources = {
+        name: BatchSource(
+            shared_inputs([parts.splits[m].train for m in members]), t.batch_size, device, seed=cfg.seed + i,
+            on_device=t.data_on_device, device_limit_mb=t.device_data_limit_mb, num_workers=t.num_workers,
+        )
+        for i, (name, members) in enumerate(inputs.items())
+    }
+    check_shards(cfg, sources, dist)
+    sizes = Sources(
+        samples={n: s.n for n, s in sources.items()}, batches={n: s.batches_per_pass for n, s in sources.items()},
+        seed=cfg.seed, epochs=t.epochs, fixed_epoch=t.steps_per_epoch,
+    )
+    scheduler = build_scheduler(cfg, sizes)
+    check_weighting(cfg, weighting, scheduler, inputs)
+    lr_schedule = build_lr_schedule(cfg, optimizer, t.epochs * scheduler.steps_per_epoch)
+    engine = {"every": cfg.engine.every, "chunk": cfg.engine.jacobian_chunk, "staged": cfg.engine.staged_gramian,
+              "record_every": cfg.logging.log_every}
+    step = build_step(model, parts.tasks, inputs, weighting, optimizer, lr_schedule, recipe, dist, device,
+                      bf16=t.precision == "bf16", grad_clip=t.grad_clip or 0.0, engine=engine)
+    feed = Feed(sources, inputs, dist, channels_last=t.channels_last)
+    return Run(parts.tasks, parts.splits, model, weighting, recipe, parameters, optimizer, lr_schedule, inputs, sources, scheduler, feed, step)
+
+
+def check_weighting(cfg: DictConfig, weighting: Weighting, scheduler: TaskScheduler, groups: dict[str, list[str]]) -> None:
+    """A weighting that needs every task at every step, or one shared representation, gets it."""
+    if weighting.requires_all_tasks and not isinstance(scheduler, AllTasks):
+        raise ConfigError(
+            f"weighting: {cfg.weighting.name!r} needs every task's loss at every step; use scheduler.name=all "
+            "(or weighting.name=equal with a sampling scheduler)."
+        )
+    if isinstance(weighting, GradientWeighting) and weighting.mode == "representation" and len(groups) > 1:
+        advice = ("Use weighting.mode=parameters." if "parameters" in type(weighting).modes
+                  else f"{cfg.weighting.name!r} works on a shared representation only; use weighting.name=mgda, its parameter-gradient form.")
+        raise ConfigError(
+            f"weighting.mode: representation needs one shared representation, i.e. every task fed by one input batch "
+            f"(tasks with one input_key, e.g. MultiMNIST left/right); here the tasks have separate inputs "
+            f"({', '.join(groups)}). " + advice
+        )
+
+
+def check_shards(cfg: DictConfig, sources: dict[str, BatchSource], dist: Context) -> None:
+    """Under torchrun each rank trains on an equal slice of every global batch."""
+    if not dist.active:
+        return
+    for name, source in sources.items():
+        if source.batch_size % dist.world:
+            raise ConfigError(
+                f"trainer.batch_size: a batch of {source.batch_size} ({name}) does not split evenly over {dist.world} "
+                f"processes; use a batch_size divisible by {dist.world}"
+                + (f" (the training set has only {source.n} samples)." if source.n < cfg.trainer.batch_size else ".")
+            )
+
+
+def count_parameters(cfg: DictConfig, recipe: Recipe, model: MultiTaskModel) -> dict[str, int]:
+    """Total parameters, and those the recipe trains in at least one epoch of the stage."""
+    trainable: dict[int, int] = {}
+    for epoch in recipe.distinct_epochs(model, cfg.trainer.epochs):
+        recipe.start_epoch(model, epoch)
+        trainable.update((id(p), p.numel()) for p in model.parameters() if p.requires_grad)
+    if not trainable:
+        raise ConfigError(f"recipe: {cfg.recipe.name!r} leaves no parameter to train in this stage; choose another recipe.")
+    return {"total": sum(p.numel() for p in model.parameters()), "trainable": sum(trainable.values())}

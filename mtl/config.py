@@ -52,11 +52,6 @@ class TrainerConfig:
     optimizer: Dict[str, Any] = field(default_factory=lambda: {"name": "adam", "lr": 1e-3})
     lr_schedule: Dict[str, Any] = field(default_factory=lambda: {"name": "constant"})
     grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
-    weighting_every: int = 1  # gradient-level weightings: recompute task weights every k steps, reuse between
-    jacobian_chunk: int = 0  # gradient-level weightings: tasks per batched backward (0: all at once; smaller bounds memory)
-    # Methods that need only JJᵀ (MGDA, UPGrad, PCGrad, ...), in a parameter mode: compute it stage by
-    # stage between the trunk's cuts, never holding all of J (less memory, the same update); false forms J.
-    staged_gramian: bool = True
     precision: str = "fp32"  # fp32 | bf16 (autocast in the training forward; evaluation stays fp32)
     channels_last: bool = False  # NHWC memory format for 4-D inputs and the model (faster convs on GPU)
     select_on: str = "primary_mean"  # best epoch by: primary_mean | loss | <task>/<metric> (validation only)
@@ -68,6 +63,17 @@ class TrainerConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of each epoch only)
     keep_checkpoints: int = 2  # the newest N step checkpoints are kept (plus best.pt); older ones are deleted
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (with task, step, value) | skip the step (counted)
+
+
+@dataclass
+class EngineConfig:
+    """The gradient engine of gradient-level weightings (MGDA, PCGrad, UPGrad, ...); loss-level ones ignore it."""
+
+    every: int = 1  # recompute the task weights every k steps, reuse them in between
+    jacobian_chunk: int = 0  # tasks per batched backward (0: all at once; smaller bounds memory)
+    # Methods that need only JJᵀ (MGDA, UPGrad, PCGrad, ...), in a parameter mode: compute it stage by
+    # stage between the trunk's cuts, never holding all of J (less memory, the same update); false forms J.
+    staged_gramian: bool = True
 
 
 @dataclass
@@ -109,9 +115,18 @@ class RunConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     resume: bool = False  # continue the run in output_dir from its last checkpoint
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # gradient-level weightings only
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)  # read by `mtl compare` only
     rank: Optional[Dict[str, Any]] = None  # read by `mtl rank` only (mtl/rank.py checks it)
+
+
+# Keys that moved: an old config names its key's new place instead of "unknown key".
+MOVED = {
+    "trainer.weighting_every": "engine.every",
+    "trainer.jacobian_chunk": "engine.jacobian_chunk",
+    "trainer.staged_gramian": "engine.staged_gramian",
+}
 
 
 def _check_keys(node: Any, schema: type, path: str) -> None:
@@ -121,6 +136,8 @@ def _check_keys(node: Any, schema: type, path: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in node.items():
         where = f"{path}.{key}" if path else str(key)
+        if where in MOVED:
+            raise ConfigError(f"{where}: moved to {MOVED[where]}; write {MOVED[where]}={_plain(value)} instead.")
         if key not in fields:
             raise ConfigError(f"{where}: unknown key.{did_you_mean(str(key), fields)} Valid keys here: {', '.join(fields)}.")
         ftype = fields[key].type
@@ -559,11 +576,11 @@ def check_values(cfg: DictConfig) -> None:
     _must(t.grad_clip is None or t.grad_clip > 0, "trainer.grad_clip", f"must be > 0 or null, got {t.grad_clip}.")
     _must(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "trainer.steps_per_epoch", f"must be >= 1 or null, got {t.steps_per_epoch}.")
     _must(t.precision in ("fp32", "bf16"), "trainer.precision", f"must be fp32 or bf16, got {t.precision!r}.")
-    _at_least(t.weighting_every, "trainer.weighting_every", 1)
+    _at_least(cfg.engine.every, "engine.every", 1)
     _at_least(t.checkpoint_every, "trainer.checkpoint_every", 0, " (0: at epoch ends only)")
     _at_least(t.keep_checkpoints, "trainer.keep_checkpoints", 1, " (resuming needs one)")
     _must(t.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}.")
-    _at_least(t.jacobian_chunk, "trainer.jacobian_chunk", 0, " (0: all tasks at once)")
+    _at_least(cfg.engine.jacobian_chunk, "engine.jacobian_chunk", 0, " (0: all tasks at once)")
     _at_least(t.num_workers, "trainer.num_workers", 0)
     _at_least(t.device_data_limit_mb, "trainer.device_data_limit_mb", 0)
     _at_least(cfg.logging.log_every, "logging.log_every", 1)

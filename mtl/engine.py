@@ -108,8 +108,7 @@ class GradientEngine:
             outputs = self.model.forward_groups(inputs, members)
         losses = loss_fn(outputs, targets)
         L = torch.stack([losses[t] for t in w.tasks])
-        if hasattr(w, "observe"):
-            w.observe(L.detach())
+        w.observe(L.detach())
         objectives = w.transform_losses(L)
         penalty = penalty_fn()
         shared = [leaf] if representation else self._shared()

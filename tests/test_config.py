@@ -61,6 +61,8 @@ def test_overrides_apply_and_types_are_converted():
         (["~output_dir"], "required value missing: output_dir"),
         (["epochs"], "override 'epochs' must be key=value"),
         (["~trainer.nope"], "~trainer.nope: no such key"),
+        (["engine.every=0"], "engine.every: must be >= 1"),
+        (["engine.jacobian_chunk=-1"], "engine.jacobian_chunk: must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
@@ -257,3 +259,20 @@ def test_a_stage_that_names_another_component_does_not_inherit_its_arguments(tmp
     cell = next(c for c in plan(cfg) if c.recipe == "linear_probe")
     stage = stage_config(cfg, cell, 1, tmp_path / "t", {}, ["digits"])
     assert to_dict(stage.recipe) == {"name": "linear_probe"}
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("trainer.weighting_every=3", "engine.every=3"), ("trainer.jacobian_chunk=2", "engine.jacobian_chunk=2"),
+     ("trainer.staged_gramian=false", "engine.staged_gramian=False")],
+)
+def test_the_gradient_engines_old_trainer_keys_name_their_new_place(old, new, tmp_path):
+    with pytest.raises(ConfigError, match=f"{old.split('=')[0]}: moved to {new.split('=')[0]}; write {new} instead"):
+        load_config(QUICKSTART, [old])
+    path = tmp_path / "old.yaml"
+    path.write_text(f"output_dir: x\ntasks: {{mnist: {{}}}}\ntrunk: {{name: seed_net}}\ntrainer: {{{old.split('.')[1].replace('=', ': ')}}}\n")
+    with pytest.raises(ConfigError, match=f"moved to {new.split('=')[0]}"):
+        load_config(path)
+    cfg = load_config(QUICKSTART, [new])
+    key, value = new.split("=")
+    assert str(OmegaConf.select(cfg, key)) == value

@@ -47,8 +47,8 @@ TRAIN = {k: v for k, v in FULL.items() if k != "compare"}
 ABSENT = {
     ("trainer", "grad_clip"): 1.0,
     ("trainer", "eval_batch_size"): 256,
-    ("trainer", "weighting_every"): 1,
-    ("trainer", "jacobian_chunk"): 0,
+    ("engine", "every"): 1,
+    ("engine", "jacobian_chunk"): 0,
     ("trainer", "device_data_limit_mb"): 1024.0,
     ("trainer", "checkpoint_every"): 0,
     ("trainer", "keep_checkpoints"): 2,
@@ -106,10 +106,10 @@ RULES = [
     (r"seed|compare\.seeds\.\d+|tasks\.\w+\.(split|subset)_seed", SEED),
     (r"compare\.fractions\.\d+|tasks\.\w+\.train_fraction", FRACTION),
     (r"tasks\.\w+\.(val|test)_fraction", FACTOR),
-    (r"trainer\.(epochs|batch_size|eval_batch_size|weighting_every|keep_checkpoints|steps_per_epoch)"
+    (r"trainer\.(epochs|batch_size|eval_batch_size|keep_checkpoints|steps_per_epoch)|engine\.every"
      r"|logging\.log_every|tasks\.digits\.size|trunk\.(features|in_channels)|recipe\.probe_epochs"
      r"|trainer\.lr_schedule\.step_size|scheduler\.cap", COUNT),
-    (r"trainer\.(jacobian_chunk|checkpoint_every|num_workers|lr_schedule\.warmup_steps|device_data_limit_mb)"
+    (r"engine\.jacobian_chunk|trainer\.(checkpoint_every|num_workers|lr_schedule\.warmup_steps|device_data_limit_mb)"
      r"|trainer\.optimizer\.weight_decay", NONNEG),
     (r"trainer\.optimizer\.lr|trainer\.grad_clip|scheduler\.tau", POSITIVE),
     (r"trainer\.lr_schedule\.(min_factor|gamma)|recipe\.decay", FACTOR),

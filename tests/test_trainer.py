@@ -45,7 +45,8 @@ def test_train_writes_config_metrics_results_and_prints_the_table(run_dir, capsy
     assert any("test/digits/accuracy" in l for l in lines)
 
     last = checkpoint.latest(run_dir / "checkpoints")[1]
-    assert {"model", "optimizer", "lr_schedule", "weighting", "scheduler", "sources", "rng", "step"} <= set(last)
+    assert {"model", "optimizer", "lr_schedule", "update", "scheduler", "sources", "rng", "step"} <= set(last)
+    assert {"weighting", "running", "count"} <= set(last["update"])
     trunk = checkpoint.load(run_dir / "trunk.pt")
     assert set(trunk["trunk"]) == {k.removeprefix("trunk.") for k in last["model"] if k.startswith("trunk.")}
 
@@ -99,7 +100,7 @@ def test_resume_refuses_a_changed_config_but_allows_more_epochs(tmp_path, capsys
     err = capsys.readouterr().err
     assert "trainer.optimizer.lr differ" in err and "new output_dir" in err
     # How the gradient engine computes (not what): a resume may change it, e.g. after running out of memory.
-    memory = ["trainer.jacobian_chunk=1", "trainer.staged_gramian=false"]
+    memory = ["engine.jacobian_chunk=1", "engine.staged_gramian=false"]
     assert main(["train", QUICKSTART, *quick(run, 1, 4, "resume=true", *memory)]) == 0
     # More epochs on the cosine schedule: the schedule stretches; the LR is not stuck at its old end (0).
     assert main(["train", QUICKSTART, *quick(run, 2, 4, "resume=true", "logging.log_every=1")]) == 0
@@ -184,7 +185,7 @@ def test_a_training_step_reads_no_config_node(run_dir):
 
 
 def test_background_checkpoint_writes_hold_the_state_when_submitted(tmp_path):
-    from mtl.trainer import CheckpointWriter
+    from mtl.rundir import CheckpointWriter
 
     writer, release = CheckpointWriter(), threading.Event()
 
@@ -209,7 +210,7 @@ def test_background_checkpoint_writes_hold_the_state_when_submitted(tmp_path):
 
 
 def test_a_failed_background_write_is_raised_by_the_next_wait_in_order(tmp_path):
-    from mtl.trainer import CheckpointWriter
+    from mtl.rundir import CheckpointWriter
 
     writer, done = CheckpointWriter(), []
 
@@ -229,7 +230,7 @@ def test_a_failed_background_write_is_raised_by_the_next_wait_in_order(tmp_path)
 
 def test_a_resume_may_turn_the_feature_cache_on_or_off():
     """The cache changes how a frozen trunk's features are computed, not what they are."""
-    from mtl.trainer import config_changes
+    from mtl.rundir import config_changes
 
     old = {"trunk": {"name": "seed_net", "feature_cache": True}, "seed": 0}
     assert config_changes(old, {"trunk": {"name": "seed_net", "feature_cache": False, "feature_cache_mb": 64}, "seed": 0}) == []

@@ -152,7 +152,7 @@ def test_weights_recomputed_every_k_steps(name, staged, tmp_path, monkeypatch):
         return original(self, G)
 
     monkeypatch.setattr(cls, "weigh", counting)
-    args = [f"weighting.name={name}", "trainer.weighting_every=3", f"trainer.staged_gramian={staged}"]
+    args = [f"weighting.name={name}", "engine.every=3", f"engine.staged_gramian={staged}"]
     assert main(["train", QUICKSTART, *quick(tmp_path / "run", 1, 6, *args)]) == 0
     assert len(calls) == 2  # steps 0 and 3
 
@@ -205,7 +205,7 @@ def _own_head_gradients(t, inputs, targets):
 def test_heads_get_their_own_gradient_whatever_the_task_weights(name, mode, extra, staged):
     """IMTL-G's and Aligned-MTL's weights can be negative: Σ_t w_t L_t would then train a head to
     increase its own loss. Each head gets its own loss's gradient, when the weights are computed
-    (step 0) and when they are reused (step 1, weighting_every=2); the shared update is Σ_t w_t g_t."""
+    (step 0) and when they are reused (step 1, engine.every=2); the shared update is Σ_t w_t g_t."""
     torch.manual_seed(0)
     t, inputs, targets = _model_and_batch_for(extra)
     method = WEIGHTINGS.get(name)(list(t.tasks), mode=mode)
@@ -251,7 +251,7 @@ def _engine_grads(method, t, inputs, targets):
 
 def _clip_case(cap, clip):
     """A trunk gradient (3, 4) (norm 5) and a head gradient (12,), through GradientClip."""
-    from mtl.trainer import GradientClip
+    from mtl.step import GradientClip
 
     trunk, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     trunk.grad, head.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
@@ -278,7 +278,7 @@ def test_the_update_norm_cap_and_grad_clip_by_hand():
 
 
 def test_a_non_finite_gradient_is_reported_and_nothing_is_scaled():
-    from mtl.trainer import GradientClip
+    from mtl.step import GradientClip
 
     trunk, head = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
     trunk.grad, head.grad = torch.tensor([3.0, 4.0]), torch.tensor([float("inf")])
@@ -321,7 +321,7 @@ def test_nash_mtl_bad_max_norm_names_the_key(value):
 
 
 def test_reused_weights_on_the_representation_take_one_backward_through_the_heads():
-    """IMTL-G (weigh_heads False) reusing its weights (trainer.weighting_every=2): the
+    """IMTL-G (weigh_heads False) reusing its weights (engine.every=2): the
     representation gets Σ_t w_t ∇o_t and each head its own objective's gradient, as two
     backward passes gave them, now from one vectorized pass through the heads."""
     from mtl.weighting.surgery import IMTLG

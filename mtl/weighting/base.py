@@ -34,6 +34,8 @@ class Weighting(nn.Module):
     """Base class of weightings, built as ``Method(tasks, **hyper_parameters)``."""
 
     requires_all_tasks = True
+    # A cap on the norm of the shared parameters' gradient after the backward (Nash-MTL's; 0: none).
+    max_norm = 0.0
 
     def __init__(self, tasks: Sequence[str]):
         super().__init__()
@@ -44,6 +46,9 @@ class Weighting(nn.Module):
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    def on_epoch_end(self, epoch_losses: torch.Tensor) -> None:
+        """Each task's mean training loss over the epoch just ended (DWA's history)."""
 
 
 class LossWeighting(Weighting):
@@ -61,9 +66,6 @@ class LossWeighting(Weighting):
     def update(self, losses: torch.Tensor, after: torch.Tensor | None = None) -> None:
         """After the optimizer step: this step's detached losses, and with
         ``wants_losses_after_step`` the same batch's losses under the updated model."""
-
-    def on_epoch_end(self, epoch_losses: torch.Tensor) -> None:
-        """Each task's mean training loss over the epoch just ended (DWA's history)."""
 
 
 @dataclass
@@ -90,6 +92,10 @@ class GradientWeighting(Weighting):
         if mode not in self.modes:
             raise ValueError(f"weighting.mode must be one of {', '.join(self.modes)} for {type(self).__name__}, got {mode!r}.")
         self.mode = mode
+
+    def observe(self, losses: torch.Tensor) -> None:
+        """This step's detached losses ``[T]``, before ``aggregate`` or ``weigh`` (GradNorm's
+        L_t(0), MGDA's loss normalization)."""
 
     def transform_losses(self, losses: torch.Tensor) -> torch.Tensor:
         """The per-task objectives whose gradients form J (DB-MTL takes log losses)."""

@@ -133,7 +133,7 @@ class NashMTL(GramianWeighting):
       the previous step's α and stopped once ||Gα − 1/α|| < 1e-3 on G / ||G||_F; here a
       damped Newton solve of the same equation to a tolerance (``solvers.nash_weights``),
       so α is the solution the official iterations approach;
-    - ``update_weights_every``: the engine's every-k-steps option, ``trainer.weighting_every``
+    - ``update_weights_every``: the engine's every-k-steps option, ``engine.every``
       (default 1, as there);
     - ``max_norm``: after the backward of Σ_t α_t L_t the official code clips the gradient of
       the shared parameters to norm ``max_norm`` (``clip_grad_norm_``; the heads are not

@@ -27,7 +27,7 @@ SETUPS = {
     "uncertainty": ["weighting.name=uncertainty"],
     "nash_mtl-capped": ["weighting.name=nash_mtl", "weighting.max_norm=0.05"],  # the cap binds: one norm after the all-reduce
     "partial-labels-equal": PARTIAL,
-    "partial-labels-pcgrad": [*PARTIAL, "weighting.name=pcgrad", "trainer.staged_gramian=false"],
+    "partial-labels-pcgrad": [*PARTIAL, "weighting.name=pcgrad", "engine.staged_gramian=false"],
     "partial-labels-upgrad-staged": [*PARTIAL, "weighting.name=upgrad"],
 }
 # partial_labels.py is imported by name from the config.

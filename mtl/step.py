@@ -1,0 +1,311 @@
+"""One training step, one object per kind of update; the trainer calls it and knows no weighting kind.
+
+``build_step`` picks ``LossStep`` for a loss-level weighting (one backward of the weighted
+total) and ``EngineStep`` for a gradient-level one (per-task gradients through
+``mtl.engine.GradientEngine``). Both keep the contract of ``Step``:
+
+- ``step(inputs, targets) -> losses``: zero the gradients; forward, task losses, weighting
+  and backward; under torchrun the ranks' mean gradient; ``GradientClip``; the optimizer
+  step; the weighting's own update after it (FAMO); the LR schedule's step. A non-finite
+  loss or gradient raises ``NonFiniteError`` with no update applied (the LR schedule still
+  steps: a skipped step is a step);
+- ``on_epoch_end()``: the epoch's mean training loss of each task to the weighting (DWA);
+- ``diagnostics()``: task weights, and for gradient methods per-task gradient norms and
+  pairwise cosines, for the log;
+- ``state_dict()`` / ``load_state_dict()``: the weighting's state, the running losses and
+  the step count (a resumed run continues exactly).
+
+``running`` holds each task's mean training loss since the last log line and over the epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtl.distributed import Context
+from mtl.engine import GradientEngine, NonFiniteError
+from mtl.losses import task_losses
+from mtl.model import MultiTaskModel
+from mtl.recipes import Recipe
+from mtl.task import Task
+from mtl.weighting import GradientWeighting, Weighting
+
+Batch = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+class Feed:
+    """Each step's batches: ``next(sources)`` draws one batch of each named input source and
+    returns ``(inputs, targets, samples)``, inputs keyed by source and targets by task, each
+    rank's shard under torchrun and 4-D inputs in channels_last when asked."""
+
+    def __init__(self, sources: dict[str, Any], groups: dict[str, list[str]], dist: Context, channels_last: bool = False):
+        self.sources, self.groups, self.dist = sources, groups, dist
+        self.channels_last = channels_last
+        # The common case (one process, default layout) takes the batches as drawn.
+        self._plain = not dist.active and not channels_last
+
+    def next(self, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        inputs, targets, samples = {}, {}, 0
+        for name in names:
+            x, *ys = self.sources[name].next()
+            samples += len(x)
+            if self._plain:
+                inputs[name] = x
+                targets.update(zip(self.groups[name], ys))
+                continue
+            x = self.dist.shard(x)
+            inputs[name] = x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+            targets.update((task, self.dist.shard(y)) for task, y in zip(self.groups[name], ys))
+        return inputs, targets, samples
+
+
+class RunningLosses:
+    """Each task's summed training loss and step count since the last log line (row 0) and
+    over the epoch (row 1): the sums stay on the device (no host sync per step), one add per step."""
+
+    def __init__(self, tasks: list[str], device: torch.device):
+        self.tasks = tasks
+        self.sums = torch.zeros(2, len(tasks), device=device)
+        self.counts = [[0] * len(tasks), [0] * len(tasks)]
+
+    def add(self, vector: torch.Tensor, present: dict[str, Any]) -> None:
+        """``vector``: the step's losses in task order, 0 for a task absent from ``present``."""
+        self.sums += vector.detach()
+        for row in self.counts:
+            for i, task in enumerate(self.tasks):
+                if len(present) == len(self.tasks) or task in present:
+                    row[i] += 1
+
+    def means(self, row: int) -> dict[str, float]:
+        """Row 0 (the log interval) as {task: mean} over the tasks seen, then cleared: one host read."""
+        sums = self.sums[row].tolist()
+        means = {t: s / c for t, s, c in zip(self.tasks, sums, self.counts[row]) if c}
+        self._clear(row)
+        return means
+
+    def epoch_means(self) -> torch.Tensor:
+        """Row 1 as a ``[T]`` tensor (0 for a task never seen), then cleared."""
+        means = self.sums[1] / torch.tensor(self.counts[1], device=self.sums.device).clamp(min=1)
+        self._clear(1)
+        return means
+
+    def _clear(self, row: int) -> None:
+        self.sums[row].zero_()
+        self.counts[row] = [0] * len(self.tasks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums, "counts": [list(c) for c in self.counts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums = state["sums"].to(self.sums.device)
+        self.counts = [list(c) for c in state["counts"]]
+
+
+class GradientClip:
+    """The gradients' last pass before the optimizer step: caps, clipping and the finiteness check.
+
+    One norm per gradient tensor (one foreach kernel) serves all three, in this order:
+
+    - ``cap`` > 0: the trunk's gradient is scaled to norm ≤ ``cap`` (Nash-MTL's update-norm
+      cap: its official code calls ``clip_grad_norm_`` on the shared parameters);
+    - ``clip`` > 0 (``trainer.grad_clip``): the whole model's gradient, the capped trunk's
+      included, is scaled to norm ≤ ``clip``;
+    - a NaN or inf in a loss or any gradient (the model's, or a weighting's own parameters')
+      makes the step non-finite: the caller skips it or stops.
+
+    A scale is min(1, max / (norm + 1e-6)), torch's ``clip_grad_norm_``. Under torchrun the
+    gradients are the ranks' mean already, so every rank computes the same norms and no other
+    all-reduce is needed. One host read per step: a NaN update must never reach the weights."""
+
+    def __init__(self, trunk: list[nn.Parameter], heads: list[nn.Parameter], own: list[nn.Parameter], cap: float = 0.0, clip: float = 0.0):
+        self.trunk, self.heads, self.own = trunk, heads, own
+        self.cap, self.clip = cap, clip
+
+    def __call__(self, losses: dict[str, torch.Tensor], vector: torch.Tensor | None = None) -> str | None:
+        """Caps and clips the gradients in place; what is not finite, else None (then nothing was scaled).
+
+        ``vector``: the losses stacked, where the caller has them already."""
+        trunk = [p for p in self.trunk if p.grad is not None]
+        model = trunk + [p for p in self.heads if p.grad is not None]
+        grads = [p.grad for p in model] + [p.grad for p in self.own if p.grad is not None]
+        values = (vector if vector is not None else torch.stack(list(losses.values()))).detach().float()
+        # torch's own get_total_norm uses this kernel; torch.foreach.norm is its public name from 2.15 on.
+        norms = torch.stack(torch._foreach_norm(grads)).float() if grads else values.new_zeros(0)
+        # Every norm is >= 0, so their sum with the losses' is finite exactly when each term is.
+        if not bool(torch.isfinite(values.sum() + norms.sum())):
+            bad = [f"task {n!r} loss {v}" for n, v in zip(losses, torch.stack(list(losses.values())).tolist()) if not math.isfinite(v)]
+            if bad:
+                return "non-finite loss: " + ", ".join(bad)
+            return f"non-finite gradient (model gradient norm {float(torch.linalg.vector_norm(norms[: len(model)]))}) with finite losses"
+        if self.cap and trunk:
+            trunk_norm = torch.linalg.vector_norm(norms[: len(trunk)])
+            torch.nn.utils.clip_grads_with_norm_(trunk, self.cap, trunk_norm)
+            # The capped trunk's tensor norms, for the model's norm below without another pass.
+            norms = torch.cat([norms[: len(trunk)] * (self.cap / (trunk_norm + 1e-6)).clamp(max=1.0), norms[len(trunk) :]])
+        if self.clip and model:
+            torch.nn.utils.clip_grads_with_norm_(model, self.clip, torch.linalg.vector_norm(norms[: len(model)]))
+        return None
+
+
+class Step:
+    """The part of a training step every kind of update shares; ``_backward`` is each kind's own."""
+
+    def __init__(
+        self,
+        model: MultiTaskModel,
+        tasks: dict[str, Task],
+        groups: dict[str, list[str]],
+        weighting: Weighting,
+        optimizer: torch.optim.Optimizer,
+        lr_schedule: torch.optim.lr_scheduler.LRScheduler,
+        recipe: Recipe,
+        dist: Context,
+        device: torch.device,
+        bf16: bool = False,
+        grad_clip: float = 0.0,
+    ):
+        self.model, self.tasks, self.groups, self.weighting = model, tasks, groups, weighting
+        self.optimizer, self.lr_schedule, self.recipe, self.dist = optimizer, lr_schedule, recipe, dist
+        self.device_type, self.bf16 = device.type, bf16
+        self.count = 0  # steps taken, skipped ones included
+        self.running = RunningLosses(weighting.tasks, device)
+        trunk = list(model.trunk.parameters())
+        in_trunk = {id(p) for p in trunk}
+        heads = [p for p in model.parameters() if id(p) not in in_trunk]
+        self.clip = GradientClip(trunk, heads, list(weighting.parameters()), cap=weighting.max_norm, clip=grad_clip or 0.0)
+        self._params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._all_tasks = len(weighting.tasks)
+
+    def step(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One update from one batch; the task losses. Raises ``NonFiniteError`` (nothing applied)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            with self._autocast():
+                losses, vector = self._backward(inputs, targets)
+            if self.dist.active:
+                self.dist.mean_([p.grad for p in self._params if p.grad is not None])
+            problem = self.clip(losses, vector)
+            if problem is not None:
+                raise NonFiniteError(problem)
+            self.optimizer.step()
+            self._after_update(inputs, targets, vector)
+            self.running.add(vector, losses)
+            return losses
+        except NonFiniteError:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        finally:
+            self.lr_schedule.step()
+            self.count += 1
+
+    def _autocast(self):
+        # Entering a disabled torch.autocast still costs tens of microseconds a step.
+        return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def _backward(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward, weighting and backward; the task losses and their vector in weighting order."""
+        raise NotImplementedError
+
+    def _after_update(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], vector: torch.Tensor) -> None:
+        """After the optimizer step (a loss-level weighting's own update)."""
+
+    def task_losses(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each task's masked mean loss; under torchrun the global batch's (``Context.global_losses``),
+        each rank weighted by its number of labelled samples of the task."""
+        losses = task_losses(self.tasks, outputs, targets)
+        if not self.dist.active:
+            return losses
+        return self.dist.global_losses(losses, {t: self.tasks[t].valid_mask(targets[t]).sum() for t in losses})
+
+    def penalty(self) -> torch.Tensor | None:
+        return self.recipe.penalty(self.model)
+
+    def vector(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every task in weighting order; a task absent from this step (only with weightings
+        that allow it, see Weighting.requires_all_tasks) contributes 0."""
+        if len(losses) == self._all_tasks:
+            return torch.stack([losses[t] for t in self.weighting.tasks])
+        zero = next(iter(losses.values())).new_zeros(())
+        return torch.stack([losses.get(t, zero) for t in self.weighting.tasks])
+
+    def on_epoch_end(self) -> None:
+        self.weighting.on_epoch_end(self.running.epoch_means())
+
+    def diagnostics(self) -> dict[str, float]:
+        weights = self._weights()
+        return {} if weights is None else {f"weights/{t}": float(v) for t, v in zip(self.weighting.tasks, weights.tolist())}
+
+    def _weights(self) -> torch.Tensor | None:
+        """The current task weights (None where there are none)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weighting": self.weighting.state_dict(), "running": self.running.state_dict(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weighting.load_state_dict(state["weighting"])
+        self.running.load_state_dict(state["running"])
+        self.count = state["count"]
+
+
+class LossStep(Step):
+    """A loss-level weighting: one backward of ``weighting(losses)`` (plus the recipe's penalty)."""
+
+    def _backward(self, inputs, targets):
+        losses = self.task_losses(self.model.forward_groups(inputs, self.groups), targets)
+        vector = self.vector(losses)
+        total = self.weighting(vector)
+        penalty = self.penalty()
+        (total if penalty is None else total + penalty).backward()
+        return losses, vector
+
+    def _after_update(self, inputs, targets, vector):
+        after = None
+        if self.weighting.wants_losses_after_step:
+            with torch.no_grad(), self._autocast():
+                after = self.vector(self.task_losses(self.model.forward_groups(inputs, self.groups), targets))
+        self.weighting.update(vector.detach(), after)
+
+    def _weights(self) -> torch.Tensor | None:
+        return self.weighting.weights()
+
+
+class EngineStep(Step):
+    """A gradient-level weighting: per-task gradients, the method's aggregation and the
+    update, by ``GradientEngine`` (``engine.every``, ``engine.jacobian_chunk``, ``engine.staged_gramian``)."""
+
+    def __init__(self, *args: Any, every: int = 1, chunk: int = 0, staged: bool = True, record_every: int = 1, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.engine = GradientEngine(self.model, self.weighting, every=every, chunk=chunk, ctx=self.dist, record_every=record_every, staged=staged)
+
+    def _backward(self, inputs, targets):
+        members = {n: self.groups[n] for n in inputs}
+        losses = self.engine.backward(inputs, members, targets, self.task_losses, self.count, self.penalty)
+        return losses, self.vector(losses)
+
+    def _weights(self) -> torch.Tensor | None:
+        return self.engine.diagnostics.get("weights")
+
+    def diagnostics(self) -> dict[str, float]:
+        out = super().diagnostics()
+        found, tasks = self.engine.diagnostics, self.weighting.tasks
+        if "norms" in found:
+            out.update({f"grad_norm/{t}": v for t, v in zip(tasks, found["norms"].tolist())})
+            cos = found["cosines"].tolist()
+            out.update({f"grad_cos/{a}/{b}": cos[i][j] for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j})
+        return out
+
+
+def build_step(model: MultiTaskModel, tasks: dict[str, Task], groups: dict[str, list[str]], weighting: Weighting, *args: Any,
+               engine: dict[str, Any] | None = None, **kwargs: Any) -> Step:
+    """The step of ``weighting``'s kind: ``EngineStep`` (with the ``engine`` settings: every,
+    chunk, staged, record_every) for a ``GradientWeighting``, else ``LossStep``; the other
+    arguments are ``Step``'s."""
+    if isinstance(weighting, GradientWeighting):
+        return EngineStep(model, tasks, groups, weighting, *args, **(engine or {}), **kwargs)
+    return LossStep(model, tasks, groups, weighting, *args, **kwargs)
