@@ -79,3 +79,23 @@ def test_bench_step_plan_times_both_gramian_paths_on_request():
         ("graddrop", "representation", 2),  # needs J itself
     ]
     assert bench.plan(["upgrad"], [2], gramian="jacobian") == [("upgrad", "parameters/J", 2), ("upgrad", "representation", 2)]
+
+
+def test_bench_step_times_the_trainers_own_step(monkeypatch):
+    """Every weighting's row runs ``mtl.step.Step.step``, the step ``Trainer`` calls, not a copy of it."""
+    from mtl.step import Step
+
+    calls = []
+    real = Step.step
+
+    def counted(self, inputs, targets):
+        calls.append(type(self).__name__)
+        return real(self, inputs, targets)
+
+    monkeypatch.setattr(Step, "step", counted)
+    args = ["--device", "cpu", "--tasks", "2", "--batch", "2", "--size", "16", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+    rows = bench.main([*args, "--methods", "equal", "famo", "pcgrad"])
+    assert all(r["error"] is None for r in rows)
+    kinds = [("LossStep" if r["mode"] == "loss" else "EngineStep") for r in rows[1:]]
+    assert [r["method"] for r in rows[1:]][:3] == ["equal", "famo", "pcgrad"]
+    assert calls == [kind for kind in kinds for _ in range(3)]  # one warmup and two timed steps a row

@@ -1,7 +1,9 @@
 """Time one training step of every weighting: ResNet-18 trunk, T linear heads, one input batch.
 
-One step is what the trainer does: ``zero_grad``, forward, the T per-task losses, the
-weighting's backward and the optimizer step (SGD with momentum). The trunk is ResNet-18
+Every weighting's row times the trainer's own step (``mtl.step``, as ``Trainer`` builds it):
+``zero_grad``, forward, the T per-task losses, the weighting's backward, the finiteness
+check, the optimizer step (SGD with momentum), the weighting's update after it and the
+running losses. The trunk is ResNet-18
 with the CIFAR stem (``small_input=True``) on synthetic ``3 x size x size`` inputs; every
 task has a 10-class linear head on the same input batch (so ``representation`` mode is
 valid). Rows, all in one run:
@@ -10,9 +12,9 @@ valid). Rows, all in one run:
 - ``naive``, mode ``loop``: T heads as separate modules and a Python loop of per-task
   ``torch.autograd.grad`` calls w.r.t. the trunk parameters, stacked and summed (the
   per-task-gradient baseline of common MTL code): the reference of the ``x naive`` column;
-- every loss-level weighting, mode ``loss``: ``weighting(losses).backward()`` (FAMO also
-  pays the trainer's no-grad forward after the step that its update needs);
-- every gradient-level weighting through ``GradientEngine`` in its default mode, and again
+- every loss-level weighting, mode ``loss``: ``LossStep``, one backward of
+  ``weighting(losses)`` (FAMO also pays the no-grad forward after the step that its update needs);
+- every gradient-level weighting through ``EngineStep`` in its default mode, and again
   in ``representation`` mode where the method allows it (a separate row). Methods that need
   only the Gramian get it stage by stage without J (the engine's default); with
   ``--gramian jacobian`` they form J instead, and ``--gramian both`` times each path in its
@@ -68,13 +70,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mtl.engine import GradientEngine
+from mtl.distributed import Context
 from mtl.heads import LinearHead
-from mtl.model import MultiTaskModel
 from mtl.losses import task_losses
+from mtl.model import MultiTaskModel
+from mtl.recipes import RECIPES
+from mtl.step import build_step
 from mtl.task import ClassificationTask
 from mtl.trunks import TRUNKS
-from mtl.weighting import WEIGHTINGS, GradientWeighting, GramianWeighting, LossWeighting
+from mtl.weighting import WEIGHTINGS, GradientWeighting, GramianWeighting
 
 NAIVE = "naive"
 SINGLE = "single"
@@ -206,48 +210,21 @@ class Bench:
 
         return step
 
-    def loss_step(self, name: str, T: int) -> Callable[[], None]:
+    def trainer_step(self, name: str, mode: str, T: int) -> Callable[[], None]:
+        """The trainer's own step (``mtl.step.build_step``): the one ``Trainer`` calls, for a
+        loss-level (``mode`` "loss") or gradient-level weighting."""
         model = self.model(T)
         inputs, members, targets = self.batch(T)
-        weighting: LossWeighting = WEIGHTINGS.get(name)(members["x"]).to(self.device)
+        cls = WEIGHTINGS.get(name)
+        gradient = isinstance(cls, type) and issubclass(cls, GradientWeighting)
+        weighting = (cls(members["x"], mode=mode.removesuffix(JACOBIAN)) if gradient else cls(members["x"])).to(self.device)
         opt = self.optimizer([*model.parameters(), *weighting.parameters()])
-
-        def losses() -> torch.Tensor:
-            return torch.stack(list(self.loss_fn(model.forward_groups(inputs, members), targets).values()))
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with self.autocast():
-                L = losses()
-                total = weighting(L)
-            total.backward()
-            opt.step()
-            after = None
-            if weighting.wants_losses_after_step:  # as the trainer does (FAMO)
-                with torch.no_grad(), self.autocast():
-                    after = losses()
-            weighting.update(L.detach(), after)
-
-        return step
-
-    def gradient_step(self, name: str, mode: str, T: int) -> Callable[[], None]:
-        model = self.model(T)
-        inputs, members, targets = self.batch(T)
-        staged = not mode.endswith(JACOBIAN)
-        weighting: GradientWeighting = WEIGHTINGS.get(name)(members["x"], mode=mode.removesuffix(JACOBIAN)).to(self.device)
-        opt = self.optimizer([*model.parameters(), *weighting.parameters()])
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         # Diagnostics as the trainer computes them: on logged steps only (default log_every 20).
-        engine = GradientEngine(model, weighting, chunk=self.args.chunk, record_every=LOG_EVERY, staged=staged)
-        count = [0]
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with self.autocast():
-                engine.backward(inputs, members, targets, self.loss_fn, count[0], lambda: None)
-            opt.step()
-            count[0] += 1
-
-        return step
+        engine = {"chunk": self.args.chunk, "staged": not mode.endswith(JACOBIAN), "record_every": LOG_EVERY}
+        step = build_step(model, self.tasks, members, weighting, opt, schedule, RECIPES.get("fine_tune")(), Context(), self.device,
+                          bf16=self.args.dtype == "bf16", engine=engine)
+        return lambda: step.step(inputs, targets)
 
     def naive_step(self, T: int) -> Callable[[], None]:
         """T separate head modules; one ``autograd.grad`` per task w.r.t. the trunk, then summed."""
@@ -414,10 +391,8 @@ def _run(args: argparse.Namespace) -> list[dict]:
                 build = bench.single_step
             elif method == NAIVE:
                 build = lambda T=T: bench.naive_step(T)  # noqa: E731
-            elif mode == "loss":
-                build = lambda m=method, T=T: bench.loss_step(m, T)  # noqa: E731
             else:
-                build = lambda m=method, mo=mode, T=T: bench.gradient_step(m, mo, T)  # noqa: E731
+                build = lambda m=method, mo=mode, T=T: bench.trainer_step(m, mo, T)  # noqa: E731
             row.ms, row.peak_mib = bench.time(build)
             if not math.isfinite(row.ms):
                 raise RuntimeError(f"non-finite time {row.ms}")
