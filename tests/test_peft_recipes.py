@@ -3,6 +3,7 @@ on a hand-sized model, their bad input, every registered trunk, their checkpoint
 parameters, and one `mtl compare` cell end to end."""
 
 import io
+import json
 import subprocess
 import sys
 
@@ -370,6 +371,17 @@ def test_loading_trained_parameters_onto_another_base_or_recipe_is_refused():
     ia3 = IA3()
     with pytest.raises(ConfigError, match=r"^checkpoint: written by recipe LoRA, not IA3"):
         ia3.load_trainable_state(tiny(ia3), saved)
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_exactly(tmp_path):
+    """A resumed run sets its adapters up before reading the checkpoint, whose keys hold them."""
+    args = ["recipe.name=lora", "recipe.rank=2", "trainer.batch_size=16", "trainer.lr_schedule.name=constant", "trainer.lr_schedule.warmup_steps=0"]
+    assert main(["train", QUICKSTART, *quick(tmp_path / "full", 2, 2, *args)]) == 0
+    assert main(["train", QUICKSTART, *quick(tmp_path / "part", 1, 2, *args)]) == 0
+    assert main(["train", QUICKSTART, *quick(tmp_path / "part", 2, 2, *args, "resume=true")]) == 0
+    full, part = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("full", "part"))
+    assert part["steps"] == full["steps"] == 4 and part["splits"] == full["splits"]
 
 
 # -- one comparison cell end to end ------------------------------------------------------------
