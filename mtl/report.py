@@ -156,7 +156,7 @@ class Comparison:
 class FractionAnalysis:
     fraction: float
     values: dict[str, pd.DataFrame]  # method -> seeds × (task, metric) test values
-    common: list[str]  # the tasks every method reports here: the targets-only Δm%
+    common: list[str]  # the tasks every method reports here (targets-only where a method reports only its targets)
     tasks: list[str]  # every task: the all-tasks Δm%, for the methods that report all of them
     delta: dict[str, DeltaM | None] = field(default_factory=dict)  # over `common`
     delta_all: dict[str, DeltaM | None] = field(default_factory=dict)  # over `tasks`, when it differs
@@ -553,7 +553,8 @@ def _definition(metrics: str) -> str:
         "than single-task, negative worse.** Δm% is of the seed means; its 95% CI is a "
         "percentile bootstrap over seeds (too narrow with few seeds: 3 seeds have 10 distinct "
         "resamples). Methods are compared over the same task set only: the tasks every method "
-        "reports (targets-only when sequential transfer is in the grid), and, where that is not "
+        "reports (every task when sequential cells report their earlier tasks, as `mtl compare` does unless a "
+        "regime sets forgetting: []; targets-only otherwise), and, where that is not "
         "every task, all tasks for the methods that report them all. A task whose single-task "
         "baseline exists at one fraction only (a source task, whose data is not subsampled) is "
         "compared with that baseline at every fraction.",
