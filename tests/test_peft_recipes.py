@@ -416,3 +416,18 @@ def test_recipe_bench_counts_what_each_recipe_trains_and_stores(tmp_path):
     assert lora["trainable"] == 1350 + 510 and lora["total"] == full["total"] + 1350
     assert lora["checkpoint_bytes"] < full["checkpoint_bytes"] <= full["model_bytes"]
     assert full["step_vs_fine_tune"] == 1.0 and lora["step_ms"] > 0
+
+
+def test_the_papers_targets_on_minilm_train_what_the_papers_count():
+    """LoRA on W_q, W_v (Hu et al.'s experiments) and (IA)³'s l_k, l_v, l_ff (Liu et al.), as the
+    recipes' docstrings spell them for minilm: 6 layers of width 384, feed-forward 1536."""
+    lora = LoRA(rank=8, target_modules=r".*\.(query|value)")
+    model = MultiTaskModel(build_trunk({"name": "minilm"}), {})
+    lora.setup(model)
+    assert sum(model.trunk.get_parameter(n).numel() for n in lora.trained) == 6 * 2 * (384 * 8 + 8 * 384)
+    ia3 = IA3(target_modules=r".*\.(key|value)|.*\.[0-9]+\.output\.dense", feedforward_modules=r".*\.[0-9]+\.output\.dense")
+    model = MultiTaskModel(build_trunk({"name": "minilm"}), {})
+    ia3.setup(model)
+    sizes = {n.split(".", 4)[4]: model.trunk.get_parameter(n).numel() for n in ia3.trained if n.startswith("model.encoder.layer.0.")}
+    assert sizes == {"attention.self.key.ia3_l.default": 384, "attention.self.value.ia3_l.default": 384, "output.dense.ia3_l.default": 1536}
+    assert len(ia3.trained) == 6 * 3
