@@ -53,8 +53,9 @@ RECIPE_NODES = [{"name": n} for n in RECIPES.names()] + [{"name": "lp_ft", "prob
 def test_distinct_epochs_train_what_every_epoch_trains(node, epochs):
     node = dict(node)
     recipe = RECIPES.get(node.pop("name"))(**node)
-    trunk = TRUNKS.get("mlp")(in_features=4, hidden=[3, 3, 3])
-    model = MultiTaskModel(trunk, nn.ModuleDict({"a": LinearHead((3,), 2)}))
+    trunk = TRUNKS.get("seed_net")()  # convs and a linear layer: every recipe has layers to adapt
+    model = MultiTaskModel(trunk, nn.ModuleDict({"a": LinearHead((50,), 2)}))
+    recipe.setup(model)  # as the trainer does: adapters exist before any epoch starts
 
     def trained(epoch_list):
         seen = set()
