@@ -960,7 +960,7 @@ class Forgetting:
     vs_joint: stats.Difference | None
 
 
-def forgetting(df: pd.DataFrame, joint: str = "joint") -> list[Forgetting]:
+def forgetting_stats(df: pd.DataFrame, joint: str = "joint") -> list[Forgetting]:
     """ACC, BWT and FWT of every method whose cells have 2 or more stages, per labelled fraction,
     from the long-form table alone (its forgetting columns, written by ``mtl compare``):
 
@@ -1022,7 +1022,7 @@ def _acc_per_seed(rows: pd.DataFrame, primary: dict[str, str], directions: Direc
 
 
 def _forgetting_section(df: pd.DataFrame) -> str:
-    results = forgetting(df)
+    results = forgetting_stats(df)
     if not results:
         return ""
     d = _prepare(df)

@@ -185,9 +185,9 @@ def test_a_three_stage_chain_reports_acc_bwt_and_fwt(grid):
     acc = (after[2]["mnist"] + after[2]["shifted"] + after[2]["digits"]) / 3
     bwt = ((after[2]["mnist"] - after[0]["mnist"]) + (after[2]["shifted"] - after[1]["shifted"])) / 2
     fwt = ((after[1]["shifted"] - base[(0, "shifted")]) + (after[2]["digits"] - base[(0, "digits")])) / 2
-    from mtl.report import forgetting
+    from mtl.report import forgetting_stats
 
-    chain = next(f for f in forgetting(df) if f.method == "chain")
+    chain = next(f for f in forgetting_stats(df) if f.method == "chain")
     seed0 = rows[rows.seed == 0]
     assert seed0.value.mean() == pytest.approx(acc) and chain.acc[0] == pytest.approx(acc)
     per_seed_bwt = rows[rows.trained_last < 2].groupby("seed").backward_transfer.mean()

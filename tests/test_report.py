@@ -407,9 +407,9 @@ def chain_results():
 
 
 def test_forgetting_gives_acc_bwt_fwt_per_seed_and_the_report_shows_them(chain_results, tmp_path):
-    from mtl.report import forgetting
+    from mtl.report import forgetting_stats
 
-    (chain,) = forgetting(chain_results)
+    (chain,) = forgetting_stats(chain_results)
     # Seed 0 is the hand-worked matrix: ACC 1.75/3, BWT -0.175, FWT 0.025. Seed 1: final +0.02, after
     # training +0.04, baselines +0.02: ACC +0.02, BWT -0.02, FWT +0.02.
     assert chain.acc == pytest.approx([1.75 / 3, 1.75 / 3 + 0.02])
@@ -429,20 +429,20 @@ def test_forgetting_gives_acc_bwt_fwt_per_seed_and_the_report_shows_them(chain_r
 
 
 def test_forgetting_averages_only_tasks_that_share_a_metric(chain_results):
-    from mtl.report import forgetting
+    from mtl.report import forgetting_stats
 
     df = chain_results.copy()
     c = df["task"] == "c"
     df.loc[c, "metric"], df.loc[c, "direction"] = "mae", "min"
     PRIMARY["c"] = "mae"
-    (chain,) = forgetting(df)
+    (chain,) = forgetting_stats(df)
     assert len(chain.acc) == 0 and chain.bwt is None and chain.fwt is None
 
 
 def test_a_table_without_forgetting_columns_has_no_forgetting_section(results, tmp_path):
-    from mtl.report import forgetting
+    from mtl.report import forgetting_stats
 
-    assert forgetting(results) == []
+    assert forgetting_stats(results) == []
     assert "## Forgetting" not in write_report(results, tmp_path)
 
 
