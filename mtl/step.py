@@ -102,7 +102,7 @@ class RunningLosses:
         return {"sums": self.sums, "counts": [list(c) for c in self.counts]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sums = state["sums"].to(self.sums.device)
+        self.sums.copy_(state["sums"])  # a copy: the state's tensor may be another run's live one
         self.counts = [list(c) for c in state["counts"]]
 
 

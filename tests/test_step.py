@@ -1,0 +1,62 @@
+"""The step contract (mtl.step): one object per kind of update, every weighting hook declared."""
+
+import pytest
+import torch
+
+from mtl.config import load_config
+from mtl.step import EngineStep, LossStep, RunningLosses
+from mtl.weighting import WEIGHTINGS, GradientWeighting, Weighting
+
+from conftest import QUICKSTART, quick
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_every_weighting_has_every_hook_the_steps_call(name):
+    """The steps call these on any weighting of their kind, never ``hasattr`` first."""
+    cls = WEIGHTINGS.get(name)
+    assert issubclass(cls, Weighting)
+    assert callable(cls.on_epoch_end) and isinstance(cls.max_norm, float) and isinstance(cls.requires_all_tasks, bool)
+    if issubclass(cls, GradientWeighting):
+        assert callable(cls.observe) and callable(cls.transform_losses)
+    else:
+        assert callable(cls.update) and callable(cls.weights) and isinstance(cls.wants_losses_after_step, bool)
+
+
+@pytest.mark.parametrize("name, kind", [("equal", LossStep), ("famo", LossStep), ("mgda", EngineStep), ("pcgrad", EngineStep)])
+def test_the_trainer_gets_the_step_of_its_weightings_kind(name, kind, tmp_path):
+    from mtl.trainer import Trainer
+
+    t = Trainer(load_config(QUICKSTART, quick(tmp_path / "run", 1, 2, f"weighting.name={name}", "engine.every=2")))
+    assert type(t.update) is kind and t.update.weighting is t.weighting
+    if kind is EngineStep:
+        assert t.update.engine.every == 2
+    for _ in range(2):
+        t._train_step()
+    assert t.update.count == t.step == 2
+    means = t.update.running.means(0)
+    assert set(means) == set(t.tasks) and all(v > 0 for v in means.values())
+
+
+def test_running_losses_count_each_task_only_where_it_trained():
+    running = RunningLosses(["a", "b"], torch.device("cpu"))
+    running.add(torch.tensor([1.0, 0.0]), {"a": None})  # a sampling scheduler's step without b
+    running.add(torch.tensor([3.0, 5.0]), {"a": None, "b": None})
+    assert running.means(0) == {"a": 2.0, "b": 5.0}
+    assert running.means(0) == {}  # cleared by the read
+    torch.testing.assert_close(running.epoch_means(), torch.tensor([2.0, 5.0]))
+    torch.testing.assert_close(running.epoch_means(), torch.tensor([0.0, 0.0]))
+
+
+def test_the_step_state_resumes_its_running_losses_and_count(tmp_path):
+    from mtl.trainer import Trainer
+
+    cfg = load_config(QUICKSTART, quick(tmp_path / "run", 1, 4, "weighting.name=dwa"))
+    a = Trainer(cfg)
+    for _ in range(3):
+        a._train_step()
+    state = a.update.state_dict()
+    b = Trainer(load_config(QUICKSTART, quick(tmp_path / "other", 1, 4, "weighting.name=dwa")))
+    b.update.load_state_dict(state)
+    assert b.update.count == 3
+    torch.testing.assert_close(b.update.running.sums, a.update.running.sums)
+    assert b.update.running.means(0) == a.update.running.means(0)
