@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from mtl.distributed import Context
-from mtl.engine import GradientEngine, NonFiniteError
+from mtl.engine import GradientEngine, NonFiniteError, jacobian
 from mtl.losses import task_losses
 from mtl.model import MultiTaskModel
 from mtl.recipes import Recipe
 from mtl.task import Task
-from mtl.weighting import GradientWeighting, Weighting
+from mtl.weighting import GradientWeighting, GramianWeighting, Weighting
 
 Batch = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
 
@@ -309,3 +309,55 @@ def build_step(model: MultiTaskModel, tasks: dict[str, Task], groups: dict[str, 
     if isinstance(weighting, GradientWeighting):
         return EngineStep(model, tasks, groups, weighting, *args, **(engine or {}), **kwargs)
     return LossStep(model, tasks, groups, weighting, *args, **kwargs)
+
+
+def backward(losses: dict[str, torch.Tensor], shared: list[torch.Tensor], weighting: Weighting | None = None) -> torch.Tensor | None:
+    """One multi-task update into ``.grad``, for your own training loop: the trainer's update
+    in a parameter mode, without its forward, clipping or optimizer step.
+
+    ``losses``: each task's scalar loss, keyed by ``weighting.tasks``. ``shared``: the
+    parameters every task reaches (the trunk's). ``weighting``: a built weighting of these
+    tasks (``WEIGHTINGS.get(name)(tasks)``); None sums the losses.
+
+    - Loss-level: one backward of ``weighting(L)``, L = [L_1, ..., L_T] in task order.
+    - Gradient-level: o = ``weighting.transform_losses(L)``, J = ∂o/∂shared ``[T, D]``, the
+      method's ``aggregate(J)``. Task weights w whose method weighs the heads too (MGDA,
+      UPGrad, ...): one backward of Σ_t w_t o_t. Otherwise (PCGrad, CAGrad, IMTL-G, ...) the
+      shared parameters get the method's gradient (or Σ_t w_t ∇o_t) and every other
+      parameter a loss reaches (a head) the gradient of Σ_t o_t, i.e. of its own task's objective.
+
+    Gradients add to ``.grad`` as ``loss.backward()`` does. Returns the task weights where the
+    method gives any. One process: under torchrun, average ``.grad`` over ranks afterwards.
+    A weighting's own update after the optimizer step (FAMO's ``update``, DWA's
+    ``on_epoch_end``) is yours to call, as ``LossStep`` does. Raises ``NonFiniteError`` on
+    a NaN or inf task gradient, before the method sees it."""
+    tasks = weighting.tasks if weighting is not None else list(losses)
+    L = torch.stack([losses[t] for t in tasks])
+    if not isinstance(weighting, GradientWeighting):
+        (L.sum() if weighting is None else weighting(L)).backward()
+        return None if weighting is None else weighting.weights()
+    shared = [p for p in shared if p.requires_grad]
+    weighting.observe(L.detach())
+    objectives = weighting.transform_losses(L)
+    if not shared:  # a frozen trunk: each head learns from its own objective
+        objectives.sum().backward()
+        return None
+    J = jacobian(objectives, shared)
+    finite = torch.isfinite(J.sum(dim=1))
+    if not bool(finite.all()):
+        raise NonFiniteError("non-finite gradient of " + ", ".join(f"task {t!r}" for t, ok in zip(tasks, finite.tolist()) if not ok))
+    result = weighting.aggregate(J)
+    weights = None if result.weights is None else result.weights.to(objectives.dtype)
+    if result.gradient is None and not (isinstance(weighting, GramianWeighting) and not weighting.weigh_heads):
+        (weights * objectives).sum().backward()
+        return weights
+    gradient = result.gradient if result.gradient is not None else weights.to(J.dtype) @ J
+    before = [p.grad for p in shared]
+    # Every parameter gets Σ_t ∇o_t (a head: its own objective's); the shared ones then get the method's instead.
+    objectives.sum().backward()
+    offset = 0
+    for p, prior in zip(shared, before):
+        g = gradient[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
+        p.grad = g if prior is None else prior + g
+    return weights

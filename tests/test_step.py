@@ -1,10 +1,13 @@
 """The step contract (mtl.step): one object per kind of update, every weighting hook declared."""
 
+import copy
+import functools
+
 import pytest
 import torch
 
 from mtl.config import load_config
-from mtl.step import EngineStep, LossStep, RunningLosses
+from mtl.step import EngineStep, LossStep, RunningLosses, backward, build_step
 from mtl.weighting import WEIGHTINGS, GradientWeighting, Weighting
 
 from conftest import QUICKSTART, quick
@@ -60,3 +63,38 @@ def test_the_step_state_resumes_its_running_losses_and_count(tmp_path):
     assert b.update.count == 3
     torch.testing.assert_close(b.update.running.sums, a.update.running.sums)
     assert b.update.running.means(0) == a.update.running.means(0)
+
+
+@functools.cache
+def _trainer_and_batch():
+    from mtl.trainer import Trainer
+
+    t = Trainer(load_config(QUICKSTART, quick("/tmp/unused-step-run", 1, 1, "trunk.dropout=0.0")))
+    inputs, targets, _ = t.feed.next(list(t.sources))
+    return t, inputs, targets
+
+
+@pytest.mark.parametrize("name", WEIGHTINGS.names())
+def test_the_public_backward_gives_the_trainers_update(name):
+    """``mtl.step.backward`` on the task losses fills every .grad as the trainer's step does,
+    for every registered weighting with a parameter mode."""
+    t, inputs, targets = _trainer_and_batch()
+    cls = WEIGHTINGS.get(name)
+    gradient = issubclass(cls, GradientWeighting)
+    mode = next((m for m in cls.modes if m != "representation"), None) if gradient else None
+    if gradient and mode is None:
+        pytest.skip(f"{name} takes its gradients on the shared representation only; backward takes parameters")
+    torch.manual_seed(0)
+    method = (cls(list(t.tasks), mode=mode) if gradient else cls(list(t.tasks))).to(t.device)
+    twin = copy.deepcopy(method)  # the same state (seeded draws, GradNorm's first losses) for the second update
+    step = build_step(t.model, t.tasks, t.groups, method, t.optimizer, t.update.lr_schedule, t.recipe, t.dist, t.device)
+    shared = step.engine._shared() if gradient else list(t.model.trunk.parameters())
+    t.model.zero_grad(set_to_none=True)
+    step._backward(inputs, targets)
+    expected = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    t.model.zero_grad(set_to_none=True)
+    backward(step.task_losses(t.model.forward_groups(inputs, t.groups), targets), shared, twin)
+    got = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    for n in got:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
