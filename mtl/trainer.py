@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -28,37 +27,13 @@ from mtl.engine import NonFiniteError
 from mtl.loggers import Loggers, build_loggers
 from mtl.results import directions, evaluate, flatten, selection_score, write_json
 from mtl.rundir import RESUMABLE_CHANGES, UNREAD_BY_TRAINING, CheckpointWriter, RunDir, config_changes, mark_written_by, written_by
+from mtl.signals import deferred_signals
 from mtl.state import Schedule, Sources, TrainState
 from mtl.step import GradientClip
 
 # Imported from here by mtl.compare and older code: the run directory's and the step's names.
 __all__ = ["Trainer", "RESUMABLE_CHANGES", "UNREAD_BY_TRAINING", "CheckpointWriter", "GradientClip", "config_changes",
            "mark_written_by", "written_by", "seed_everything"]
-
-
-@contextlib.contextmanager
-def deferred_signals(on_signal):
-    """SIGINT and SIGTERM call ``on_signal(signum)`` instead of interrupting, so the trainer can
-    stop between steps (a step is never cut in half). A second signal is not deferred: the
-    user can always stop at once. Handlers can only be set from the main thread; elsewhere
-    signals keep their usual effect."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {}
-
-    def handle(signum, frame):
-        on_signal(signum)
-        signal.signal(signum, previous[signum])
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # None: a handler set outside Python, which cannot be put back; the default then.
-        previous[sig] = signal.signal(sig, handle) or signal.SIG_DFL
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
