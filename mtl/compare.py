@@ -56,7 +56,7 @@ from mtl.config import COMPONENTS, ConfigError, resolve, save_config, to_dict
 from mtl.registry import did_you_mean
 from mtl.stats import SeedBudget
 
-BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages")
+BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages", "groups")
 STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk")
 
 
@@ -82,6 +82,8 @@ class Cell:
     tuned: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value, set on the last stage
     point: str = ""  # a tuning cell's grid point (its folder under tune/); "" for the comparison's own cells
     forgetting: list[str] = field(default_factory=list)  # earlier tasks evaluated after every later stage
+    # kind groups: each stage is one independent group; task -> the stage (group) whose model reports it
+    serve: dict[str, int] | None = None
 
 
 def _merge(*nodes: dict[str, Any]) -> dict[str, Any]:
@@ -170,9 +172,12 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
         recipes = node.pop("recipes", None)
         custom = node.pop("stages", None)
         follow = node.pop("forgetting", None)
+        groups, serve = node.pop("groups", None), node.pop("serve", None)
         if node:
-            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential), stages (kind stages) "
-                              "or forgetting (sequential, stages).")
+            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential), stages (kind stages), "
+                              "groups and serve (kind groups) or forgetting (sequential, stages).")
+        if (groups is not None or serve is not None) and kind != "groups":
+            raise ConfigError(f"{where}.{'groups' if groups is not None else 'serve'}: only a regime of kind groups takes groups and serve.")
         if recipes is not None and kind != "sequential":
             raise ConfigError(f"{where}.recipes: only a sequential regime takes recipes (the target stage's recipe).")
         if follow is not None and kind in ("single_task", "joint"):
@@ -183,7 +188,10 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
                 # A task that is not a target keeps all its data: one baseline per seed.
                 cells += [_single(label, t, seed, 1.0, target_over) for t in cfg.tasks if t not in targets]
             for fraction in c.fractions:
-                new = _cells(kind, label, seed, float(fraction), targets, sources, recipes, custom, source_over, target_over, where, cfg)
+                if kind == "groups":
+                    new = [_grouped(label, seed, float(fraction), groups, serve, target_over, where, cfg)]
+                else:
+                    new = _cells(kind, label, seed, float(fraction), targets, sources, recipes, custom, source_over, target_over, where, cfg)
                 for cell in new:
                     cell.forgetting = _follow(follow, cell.stages, f"{where}.forgetting", cfg) if kind in ("sequential", "stages") else []
                 cells += new
@@ -213,6 +221,34 @@ def _follow(listed: Any, stages: list[Stage], where: str, cfg: DictConfig) -> li
             raise ConfigError(f"{where}[{i}]: task {task!r} {why}; backward transfer needs a task trained before the last stage"
                               + (f": {', '.join(can)}." if can else ", and this regime has none."))
     return list(dict.fromkeys(listed))
+
+
+def _grouped(label: str, seed: int, fraction: float, groups: Any, serve: Any, overrides: dict[str, Any], where: str,
+             cfg: DictConfig) -> Cell:
+    """A grouping of the tasks (TAG, Fifty et al. 2021; ``mtl group`` prints one): each group
+    trains jointly, on its own trunk from scratch, one stage per group; every task is reported
+    by the group that serves it, ``serve[task]`` (default: the first group that has it), so
+    the cell reports every task once, as joint and single-task do."""
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, list) and g for g in groups):
+        raise ConfigError(f"{where}.groups: a list of task groups, each a non-empty list, e.g. [[a, b], [c]]; got {groups!r}.")
+    for k, members in enumerate(groups):
+        _check_tasks([str(t) for t in members], cfg, f"{where}.groups[{k}]")
+    missing = [t for t in cfg.tasks if not any(t in g for g in groups)]
+    if missing:
+        raise ConfigError(f"{where}.groups: task {missing[0]!r} is in no group; every task of the comparison must be trained by one "
+                          "(put it in a group of its own to train it alone).")
+    chosen = {t: next(k for k, g in enumerate(groups) if t in g) for t in cfg.tasks}
+    if serve is not None:
+        if not isinstance(serve, dict):
+            raise ConfigError(f"{where}.serve: a mapping task -> index of the group that reports it, e.g. {{a: 0}}; got {serve!r}.")
+        for t, k in serve.items():
+            _check_tasks([str(t)], cfg, f"{where}.serve")
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(groups) or t not in groups[k]:
+                raise ConfigError(f"{where}.serve.{t}: {k!r} is not the index of a group that has {t!r} "
+                                  f"(groups with it: {[i for i, g in enumerate(groups) if t in g]}).")
+            chosen[str(t)] = k
+    stages = [Stage(f"group{k}", [str(t) for t in members], overrides, f"{where}.groups[{k}]") for k, members in enumerate(groups)]
+    return Cell(label, "fine_tune", seed, fraction, stages, label=label, serve=chosen)
 
 
 def _single(label: str, task: str, seed: int, fraction: float, overrides: dict[str, Any]) -> Cell:
@@ -362,7 +398,7 @@ class Grid:
         return [base / s.name for s in cell.stages]
 
     def _init(self, cell: Cell, index: int) -> dict[str, Any]:
-        if index == 0:
+        if index == 0 or cell.serve is not None:  # the groups of a grouping train independently
             return {}
         previous = cell.dirs[index - 1]
         if cell.shared_source:
@@ -406,7 +442,7 @@ class Grid:
                     except ConfigError as e:
                         raise ConfigError(f"{stage.where} (stage {stage.name!r} of {cell.label}): {e}") from None
                     trunks[keys[i]] = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
-                if i and trunks[keys[i]] != trunks[keys[i - 1]]:
+                if i and cell.serve is None and trunks[keys[i]] != trunks[keys[i - 1]]:
                     raise ConfigError(_trunk_mismatch(cell, i, trunks[keys[i - 1]], trunks[keys[i]]))
 
     def check_existing(self, cells: list[Cell]) -> None:
@@ -518,16 +554,24 @@ class Grid:
 
         rows = []
         for cell in self.cells if cells is None else cells:
-            path = cell.dirs[-1] / "results.json"
-            if not path.exists():
+            paths = [d / "results.json" for d in (cell.dirs if cell.serve is not None else cell.dirs[-1:])]
+            if not all(p.exists() for p in paths):
                 continue
-            results = json.loads(path.read_text())
+            results = json.loads(paths[-1].read_text())
             wall = sum(json.loads((d / "results.json").read_text())["wall_time_s"] for d in cell.dirs if (d / "results.json").exists())
             last = len(cell.stages) - 1
             final = {}  # task -> (its info, {split: final metrics}, {split: metrics right after its last training})
             for t, info in results["tasks"].items():
                 values = {s: results["splits"][s][t] for s in results["splits"]}
                 final[t] = (info, values, values)  # trained in the last stage: its final values are its after-training ones
+            params = results["parameters"]
+            if cell.serve is not None:  # each task from the group that serves it; the grouping's parameters are all groups'
+                groups = [json.loads(p.read_text()) for p in paths]
+                final = {}
+                for t, k in cell.serve.items():
+                    values = {s: groups[k]["splits"][s][t] for s in groups[k]["splits"]}
+                    final[t] = (groups[k]["tasks"][t], values, values)
+                params = {key: sum(g["parameters"][key] for g in groups) for key in ("trainable", "total")}
             if cell.forgetting:
                 m = self.forgetting(cell)
                 after = m["after"]
@@ -536,14 +580,14 @@ class Grid:
                     own = info["stages"][-1]
                     final[t] = (info, {s: after[last][s][t] for s in after[last]}, {s: after[own][s][t] for s in after[own]})
             for task, (info, splits, after) in final.items():
-                trained = [i for i, s in enumerate(cell.stages) if task in s.tasks]
+                trained = [cell.serve[task]] if cell.serve is not None else [i for i, s in enumerate(cell.stages) if task in s.tasks]
                 for split, per_task in splits.items():
                     for metric, value in per_task.items():
                         value = float("nan") if value is None else value
                         before = after[split].get(metric)
                         before = float("nan") if before is None else before
                         direction = info["directions"][metric]
-                        earlier = trained[-1] < last
+                        earlier = trained[-1] < last and cell.serve is None
                         rows.append(
                             {
                                 "method": cell.label,
@@ -557,8 +601,8 @@ class Grid:
                                 "value": value,
                                 "direction": direction,
                                 "primary": metric == info["primary_metric"],
-                                "trainable_params": results["parameters"]["trainable"],
-                                "total_params": results["parameters"]["total"],
+                                "trainable_params": params["trainable"],
+                                "total_params": params["total"],
                                 "wall_time_s": wall,
                                 "cell": str(cell.dirs[-1].relative_to(self.root)),
                                 "stages": len(cell.stages),

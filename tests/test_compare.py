@@ -382,3 +382,55 @@ def test_a_budget_buys_no_seeds_for_a_sequential_methods_earlier_tasks(tmp_path)
     assert grid.open_comparisons(stops) == {("joint", 0.05)}
     stops[(0.05, "sequential/linear_probe", "Δm%")] = open_
     assert grid.open_comparisons(stops) == {("joint", 0.05), ("sequential/linear_probe", 0.05)}
+
+
+# ---- kind groups: a grouping of the tasks (TAG's proposal) against joint and single-task --------
+
+
+def groups_cfg(tmp_path, regime):
+    return load_config(QUICKSTART, [f"output_dir={tmp_path / 'g'}", "compare.seeds=[0]", "compare.fractions=[1.0]",
+                                    f"compare.regimes={{tag: {regime}}}", *SHORT])
+
+
+@pytest.mark.parametrize(
+    "regime, message",
+    [
+        ("{kind: groups, groups: [[mnist]]}", r"compare.regimes.tag.groups: task 'digits' is in no group"),
+        ("{kind: groups, groups: []}", r"compare.regimes.tag.groups: a list of task groups"),
+        ("{kind: groups, groups: [[mnist, digitz]]}", r"compare.regimes.tag.groups\[0\]: task 'digitz' is not defined"),
+        ("{kind: groups, groups: [[mnist], [digits]], serve: {digits: 0}}", r"compare.regimes.tag.serve.digits: 0 is not the index of a group that has 'digits'"),
+        ("{kind: joint, groups: [[mnist, digits]]}", r"compare.regimes.tag.groups: only a regime of kind groups"),
+    ],
+)
+def test_groups_bad_input_names_the_key(tmp_path, regime, message):
+    from mtl.compare import plan
+
+    with pytest.raises(ConfigError, match=message):
+        plan(groups_cfg(tmp_path, regime))
+
+
+def test_groups_plan_one_independent_stage_per_group_and_serve_each_task_once(tmp_path):
+    from mtl.compare import plan
+
+    cfg = groups_cfg(tmp_path, "{kind: groups, groups: [[mnist, digits], [digits]], serve: {digits: 1}}")
+    (cell,) = [c for c in plan(cfg) if c.label == "tag"]
+    assert [s.tasks for s in cell.stages] == [["mnist", "digits"], ["digits"]] and cell.serve == {"mnist": 0, "digits": 1}
+    grid = Grid(cfg)
+    assert grid._init(next(c for c in grid.cells if c.label == "tag"), 1) == {}  # the second group starts from scratch
+
+
+@pytest.mark.slow
+def test_groups_cell_reports_each_task_from_its_group(tmp_path):
+    out = tmp_path / "g"
+    args = [f"output_dir={out}", "compare.seeds=[0]", "compare.fractions=[1.0]", *SHORT,
+            "compare.regimes={tag: {kind: groups, groups: [[mnist, digits], [digits]], serve: {digits: 1}}, joint: {}}"]
+    assert main(["compare", QUICKSTART, *args]) == 0
+    df = pd.read_csv(out / "results.csv")
+    tag = df[(df.method == "tag") & (df.split == "test") & (df.metric == "accuracy")].set_index("task")
+    base = out / "cells" / "tag" / "f1" / "seed0"
+    for task, group in (("mnist", "group0"), ("digits", "group1")):
+        own = json.loads((base / group / "results.json").read_text())
+        assert tag.loc[task, "value"] == pytest.approx(own["splits"]["test"][task]["accuracy"])
+    groups = [json.loads((base / g / "results.json").read_text())["parameters"]["trainable"] for g in ("group0", "group1")]
+    assert (tag["trainable_params"] == sum(groups)).all() and tag["backward_transfer"].isna().all()
+    assert "tag" in (out / "report.md").read_text()
