@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from mtl.affinity import MAX_TASKS, LookaheadAffinity, NonFiniteAffinity, check_affinity, select_groups
+from mtl.affinity import MAX_TASKS, Grouping, LookaheadAffinity, NonFiniteAffinity, check_affinity, select_groups
 from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_recipe, build_scheduler, input_groups, resolve_device
 from mtl.config import ConfigError, read_yaml, save_config, to_dict
 from mtl.data import BatchSource, shared_inputs
@@ -258,7 +258,7 @@ class GroupRun:
         written = None
         if self.command:
             written = (read_yaml(config).get("compare") or {}).get("regimes") or {}
-        commands = {g: [config, *kept, *compare_overrides(self.cfg, s.groups, written), f"output_dir={self.run_dir}-compare"]
+        commands = {g: [config, *kept, *compare_overrides(self.cfg, s, written), f"output_dir={self.run_dir}-compare"]
                     for g, s in groupings.items() if len(s.groups) > 1}
         markdown = report(result, commands)
         write_text(markdown, self.run_dir / "groups.md")
@@ -290,17 +290,20 @@ def step_times(times: dict[str, list[float]], every: int) -> dict[str, float]:
             "plain_steps": len(times["plain"]), "affinity_steps": len(times["affinity"])}
 
 
-def compare_overrides(cfg: DictConfig, groups: list[list[str]], written: dict[str, Any] | None = None) -> list[str]:
-    """``mtl compare`` overrides that run each group as its own joint regime beside single-task
-    and all-joint. ``written``: the regimes the config file names (``compare.regimes``), which
-    the overrides remove or keep; without a compare.regimes node the file gets the overrides'
-    regimes alone (a named regime replaces the defaults). None: the regimes of ``cfg``."""
+def compare_overrides(cfg: DictConfig, grouping: Grouping, written: dict[str, Any] | None = None) -> list[str]:
+    """``mtl compare`` overrides that run the grouping as one method (regime ``tag``, kind
+    groups: each group trained on its own, each task reported by the group that serves it)
+    beside single-task and all-joint. ``written``: the regimes the config file names
+    (``compare.regimes``), which the overrides remove or keep; without a compare.regimes node
+    the file gets the overrides' regimes alone (a named regime replaces the defaults). None: the
+    regimes of ``cfg``."""
     regimes = dict(cfg.compare.regimes) if written is None else written
     out = [f"~compare.regimes.{label}" for label, node in regimes.items()
            if label not in ("single_task", "joint") or (node and node.get("kind", label) != label)]
     out += [f"compare.regimes.{label}={{}}" for label in ("single_task", "joint") if label not in regimes or f"~compare.regimes.{label}" in out]
-    for k, members in enumerate(groups, 1):
-        out.append(f"compare.regimes.group{k}={{kind: stages, stages: [{{name: train, tasks: [{', '.join(members)}]}}]}}")
+    groups = ", ".join(f"[{', '.join(members)}]" for members in grouping.groups)
+    serve = ", ".join(f"{t}: {k}" for t, k in grouping.serving.items())
+    out.append(f"compare.regimes.tag={{kind: groups, groups: [{groups}], serve: {{{serve}}}}}")
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from mtl.cli import main
 from mtl.compare import plan
 from mtl.config import load_config, read_yaml
+from mtl.affinity import Grouping
 from mtl.group import GroupRun, compare_overrides
 
 from cli_harness import run_cli
@@ -82,24 +83,26 @@ def test_wandb_offline_run_holds_the_matrix(tmp_path, one_thread):
     assert table["data"] == [[a, *(pytest.approx(written["affinity"][a][b]) for b in ("wine", "wine2"))] for a in ("wine", "wine2")]
 
 
-def test_printed_compare_overrides_plan_each_group_as_a_regime():
+def test_printed_compare_overrides_plan_the_grouping_as_one_regime():
     base = ["output_dir=/tmp/unused", "tasks.digits2.name=digits", "tasks.digits2.size=28", "tasks.digits2.split_seed=1"]
     cfg = load_config(QUICKSTART, base)
-    overrides = compare_overrides(cfg, [["mnist", "digits"], ["digits", "digits2"]], written=read_yaml(QUICKSTART)["compare"]["regimes"])
+    grouping = Grouping([["mnist", "digits"], ["digits", "digits2"]], 0.0, {"mnist": 0, "digits": 1, "digits2": 1}, {})
+    overrides = compare_overrides(cfg, grouping, written=read_yaml(QUICKSTART)["compare"]["regimes"])
     assert "~compare.regimes.sequential" in overrides
     cells = plan(load_config(QUICKSTART, base + overrides))
     by_regime = {c.regime: c for c in cells}
-    assert set(by_regime) == {"single_task", "joint", "group1", "group2"}
-    assert by_regime["group1"].stages[0].tasks == ["mnist", "digits"]
-    assert by_regime["group2"].stages[0].tasks == ["digits", "digits2"]
+    assert set(by_regime) == {"single_task", "joint", "tag"}
+    assert [s.tasks for s in by_regime["tag"].stages] == [["mnist", "digits"], ["digits", "digits2"]]
+    assert by_regime["tag"].serve == {"mnist": 0, "digits": 1, "digits2": 1}
     assert by_regime["joint"].stages[0].tasks == ["mnist", "digits", "digits2"]
 
 
 def test_compare_overrides_of_a_config_without_regimes_name_the_baselines():
     base = ["output_dir=/tmp/unused", *TWO, "tasks.wine3.name=wine", "tasks.wine3.split_seed=2"]
-    overrides = compare_overrides(load_config(WINE, base), [["wine", "wine2"], ["wine2", "wine3"]], written={})
+    grouping = Grouping([["wine", "wine2"], ["wine2", "wine3"]], 0.0, {"wine": 0, "wine2": 0, "wine3": 1}, {})
+    overrides = compare_overrides(load_config(WINE, base), grouping, written={})
     cells = plan(load_config(WINE, base + overrides))
-    assert {c.regime for c in cells} == {"single_task", "joint", "group1", "group2"}
+    assert {c.regime for c in cells} == {"single_task", "joint", "tag"}
 
 
 @pytest.mark.parametrize("args,message", [
