@@ -1,8 +1,8 @@
 """Everything a resumed run needs, listed once: ``TrainState.state_dict`` is a step checkpoint.
 
 The counters (epochs and steps done, skipped steps, the best epoch, the wall time) live
-here; the stateful parts of the run (model, optimizer, LR schedule, the step with its
-weighting and running losses, task scheduler, batch sources) are asked for their own state.
+here; the stateful parts of the run (model, optimizer, LR schedule, weighting, the step with its
+running losses, task scheduler, batch sources) are asked for their own state.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ total) and ``EngineStep`` for a gradient-level one (per-task gradients through
 - ``on_epoch_end()``: the epoch's mean training loss of each task to the weighting (DWA);
 - ``diagnostics()``: task weights, and for gradient methods per-task gradient norms and
   pairwise cosines, for the log;
-- ``state_dict()`` / ``load_state_dict()``: the weighting's state, the running losses and
-  the step count (a resumed run continues exactly).
+- ``state_dict()`` / ``load_state_dict()``: the running losses and the step count (with
+  the weighting's own state, a checkpoint part of its own, a resumed run continues exactly).
 
 ``running`` holds each task's mean training loss since the last log line and over the epoch.
 """
@@ -245,10 +245,10 @@ class Step:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weighting": self.weighting.state_dict(), "running": self.running.state_dict(), "count": self.count}
+        """The step's own state; the weighting's is a part of the checkpoint of its own (``TrainState``)."""
+        return {"running": self.running.state_dict(), "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weighting.load_state_dict(state["weighting"])
         self.running.load_state_dict(state["running"])
         self.count = state["count"]
 

@@ -61,7 +61,7 @@ class Trainer:
         self.feed, self.update, self.parameters = run.feed, run.step, run.parameters
         self.steps_per_epoch = self.scheduler.steps_per_epoch
         self.state = TrainState({"model": self.model, "optimizer": self.optimizer, "lr_schedule": Schedule(run.lr_schedule),
-                                 "update": self.update, "scheduler": self.scheduler, "sources": Sources(self.sources)})
+                                 "weighting": self.weighting, "update": self.update, "scheduler": self.scheduler, "sources": Sources(self.sources)})
         tensors = [*self.model.state_dict().values(), *self.weighting.state_dict().values()]
         self.dir.check_room(sum(v.numel() * v.element_size() for v in tensors if isinstance(v, torch.Tensor)))
         self._stop_signal: int | None = None

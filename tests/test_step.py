@@ -57,9 +57,8 @@ def test_the_step_state_resumes_its_running_losses_and_count(tmp_path):
     a = Trainer(cfg)
     for _ in range(3):
         a._train_step()
-    state = a.update.state_dict()
     b = Trainer(load_config(QUICKSTART, quick(tmp_path / "other", 1, 4, "weighting.name=dwa")))
-    b.update.load_state_dict(state)
+    b.update.load_state_dict(a.update.state_dict())
     assert b.update.count == 3
     torch.testing.assert_close(b.update.running.sums, a.update.running.sums)
     assert b.update.running.means(0) == a.update.running.means(0)

@@ -45,8 +45,8 @@ def test_train_writes_config_metrics_results_and_prints_the_table(run_dir, capsy
     assert any("test/digits/accuracy" in l for l in lines)
 
     last = checkpoint.latest(run_dir / "checkpoints")[1]
-    assert {"model", "optimizer", "lr_schedule", "update", "scheduler", "sources", "rng", "step"} <= set(last)
-    assert {"weighting", "running", "count"} <= set(last["update"])
+    assert {"model", "optimizer", "lr_schedule", "weighting", "update", "scheduler", "sources", "rng", "step"} <= set(last)
+    assert {"running", "count"} <= set(last["update"])
     trunk = checkpoint.load(run_dir / "trunk.pt")
     assert set(trunk["trunk"]) == {k.removeprefix("trunk.") for k in last["model"] if k.startswith("trunk.")}
 
