@@ -44,11 +44,11 @@ def weighting_benchmark() -> str:
             f"with a higher mean than equal weighting; {int((mtl['delta_m_pct'] > 0).sum())} with a mean above single-task")
 
 
-def transfer_claims() -> str:
+def transfer_claims(folder: str = "results") -> str:
     from mtl.stats import seeds_needed
     from paper_repro.transfer_claims.__main__ import NAMES, claim_tests
 
-    results = STUDIES / "transfer_claims" / "results"
+    results = STUDIES / "transfer_claims" / folder
     per_seed = pd.read_csv(results / "per_seed.csv") if (results / "per_seed.csv").exists() else None
     tests = claim_tests(pd.read_csv(results / "results.csv"), per_seed)
     m = sum(1 for v in tests if v.test.p == v.test.p)
@@ -74,8 +74,13 @@ def transfer_claims() -> str:
             f"{sum(v.claim == 'c' for v in tests)} comparisons (F-test); (d) a linear probe trains only the head")
 
 
+def transfer_claims_10seeds() -> str:
+    return "the 10-seed rerun at each pair's two smallest fractions: " + transfer_claims("results_10seeds")
+
+
 LINES = {
     "transfer_claims": ("transfer_claims/", transfer_claims),
+    "transfer_claims_10seeds": ("transfer_claims/", transfer_claims_10seeds),
     "multi_mnist": ("multi_mnist/", multi_mnist),
     "weighting_benchmark": ("weighting_benchmark/", weighting_benchmark),
 }
