@@ -438,10 +438,10 @@ class Grid:
                     start = init.get("init_from") or init.get("trunk", {}).get("checkpoint")
                     cfg = stage_config(self.cfg, cell, i, cell.dirs[i], init if start and Path(start).exists() else {}, self.targets)
                     try:
-                        trunk = Trainer(cfg).model.trunk
+                        # The trunk as built, before a recipe's adapters (LoRA renames its layers): what a next stage loads.
+                        trunks[keys[i]] = Trainer(cfg).recipe.base_shapes
                     except ConfigError as e:
                         raise ConfigError(f"{stage.where} (stage {stage.name!r} of {cell.label}): {e}") from None
-                    trunks[keys[i]] = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
                 if i and cell.serve is None and trunks[keys[i]] != trunks[keys[i - 1]]:
                     raise ConfigError(_trunk_mismatch(cell, i, trunks[keys[i - 1]], trunks[keys[i]]))
 

@@ -234,7 +234,11 @@ class Trainer:
         }
         if self.dist.is_main:
             write_json(results, self.dir.path / "results.json")
-            checkpoint.save({"trunk": self.model.trunk.state_dict(), "trunk_config": to_dict(self.cfg)["trunk"]}, self.dir.path / "trunk.pt")
+            config = to_dict(self.cfg)
+            checkpoint.save({"trunk": self.model.trunk.state_dict(), "trunk_config": config["trunk"]}, self.dir.path / "trunk.pt")
+            if len(self.recipe.state_keys(self.model)) < len(best["model"]):  # a recipe that trains part of the model
+                trained = {**self.recipe.trainable_state(self.model), "trunk_config": config["trunk"], "recipe_config": config["recipe"]}
+                checkpoint.save(trained, self.dir.path / "trained.pt")
         final = {k: v for split, m in splits.items() for k, v in flatten(split, m).items()}
         self.loggers.log(final, self.step)
         self.loggers.log_summary({**final, "best_epoch": best["epoch"], "parameters/total": results["parameters"]["total"]})

@@ -384,15 +384,31 @@ def test_lora_run_resumes_exactly(tmp_path):
     assert part["steps"] == full["steps"] == 4 and part["splits"] == full["splits"]
 
 
+@pytest.mark.slow
+def test_a_lora_run_writes_its_trained_parameters_alone_and_they_rebuild_the_selected_model(tmp_path):
+    from mtl import checkpoint
+    from mtl.builders import build_run
+    from mtl.config import load_config
+    from mtl.distributed import Context
+
+    run = tmp_path / "lora"
+    assert main(["train", QUICKSTART, *quick(run, 1, 2, "recipe.name=lora", "recipe.rank=2", "trainer.batch_size=16")]) == 0
+    trained, best = checkpoint.load(run / "trained.pt"), checkpoint.load(run / "checkpoints" / "best.pt")
+    assert trained["recipe_config"]["name"] == "lora" and (run / "trained.pt").stat().st_size < (run / "checkpoints" / "best.pt").stat().st_size
+    fresh = build_run(load_config(run / "config.yaml"), Context(), torch.device("cpu"))
+    fresh.recipe.load_trainable_state(fresh.model, trained)
+    assert all(torch.equal(v, best["model"][k]) for k, v in fresh.model.state_dict().items())
+
+
+def test_a_fine_tune_run_writes_no_trained_parameters_file(tmp_path):
+    assert main(["train", QUICKSTART, *quick(tmp_path / "ft", 1, 1, "trainer.batch_size=16")]) == 0
+    assert not (tmp_path / "ft" / "trained.pt").exists() and (tmp_path / "ft" / "trunk.pt").exists()
+
+
 # -- one comparison cell end to end ------------------------------------------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="compare's preflight compares the target trunk's state after LoRA's setup (keys base_layer, lora_A, ...) with the "
-    "source's; it must compare the trunk as built, Trainer(cfg).recipe.base_shapes (mtl/compare.py, Grid.preflight)",
-)
 def test_compare_sequential_lora_cell_reports_its_trainable_parameters(tmp_path):
     out = tmp_path / "cmp"
     args = [
