@@ -66,44 +66,54 @@ class Feed:
 
 class RunningLosses:
     """Each task's summed training loss and step count since the last log line (row 0) and
-    over the epoch (row 1): the sums stay on the device (no host sync per step), one add per step."""
+    over the epoch (row 1): the sums stay on the device (no host sync per step), one add per
+    step. A step with every task present adds to one count per row; only a step missing tasks
+    (a sampling scheduler, partial labels) walks the tasks."""
 
     def __init__(self, tasks: list[str], device: torch.device):
         self.tasks = tasks
         self.sums = torch.zeros(2, len(tasks), device=device)
-        self.counts = [[0] * len(tasks), [0] * len(tasks)]
+        self.full, self.partial = [0, 0], [[0] * len(tasks), [0] * len(tasks)]
 
     def add(self, vector: torch.Tensor, present: dict[str, Any]) -> None:
         """``vector``: the step's losses in task order, 0 for a task absent from ``present``."""
         self.sums += vector.detach()
-        for row in self.counts:
+        if len(present) == len(self.tasks):
+            self.full[0] += 1
+            self.full[1] += 1
+            return
+        for row in self.partial:
             for i, task in enumerate(self.tasks):
-                if len(present) == len(self.tasks) or task in present:
+                if task in present:
                     row[i] += 1
+
+    def counts(self, row: int) -> list[int]:
+        return [self.full[row] + c for c in self.partial[row]]
 
     def means(self, row: int) -> dict[str, float]:
         """Row 0 (the log interval) as {task: mean} over the tasks seen, then cleared: one host read."""
         sums = self.sums[row].tolist()
-        means = {t: s / c for t, s, c in zip(self.tasks, sums, self.counts[row]) if c}
+        means = {t: s / c for t, s, c in zip(self.tasks, sums, self.counts(row)) if c}
         self._clear(row)
         return means
 
     def epoch_means(self) -> torch.Tensor:
         """Row 1 as a ``[T]`` tensor (0 for a task never seen), then cleared."""
-        means = self.sums[1] / torch.tensor(self.counts[1], device=self.sums.device).clamp(min=1)
+        means = self.sums[1] / torch.tensor(self.counts(1), device=self.sums.device).clamp(min=1)
         self._clear(1)
         return means
 
     def _clear(self, row: int) -> None:
         self.sums[row].zero_()
-        self.counts[row] = [0] * len(self.tasks)
+        self.full[row] = 0
+        self.partial[row] = [0] * len(self.tasks)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums, "counts": [list(c) for c in self.counts]}
+        return {"sums": self.sums, "counts": [self.counts(0), self.counts(1)]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums.copy_(state["sums"])  # a copy: the state's tensor may be another run's live one
-        self.counts = [list(c) for c in state["counts"]]
+        self.full, self.partial = [0, 0], [list(c) for c in state["counts"]]
 
 
 class GradientClip:
