@@ -109,6 +109,13 @@ def _checksum_file(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def fingerprint(path: str | os.PathLike) -> str:
+    """The file's SHA-256: its ``.sha256`` where one was written beside it, else computed."""
+    path = Path(path)
+    stored = _checksum_file(path)
+    return stored.read_text().strip() if stored.is_file() else _digest(path)
+
+
 def verify(path: str | os.PathLike) -> None:
     """A CorruptCheckpoint naming ``path`` when its ``.sha256`` exists and does not match its
     bytes (truncated, bit-flipped or replaced); a file without a checksum passes unchecked."""

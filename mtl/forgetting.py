@@ -21,7 +21,6 @@ direction (``mtl.results.directions``), so a positive transfer is always an impr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -132,17 +131,8 @@ def followable(stages: list[list[str]]) -> list[str]:
 
 
 def _fingerprint(run_dir: Path) -> str:
-    """The selected checkpoint's checksum (its ``.sha256`` when written, else computed): a
-    stage retrained since the matrix was stored has another one."""
-    best = run_dir / "checkpoints" / "best.pt"
-    stored = best.with_name(best.name + ".sha256")
-    if stored.is_file():
-        return stored.read_text().strip()
-    digest = hashlib.sha256()
-    with open(best, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The selected checkpoint's checksum: a stage retrained since the matrix was stored has another one."""
+    return checkpoint.fingerprint(run_dir / "checkpoints" / "best.pt")
 
 
 def _stored(path: Path, stages: list[ChainStage], follow: list[str]) -> dict[str, Any] | None:
