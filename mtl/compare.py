@@ -554,24 +554,21 @@ class Grid:
 
         rows = []
         for cell in self.cells if cells is None else cells:
-            paths = [d / "results.json" for d in (cell.dirs if cell.serve is not None else cell.dirs[-1:])]
-            if not all(p.exists() for p in paths):
-                continue
-            results = json.loads(paths[-1].read_text())
-            wall = sum(json.loads((d / "results.json").read_text())["wall_time_s"] for d in cell.dirs if (d / "results.json").exists())
             last = len(cell.stages) - 1
+            done = {i: d / "results.json" for i, d in enumerate(cell.dirs) if (d / "results.json").exists()}
+            # Who reports a task: the last stage, or in a grouping each task's serving group (all must be done).
+            if last not in done or (cell.serve is not None and len(done) < len(cell.dirs)):
+                continue
+            loaded = {i: json.loads(path.read_text()) for i, path in done.items()}
+            serve = cell.serve if cell.serve is not None else dict.fromkeys(loaded[last]["tasks"], last)
+            wall = sum(r["wall_time_s"] for r in loaded.values())
             final = {}  # task -> (its info, {split: final metrics}, {split: metrics right after its last training})
-            for t, info in results["tasks"].items():
-                values = {s: results["splits"][s][t] for s in results["splits"]}
-                final[t] = (info, values, values)  # trained in the last stage: its final values are its after-training ones
-            params = results["parameters"]
-            if cell.serve is not None:  # each task from the group that serves it; the grouping's parameters are all groups'
-                groups = [json.loads(p.read_text()) for p in paths]
-                final = {}
-                for t, k in cell.serve.items():
-                    values = {s: groups[k]["splits"][s][t] for s in groups[k]["splits"]}
-                    final[t] = (groups[k]["tasks"][t], values, values)
-                params = {key: sum(g["parameters"][key] for g in groups) for key in ("trainable", "total")}
+            for t, k in serve.items():
+                values = {s: loaded[k]["splits"][s][t] for s in loaded[k]["splits"]}
+                final[t] = (loaded[k]["tasks"][t], values, values)  # trained in its reporting stage: final = after training
+            params = loaded[last]["parameters"]
+            if cell.serve is not None:  # the grouping's parameters are all groups'
+                params = {key: sum(r["parameters"][key] for r in loaded.values()) for key in ("trainable", "total")}
             if cell.forgetting:
                 m = self.forgetting(cell)
                 after = m["after"]
