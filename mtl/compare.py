@@ -12,6 +12,12 @@ with the stage's tasks, recipe and overrides. Built-in regimes:
   joint        every task in one stage (targets at the cell's fraction).
   stages       any list of stages written in YAML; each starts from the previous stage's
                selected checkpoint (``init_from``: trunk and the heads of tasks that continue).
+  groups       a grouping of the tasks, one independent joint stage per group.
+  merge        model merging (``mtl.merging``): one fine-tune per task from a common trunk
+               (the trunk as configured, built with the cell's seed, saved as the cell's
+               ``common_trunk.pt``), then one trunk merged from them (``method``: task_arithmetic,
+               ties, dare) with λ chosen on validation among ``coefficients``; each task is
+               evaluated with the merged trunk and its own fine-tuned head (``merge.json``).
 
 Forgetting: in a sequential or stages regime, every task trained before the last stage keeps
 its head, and after each later stage it is evaluated on that stage's trunk (``mtl.forgetting``:
@@ -41,6 +47,7 @@ anything runs, so results are never silently replaced. Every W&B run of the comp
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -56,7 +63,9 @@ from mtl.config import COMPONENTS, ConfigError, resolve, save_config, to_dict
 from mtl.registry import did_you_mean
 from mtl.stats import SeedBudget
 
-BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages", "groups")
+BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages", "groups", "merge")
+MERGE_ARGUMENTS = ("method", "coefficients", "top_k", "drop", "seed")  # kind merge: the method and its arguments
+COMMON_TRUNK = "common_trunk.pt"  # a merge cell's θ_0, written before its fine-tunes
 STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk")
 
 
@@ -84,6 +93,8 @@ class Cell:
     forgetting: list[str] = field(default_factory=list)  # earlier tasks evaluated after every later stage
     # kind groups: each stage is one independent group; task -> the stage (group) whose model reports it
     serve: dict[str, int] | None = None
+    # kind merge: {"method": node, "coefficients": [λ]}; the last stage is the merge step, the others its fine-tunes
+    merge: dict[str, Any] | None = None
 
 
 def _merge(*nodes: dict[str, Any]) -> dict[str, Any]:
@@ -173,9 +184,14 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
         custom = node.pop("stages", None)
         follow = node.pop("forgetting", None)
         groups, serve = node.pop("groups", None), node.pop("serve", None)
+        merging = {k: node.pop(k) for k in MERGE_ARGUMENTS if k in node}
         if node:
-            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential), stages (kind stages), "
-                              "groups and serve (kind groups) or forgetting (sequential, stages).")
+            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential), stages (kinds stages, merge), "
+                              "groups and serve (kind groups), forgetting (sequential, stages) or method, coefficients, top_k, drop "
+                              "and seed (kind merge).")
+        if merging and kind != "merge":
+            raise ConfigError(f"{where}.{next(iter(merging))}: only a regime of kind merge takes method, coefficients and the method's "
+                              "arguments (top_k, drop, seed).")
         if (groups is not None or serve is not None) and kind != "groups":
             raise ConfigError(f"{where}.{'groups' if groups is not None else 'serve'}: only a regime of kind groups takes groups and serve.")
         if recipes is not None and kind != "sequential":
@@ -190,6 +206,8 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
             for fraction in c.fractions:
                 if kind == "groups":
                     new = [_grouped(label, seed, float(fraction), groups, serve, target_over, where, cfg)]
+                elif kind == "merge":
+                    new = [_merged(label, seed, float(fraction), custom, merging, target_over, where, cfg)]
                 else:
                     new = _cells(kind, label, seed, float(fraction), targets, sources, recipes, custom, source_over, target_over, where, cfg)
                 for cell in new:
@@ -279,6 +297,14 @@ def _cells(kind, label, seed, fraction, targets, sources, recipes, custom, sourc
         return out
     if not custom:
         raise ConfigError(f"{where}.stages: a regime of kind stages lists its stages, e.g. [{{tasks: [a]}}, {{tasks: [b], recipe: {{name: linear_probe}}}}].")
+    stages = _custom_stages(custom, where, cfg)
+    recipe = stages[-1].overrides.get("recipe", {}).get("name", "fine_tune")
+    return [Cell(label, recipe, seed, fraction, stages, label=label)]
+
+
+def _custom_stages(custom: list, where: str, cfg: DictConfig, name=lambda i, tasks: f"stage{i}") -> list[Stage]:
+    """The stages a regime lists (``compare.regimes.<label>.stages``), checked; ``name(i, tasks)``
+    names a stage that does not name itself."""
     stages = []
     for i, node in enumerate(custom):
         swhere = f"{where}.stages[{i}]"
@@ -289,9 +315,47 @@ def _cells(kind, label, seed, fraction, targets, sources, recipes, custom, sourc
         if not node.get("tasks"):
             raise ConfigError(f"{swhere}.tasks: list the tasks this stage trains.")
         _check_tasks(list(node["tasks"]), cfg, f"{swhere}.tasks")
-        stages.append(Stage(str(node.pop("name", f"stage{i}")), list(node.pop("tasks")), node, swhere))
-    recipe = stages[-1].overrides.get("recipe", {}).get("name", "fine_tune")
-    return [Cell(label, recipe, seed, fraction, stages, label=label)]
+        tasks = list(node.pop("tasks"))
+        stages.append(Stage(str(node.pop("name", name(i, tasks))), tasks, node, swhere))
+    return stages
+
+
+def _merged(label: str, seed: int, fraction: float, custom: Any, merging: dict[str, Any], overrides: dict[str, Any], where: str,
+            cfg: DictConfig) -> Cell:
+    """Model merging (``mtl.merging``): one stage per task fine-tunes it alone from the common
+    trunk (by default every task of the comparison, with ``compare.stages.target``; or the
+    regime's own ``stages``, one task each), then the merge step, the cell's last stage, merges
+    their trunks by ``method`` (default task_arithmetic; its arguments beside it or in a
+    ``{name, ...}`` node) with λ chosen on validation among ``coefficients`` (default: the
+    method's grid)."""
+    from mtl.merging import build_method, check_coefficients
+
+    merging = dict(merging)
+    node = merging.pop("method", "task_arithmetic")
+    node = {"name": node} if isinstance(node, str) else dict(node or {})
+    coefficients = merging.pop("coefficients", None)
+    node.update(merging)  # top_k, drop, seed written beside the method
+    method = build_method(node, f"{where}.method")
+    if "seed" in inspect.signature(type(method)).parameters and "seed" not in node:
+        node["seed"] = seed  # a method that draws (DARE's masks) draws anew for each seed of the grid
+    grid = check_coefficients(list(method.coefficients) if coefficients is None else coefficients, f"{where}.coefficients")
+    if custom:
+        stages = _custom_stages(custom, where, cfg, name=lambda i, tasks: str(tasks[0]))
+    else:
+        stages = [Stage(str(t), [str(t)], overrides, "compare.stages.target") for t in cfg.tasks]
+    for stage in stages:
+        if len(stage.tasks) != 1:
+            raise ConfigError(f"{stage.where}.tasks: a merge fine-tunes each task alone from the common trunk; list one task per "
+                              f"stage, got {stage.tasks}.")
+    tasks = [s.tasks[0] for s in stages]
+    twice = [t for t in tasks if tasks.count(t) > 1]
+    if twice:
+        raise ConfigError(f"{where}.stages: task {twice[0]!r} is fine-tuned twice; each task's head comes from its one fine-tune.")
+    if len(tasks) < 2:
+        raise ConfigError(f"{where}: merging combines the fine-tunes of 2 or more tasks, and this regime has {len(tasks)} "
+                          f"({', '.join(tasks) or 'none'}); define more tasks, or list 2 or more stages.")
+    stages.append(Stage("merge", tasks, overrides, where))
+    return Cell(label, "fine_tune", seed, fraction, stages, label=label, merge={"method": node, "coefficients": grid})
 
 
 def _cell_dir(root: Path, cell: Cell) -> Path:
@@ -342,8 +406,8 @@ def stage_config(cfg: DictConfig, cell: Cell, index: int, run_dir: Path, init: d
         name = "/".join(p for p in parts if p)
     wandb = {"group": group, "job_type": cell.regime, "tags": tags, "name": name}
     run = {"output_dir": str(run_dir), "seed": cell.seed, "resume": True, "tasks": tasks, "logging": {"progress_bar": False, "wandb": wandb}}
-    # Tuned values set the last stage, the one whose model the comparison evaluates.
-    tuned = nested(cell.tuned) if cell.tuned and index == len(cell.stages) - 1 else {}
+    # Tuned values set the last stage, the one whose model the comparison evaluates (a merge cell's: every fine-tune).
+    tuned = nested(cell.tuned) if cell.tuned and (index == len(cell.stages) - 1 or cell.merge is not None) else {}
     raw = _merge(_apply_stage(base, _merge(stage.overrides, tuned)), init, run)
     raw["tasks"] = tasks  # a merge would keep the tasks this stage does not train
     if "tasks" in tuned:  # ... and would drop a tuned task key
@@ -365,6 +429,30 @@ def _trunk_mismatch(cell: Cell, index: int, before: dict, after: dict) -> str:
         f"trunk configs differ ({key}: {before.get(key, 'absent')} there, {after.get(key, 'absent')} here). Give both "
         f"the same trunk: set trunk keys at the top level only, or alike in {places[0]} and {places[1]}."
     )
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"trunk": {"name": "x"}}`` as ``{"trunk.name": "x"}``; lists and scalars are leaves."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _check_task_vector(trainer, cell: Cell, stage: Stage) -> None:
+    """A merge's fine-tune must be able to change every weight of the trunk and add none: a
+    frozen trunk has no task vector, and adapters (LoRA, IA3, ...) are not merged here."""
+    model, recipe = trainer.model, trainer.recipe
+    trunk = list(model.trunk.state_dict())
+    changes = set(recipe.state_keys(model))
+    if set(recipe.base_shapes) != set(trunk) or any(f"trunk.{k}" not in changes for k in trunk):
+        raise ConfigError(
+            f"{stage.where} (stage {stage.name!r} of {cell.label}): recipe {trainer.cfg.recipe.name!r} does not fine-tune the whole trunk, "
+            "so the run has no task vector to merge (a frozen trunk has none; LoRA, IA3 and the other adapter recipes are not "
+            "merged here). Use a recipe that trains every trunk weight: fine_tune, lp_ft, l2_sp, layerwise_lr_decay or gradual_unfreezing."
+        )
 
 
 class Grid:
@@ -395,9 +483,13 @@ class Grid:
             return [self.root / ("tune/sources" if cell.point else "sources") / f"seed{cell.seed}", base]
         if len(cell.stages) == 1:
             return [base]
+        if cell.merge is not None:  # the merge step writes the cell's results beside its fine-tunes' folders
+            return [*(base / s.name for s in cell.stages[:-1]), base]
         return [base / s.name for s in cell.stages]
 
     def _init(self, cell: Cell, index: int) -> dict[str, Any]:
+        if cell.merge is not None:  # every fine-tune starts from the cell's common trunk
+            return {"trunk": {"checkpoint": str(cell.dirs[-1] / COMMON_TRUNK)}}
         if index == 0 or cell.serve is not None:  # the groups of a grouping train independently
             return {}
         previous = cell.dirs[index - 1]
@@ -427,23 +519,52 @@ class Grid:
         # With tuning, the evaluation cells' configs hold the values selected later: checked then.
         self.check_existing(tuning if self.tuning else self.cells)
         trunks: dict[tuple, dict[str, tuple[int, ...]]] = {}  # a distinct stage -> its trunk's shapes
+        merges: set[tuple[str, str]] = set()  # merge regimes (and tuning points) whose common trunk is checked
         for cell in [*self.cells, *(c for c in tuning if c.seed == self.tuning.seeds[0])]:
             # A tuned value (trunk.features, say) can change the last stage's trunk: each point is its own stage.
-            keys = [(cell.regime, cell.recipe, i, tuple(stage.tasks), cell.point if i == len(cell.stages) - 1 else "")
+            # (A merge cell's tuned values set every fine-tune.)
+            keys = [(cell.regime, cell.recipe, i, tuple(stage.tasks), cell.point if i == len(cell.stages) - 1 or cell.merge else "")
                     for i, stage in enumerate(cell.stages)]
+            if cell.merge is not None and (cell.label, cell.point) not in merges:
+                merges.add((cell.label, cell.point))
+                self._check_common_trunk(cell)
             for i, stage in enumerate(cell.stages):
+                if cell.merge is not None and i == len(cell.stages) - 1:
+                    continue  # the merge step trains nothing; its inputs are checked above and when it runs
                 if keys[i] not in trunks:
                     # A later stage starts from its previous stage's files; before those exist, check it without.
                     init = self._init(cell, i)
                     start = init.get("init_from") or init.get("trunk", {}).get("checkpoint")
                     cfg = stage_config(self.cfg, cell, i, cell.dirs[i], init if start and Path(start).exists() else {}, self.targets)
                     try:
-                        # The trunk as built, before a recipe's adapters (LoRA renames its layers): what a next stage loads.
-                        trunks[keys[i]] = Trainer(cfg).recipe.base_shapes
+                        trainer = Trainer(cfg)
                     except ConfigError as e:
                         raise ConfigError(f"{stage.where} (stage {stage.name!r} of {cell.label}): {e}") from None
-                if i and cell.serve is None and trunks[keys[i]] != trunks[keys[i - 1]]:
+                    # The trunk as built, before a recipe's adapters (LoRA renames its layers): what a next stage loads.
+                    trunks[keys[i]] = trainer.recipe.base_shapes
+                    if cell.merge is not None:
+                        _check_task_vector(trainer, cell, stage)
+                if i and cell.serve is None and cell.merge is None and trunks[keys[i]] != trunks[keys[i - 1]]:
                     raise ConfigError(_trunk_mismatch(cell, i, trunks[keys[i - 1]], trunks[keys[i]]))
+
+    def _check_common_trunk(self, cell: Cell) -> None:
+        """Every fine-tune of a merge cell must start from one trunk: the same trunk config and
+        init_from (as configured: the common trunk file the grid adds is built from them)."""
+        first, start = None, {}
+        for i, stage in enumerate(cell.stages[:-1]):
+            c = to_dict(stage_config(self.cfg, cell, i, cell.dirs[i], {}, self.targets))
+            here = _leaves({"trunk": c["trunk"], "init_from": c["init_from"]})
+            if first is None:
+                first, start = stage, here
+                continue
+            differ = [k for k in [*start, *(k for k in here if k not in start)] if start.get(k) != here.get(k)]
+            if differ:
+                shown = "; ".join(f"{k}: {start.get(k, 'absent')} there, {here.get(k, 'absent')} here" for k in differ[:3])
+                raise ConfigError(
+                    f"{stage.where} (stage {stage.name!r} of {cell.label}): a merge combines fine-tunes of one common trunk, but this "
+                    f"stage's trunk differs from stage {first.name!r}'s ({shown}). Set trunk and init_from at the top level only, "
+                    "or alike in every stage of the regime."
+                )
 
     def check_existing(self, cells: list[Cell]) -> None:
         """Stages of ``cells`` already run in output_dir must have run with the config they would run with now."""
@@ -490,14 +611,59 @@ class Grid:
                 self.log(f"{what}: finished earlier, skipped")
                 continue
             start = time.perf_counter()
+            if cell.merge is not None and not (cell.dirs[-1] / COMMON_TRUNK).exists():
+                self._write_common_trunk(cell)
             for i in range(len(cell.stages)):
                 if (cell.dirs[i] / "results.json").exists():
+                    continue
+                if cell.merge is not None and i == len(cell.stages) - 1:
+                    self._merge(cell)
                     continue
                 cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
                 Trainer(cfg, cell=cell_identity(cell, i, self.targets), wandb_dir=self.root).fit()
                 trained += 1
             self.log(f"{what}: done in {time.perf_counter() - start:.1f}s")
         return trained
+
+    def _write_common_trunk(self, cell: Cell) -> None:
+        """θ_0 of a merge cell: the trunk as its first fine-tune's config builds it (pretrained
+        weights, trunk.checkpoint or init_from loaded; else initialised from the cell's seed), saved
+        once, so that every fine-tune starts from these very weights."""
+        from mtl import checkpoint
+        from mtl.builders import feature_cache_setting, import_plugins, seed_everything
+        from mtl.trunks import build_trunk, load_trunk_checkpoint
+
+        ctx = distributed.current()
+        if ctx.is_main:
+            cfg = stage_config(self.cfg, cell, 0, cell.dirs[0], {}, self.targets)
+            import_plugins(cfg)
+            seed_everything(cfg.seed, False)
+            node = OmegaConf.to_container(cfg.trunk, resolve=True)
+            feature_cache_setting(node)  # the framework's own keys, not the trunk's arguments
+            trunk = build_trunk(node)
+            if cfg.init_from:
+                load_trunk_checkpoint(trunk, cfg.init_from, "init_from")
+            checkpoint.save({"trunk": trunk.state_dict(), "trunk_config": node}, cell.dirs[-1] / COMMON_TRUNK)
+        ctx.barrier()
+
+    def _merge(self, cell: Cell) -> None:
+        """The merge step of a merge cell (``mtl.merging.evaluate_merged``): merged_trunk.pt (a
+        trunk file ``trunk.checkpoint`` loads), merge.json, then the cell's results.json (last:
+        a cell with results.json is finished)."""
+        from mtl import checkpoint
+        from mtl.merging import evaluate_merged
+        from mtl.results import write_json
+
+        runs = {s.tasks[0]: d for s, d in zip(cell.stages[:-1], cell.dirs[:-1])}
+        base = cell.dirs[-1] / COMMON_TRUNK
+        out = evaluate_merged(cell.merge["method"], cell.merge["coefficients"], base, runs)
+        if distributed.current().is_main:
+            config = checkpoint.load(base)["trunk_config"]
+            checkpoint.save({"trunk": out["trunk"], "trunk_config": config}, cell.dirs[-1] / "merged_trunk.pt")
+            write_json(out["merge"], cell.dirs[-1] / "merge.json")
+            write_json(out["results"], cell.dirs[-1] / "results.json")
+        m = out["merge"]
+        self.log(f"  merged {len(runs)} fine-tunes by {cell.merge['method']['name']} in {m['merge_s']:.3f}s; λ = {m['chosen']:g} on validation")
 
     def run_budget(self) -> tuple[list[Cell], int]:
         """Seeds as a budget: the first ``min`` seeds, then one seed at a time for the methods

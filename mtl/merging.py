@@ -32,6 +32,9 @@ class Merge:
 
     coefficients: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
 
+    def __init__(self) -> None:
+        """No arguments; a method that takes some declares them, so a config's keys are checked against them."""
+
     def combine(self, vectors: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -187,13 +190,14 @@ def _best_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load(run_dir / "checkpoints" / "best.pt")["model"]
 
 
-def evaluate_merged(method: Merge, coefficients: list[float], base_path: Path, runs: dict[str, Path]) -> dict[str, Any]:
+def evaluate_merged(node: dict[str, Any], coefficients: list[float], base_path: Path, runs: dict[str, Path]) -> dict[str, Any]:
     """Merge the fine-tunes ``runs`` ({task: its run directory}) of the common trunk in
-    ``base_path``; pick λ by the mean over tasks of the validation primary metric (signed by
-    its direction, ``mtl.results.selection_score``; test is never read for it); evaluate
-    every split with that λ. Returns ``{"results", "merge"}``: a stage's results.json content,
-    and what merge.json records (the λ grid with each validation score, the chosen λ, the
-    seconds the merge itself took)."""
+    ``base_path`` by the method ``node`` ({name, **arguments}); pick λ by the mean over tasks
+    of the validation primary metric (signed by its direction, ``mtl.results.selection_score``;
+    test is never read for it); evaluate every split with that λ. Returns ``{"results",
+    "merge", "trunk"}``: a stage's results.json content, what merge.json records (the λ grid
+    with each validation score, the chosen λ, the seconds the merge itself took), and the
+    merged trunk's state dict."""
     from omegaconf import OmegaConf
 
     from mtl import checkpoint
@@ -204,6 +208,7 @@ def evaluate_merged(method: Merge, coefficients: list[float], base_path: Path, r
     from mtl.trunks import build_trunk
 
     start = time.perf_counter()
+    method = build_method(node, "merge.method")
     configs = {t: load_config(d / "config.yaml") for t, d in runs.items()}
     first = next(iter(configs.values()))
     for cfg in configs.values():
@@ -245,8 +250,7 @@ def evaluate_merged(method: Merge, coefficients: list[float], base_path: Path, r
         "processes": 1,
     }
     record = {
-        "method": type(method).__name__,
-        "arguments": {k: v for k, v in vars(method).items()},
+        "method": dict(node),
         "common_trunk": str(base_path),
         "common_trunk_sha256": checkpoint.fingerprint(base_path),
         "fine_tunes": {t: str(d) for t, d in runs.items()},
@@ -255,4 +259,4 @@ def evaluate_merged(method: Merge, coefficients: list[float], base_path: Path, r
         "merge_s": merged.seconds,
         "merged_parameters": merged.vector.numel(),
     }
-    return {"results": results, "merge": record}
+    return {"results": results, "merge": record, "trunk": merged.at(chosen)}

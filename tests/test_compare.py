@@ -434,3 +434,107 @@ def test_groups_cell_reports_each_task_from_its_group(tmp_path):
     groups = [json.loads((base / g / "results.json").read_text())["parameters"]["trainable"] for g in ("group0", "group1")]
     assert (tag["trainable_params"] == sum(groups)).all() and tag["backward_transfer"].isna().all()
     assert "tag" in (out / "report.md").read_text()
+
+
+# ---- kind merge: single-task fine-tunes of one common trunk, merged (mtl.merging) ----------
+
+MERGE_QUICKSTART = str(QUICKSTART).replace("quickstart.yaml", "merge_quickstart.yaml")
+ONLY = ["~compare.regimes.single_task", "~compare.regimes.sequential", "~compare.regimes.joint"]
+
+
+def merge_args(out, regime, *extra):
+    return [f"output_dir={out}", "compare.seeds=[0]", "compare.fractions=[1.0]", *ONLY, f"compare.regimes={{m: {regime}}}", *SHORT, *extra]
+
+
+@pytest.mark.parametrize(
+    "regime, message",
+    [
+        ("{kind: merge, stages: [{tasks: [mnist]}]}", r"compare.regimes.m: merging combines the fine-tunes of 2 or more tasks, and this regime has 1"),
+        ("{kind: merge, stages: [{tasks: [mnist, digits]}]}", r"compare.regimes.m.stages\[0\].tasks: a merge fine-tunes each task alone"),
+        ("{kind: merge, stages: [{tasks: [mnist]}, {tasks: [mnist]}]}", r"compare.regimes.m.stages: task 'mnist' is fine-tuned twice"),
+        ("{kind: merge, method: tis}", r"compare.regimes.m.method.*unknown merge 'tis'. Did you mean 'ties'"),
+        ("{kind: merge, method: ties, top_k: 0}", r"compare.regimes.m.method: top_k must be in \(0, 1\]"),
+        ("{kind: merge, drop: 0.5}", r"compare.regimes.m.method.drop: unknown argument for TaskArithmetic"),
+        ("{kind: merge, coefficients: []}", r"compare.regimes.m.coefficients: a non-empty list"),
+        ("{kind: joint, method: ties}", r"compare.regimes.m.method: only a regime of kind merge takes method"),
+    ],
+)
+def test_merge_bad_input_names_the_key(tmp_path, regime, message):
+    from mtl.compare import plan
+
+    with pytest.raises(ConfigError, match=message):
+        plan(load_config(QUICKSTART, merge_args(tmp_path / "m", regime)))
+
+
+def test_merge_plans_one_fine_tune_per_task_from_the_common_trunk_then_the_merge(tmp_path):
+    grid = Grid(load_config(QUICKSTART, merge_args(tmp_path / "m", "{kind: merge, method: dare}")))
+    (cell,) = grid.cells
+    assert [s.tasks for s in cell.stages] == [["mnist"], ["digits"], ["mnist", "digits"]]
+    assert cell.merge == {"method": {"name": "dare", "seed": 0}, "coefficients": [0.2, 0.4, 0.6, 0.8, 1.0]}  # the cell's seed
+    base = tmp_path / "m" / "cells" / "m" / "f1" / "seed0"
+    assert cell.dirs == [base / "mnist", base / "digits", base]
+    assert grid._init(cell, 1) == {"trunk": {"checkpoint": str(base / "common_trunk.pt")}}
+
+
+@pytest.mark.parametrize("recipe", ["linear_probe", "bitfit"])
+def test_merge_of_a_recipe_without_a_task_vector_fails_first(tmp_path, recipe, capsys):
+    out = tmp_path / "never"
+    assert main(["compare", QUICKSTART, *merge_args(out, "{kind: merge}", f"compare.stages={{target: {{recipe: {{name: {recipe}}}}}}}")]) == 2
+    err = capsys.readouterr().err
+    assert f"recipe '{recipe}' does not fine-tune the whole trunk, so the run has no task vector to merge" in err, err
+    assert "LoRA, IA3" in err and not out.exists()
+
+
+def test_merge_of_fine_tunes_from_different_trunks_fails_first(tmp_path, capsys):
+    out = tmp_path / "never"
+    regime = "{kind: merge, stages: [{tasks: [mnist]}, {tasks: [digits], trunk: {features: 32}}]}"
+    assert main(["compare", QUICKSTART, *merge_args(out, regime)]) == 2
+    err = capsys.readouterr().err
+    assert "compare.regimes.m.stages[1] (stage 'digits' of m): a merge combines fine-tunes of one common trunk" in err, err
+    assert "trunk.features: 50 there, 32 here" in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_merge_quickstart_validates(capsys):
+    assert main(["validate", MERGE_QUICKSTART]) == 0
+    assert "compare: 18 cells; every distinct stage builds" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_merge_cells_merge_on_validation_and_report_like_any_cell(tmp_path, capsys):
+    from mtl.merging import Ties
+
+    out = tmp_path / "m"
+    args = [f"output_dir={out}", "compare.seeds=[0]", *SHORT, "~compare.regimes.joint", "~compare.regimes.dare"]
+    assert main(["compare", MERGE_QUICKSTART, *args]) == 0
+    df = pd.read_csv(out / "results.csv")
+    test = df[(df.split == "test") & (df.metric == "accuracy")].set_index(["method", "task"])
+    for method, merge in (("task_arithmetic", None), ("ties", Ties(0.2))):
+        cell = out / "cells" / method / "f1" / "seed0"
+        record, results = json.loads((cell / "merge.json").read_text()), json.loads((cell / "results.json").read_text())
+        scores = [row["val_score"] for row in record["coefficients"]]
+        assert record["chosen"] == record["coefficients"][scores.index(max(scores))]["coefficient"] and record["merge_s"] > 0
+        for task in ("mnist", "digits"):
+            assert test.loc[(method, task), "value"] == pytest.approx(results["splits"]["test"][task]["accuracy"])
+            assert load_config(cell / task / "config.yaml").trunk.checkpoint == str(cell / "common_trunk.pt")
+        # The merged trunk, by hand: θ_0 + λ τ_m from the common trunk and the fine-tunes' selected checkpoints.
+        base = checkpoint.load(cell / "common_trunk.pt")["trunk"]
+        tuned = [{k[6:]: v for k, v in checkpoint.load(cell / t / "checkpoints" / "best.pt")["model"].items() if k.startswith("trunk.")}
+                 for t in ("mnist", "digits")]
+        merged, lam = checkpoint.load(cell / "merged_trunk.pt")["trunk"], record["chosen"]
+        if merge is None:
+            expected = {k: base[k] + lam * ((tuned[0][k] - base[k]) + (tuned[1][k] - base[k])) for k in base}
+        else:
+            flat = torch.stack([torch.cat([(s[k] - base[k]).reshape(-1) for k in base]) for s in tuned])
+            vector, offset, expected = merge.combine(flat), 0, {}
+            for k in base:
+                expected[k] = base[k] + lam * vector[offset : offset + base[k].numel()].view_as(base[k])
+                offset += base[k].numel()
+        assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in base)
+        heads = sum(v.numel() for s in ("mnist", "digits") for k, v in checkpoint.load(cell / s / "checkpoints" / "best.pt")["model"].items()
+                    if k.startswith(f"heads.{s}."))
+        assert (df[df.method == method].trainable_params == sum(v.numel() for v in base.values()) + heads).all()
+    assert "ties" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["compare", MERGE_QUICKSTART, *args]) == 0
+    assert "ties f=1 seed=0: finished earlier, skipped" in capsys.readouterr().out
