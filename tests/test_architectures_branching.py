@@ -13,9 +13,11 @@ from torch import nn
 from mtl.architectures import ARCHITECTURES
 from mtl.architectures.branching import CrossStitch, LearningToBranch, TrunkCopies, mix
 from mtl.architectures.mtan import MTAN
+from mtl.engine import GradientEngine
 from mtl.heads import LinearHead
 from mtl.model import MultiTaskModel
 from mtl.trunks import Trunk, build_trunk
+from mtl.weighting import WEIGHTINGS, Aggregation, GradientWeighting
 
 SEED_NET = {"name": "seed_net", "dropout": 0.0}
 RESNET = {"name": "resnet18", "small_input": True}
@@ -298,3 +300,44 @@ def test_cross_stitch_bad_arguments(arguments, match):
 def test_ltb_bad_arguments(arguments, match):
     with pytest.raises(ValueError, match=match):
         _build(LearningToBranch, SEED_NET, (1, 28, 28), **arguments)
+
+
+class _SumOfRows(GradientWeighting):
+    """A combined gradient equal to the sum of J's rows: the engine must then give every
+    parameter the plain summed backward's gradient, which holds only if the architecture's
+    shared and task parameters are what they claim."""
+
+    def aggregate(self, J):
+        return Aggregation(gradient=J.sum(dim=0))
+
+
+def _losses(outputs, targets):
+    return {t: nn.functional.cross_entropy(o, targets[t]) for t, o in outputs.items()}
+
+
+@pytest.mark.parametrize("arch, arguments", [(CrossStitch, {}), (LearningToBranch, {"branches": [1, 2]}), (MTAN, {})])
+def test_engine_combined_gradient_equals_the_summed_backward(arch, arguments):
+    model = _build(arch, _ConvBN, (1, 8, 8), **arguments)
+    x, targets = torch.randn(4, 1, 8, 8), {"t0": torch.tensor([0, 1, 2, 0]), "t1": torch.tensor([2, 2, 1, 0])}
+    torch.manual_seed(1)
+    sum(_losses(model(x), targets).values()).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    engine = GradientEngine(model, _SumOfRows(model.tasks, mode="parameters"))
+    engine.backward({"x": x}, {"x": model.tasks}, targets, _losses, 0, lambda: None)
+    for n, g in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_mtan_staged_gramian_equals_the_jacobian_path():
+    grads = []
+    for staged in (True, False):
+        model = _build(MTAN, _ConvBN, (1, 8, 8))
+        x, targets = torch.randn(4, 1, 8, 8), {"t0": torch.tensor([0, 1, 2, 0]), "t1": torch.tensor([2, 2, 1, 0])}
+        engine = GradientEngine(model, WEIGHTINGS.get("upgrad")(model.tasks, mode="parameters"), staged=staged)
+        assert engine.staged == staged  # MTAN's model.trunk is the trunk every task reads: its graph cuts apply
+        engine.backward({"x": x}, {"x": model.tasks}, targets, _losses, 0, lambda: None)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6, msg=n)
