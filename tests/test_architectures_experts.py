@@ -296,3 +296,27 @@ def test_ple_on_a_trunk_without_stages_suggests_cgc() -> None:
 def test_gates_need_an_image_or_vector_input() -> None:
     with pytest.raises(ValueError, match=r"architecture\.name.*TokenTrunk.*Embedding"):
         MMoE(TokenTrunk(), {"a": nn.Identity()}, TokenTrunk)
+
+
+@pytest.mark.parametrize("cls,arguments", ARCHITECTURES, ids=lambda v: getattr(v, "__name__", ""))
+def test_a_tasks_own_parameters_get_no_gradient_from_another_task(cls, arguments) -> None:
+    make = linear_mlp([4, 4, 4])  # three stages: PLE has a level whose task gates are shared
+    model = cls(make(), {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)}, make, **arguments)
+    model(torch.randn(3, 2))["a"].sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.task_parameters()["b"])
+    assert any(p.grad is not None and p.grad.any() for p in model.task_parameters()["a"])
+
+
+@pytest.mark.parametrize("cls,arguments", ARCHITECTURES, ids=lambda v: getattr(v, "__name__", ""))
+def test_state_dict_round_trip(cls, arguments) -> None:
+    source, target = seed_model(cls, **arguments).eval(), seed_model(cls, **arguments).eval()
+    target.load_state_dict(source.state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    for t, out in source(x).items():
+        torch.testing.assert_close(target(x)[t], out)
+
+
+def test_registered_by_name() -> None:
+    from mtl.architectures import ARCHITECTURES
+
+    assert [ARCHITECTURES.get(n) for n in ("mmoe", "cgc", "ple", "dselect_k")] == [MMoE, CGC, PLE, DSelectK]

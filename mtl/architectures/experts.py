@@ -3,9 +3,12 @@
 Experts of one trunk config have parameters of one shape, so they are stored stacked (one
 ``[E, ...]`` parameter per trunk parameter, ``StackedTrunks``) and run in one
 ``torch.vmap`` over ``torch.func.functional_call``: one kernel per layer for all experts
-instead of one per expert. BatchNorm buffers are stacked the same way; their running-stat
-updates in train mode land in the stacked buffers (tested against a loop on torch 2.14), and
-dropout draws independent masks per expert (``randomness="different"``).
+instead of one per expert (convolutions become one grouped convolution). BatchNorm buffers
+are stacked the same way; their running-stat updates in train mode land in the stacked
+buffers (tested against a loop on torch 2.14), and dropout draws independent masks per
+expert (``randomness="different"``). The gain is in launches: on one CPU thread, a Python loop
+over seed_net experts took 1.0-1.3x the batched forward+backward time at E=4 and 8, batch 8,
+and 0.6-1.1x (no gain) at batch 64, where CPU grouped convolutions cost more than separate ones.
 
 Gates read the input as LibMTL's do (a linear map of the flattened input), except for images:
 the contract gives no input size, so an image gate reads a 4×4 average-pooled thumbnail of
@@ -42,10 +45,11 @@ def _gate_width(trunk: Trunk) -> tuple[int, bool]:
         return first.in_channels * POOL * POOL, True
     if isinstance(first, nn.Linear) and not trunk.takes_text:
         return first.in_features, False
+    reads = "text rows" if trunk.takes_text else f"inputs through {type(first).__name__ if first is not None else 'no layer'}"
     raise ValueError(
-        f"architecture.name: the gates of a mixture of experts read the input, and trunk {type(trunk).__name__} "
-        f"starts with {type(first).__name__ if first is not None else 'no layer'}, neither a 2-d convolution (images) "
-        "nor a linear layer (vectors); use architecture.name=hard, or a trunk of images or vectors."
+        f"architecture.name: the gates of a mixture of experts read the input, and trunk {type(trunk).__name__} reads "
+        f"{reads}, neither images (a 2-d convolution first) nor vectors (a linear layer first); use "
+        "architecture.name=hard, or a trunk of images or vectors."
     )
 
 
