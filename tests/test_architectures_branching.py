@@ -97,7 +97,7 @@ def test_cross_stitch_network_by_hand():
 def test_cross_stitch_every_column_reached_by_each_task():
     model = _build(CrossStitch, SEED_NET, (1, 28, 28))
     model(torch.randn(2, 1, 28, 28))["t0"].sum().backward()
-    for column in model.copies.copies:
+    for column in model.copies:
         assert column.conv1.weight.grad.abs().sum() > 0
     assert not model.out_mix["t1"].grad.any()
 
@@ -166,7 +166,7 @@ def test_ltb_saturated_logits_and_small_tau_equal_the_hard_tree():
     x = torch.randn(2, 1, 28, 28)
     soft = model.train()(x)
     hard = model.eval()(x)
-    c0, c1 = model.copies.copies
+    c0, c1 = model.copies
     root = c0.stages()[0](x)
     by_hand = {"t0": c1.forward_head(c1.stages()[1](root)), "t1": c0.forward_head(c0.stages()[1](root))}
     for t in ("t0", "t1"):

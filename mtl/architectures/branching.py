@@ -61,12 +61,11 @@ class _Part(nn.Module):
         return self.trunk.forward_head(x) if self.index is None else self.trunk.stages()[self.index](x)
 
 
-class TrunkCopies(nn.Module):
-    """Trunk copies (``copies.<i>.*``) run stage by stage, the copies of a stage batched."""
+class TrunkCopies(nn.ModuleList):
+    """Trunk copies (state-dict keys ``<i>.*``) run stage by stage, the copies of a stage batched."""
 
     def __init__(self, trunks: list[Trunk]):
-        super().__init__()
-        self.copies = nn.ModuleList(trunks)
+        super().__init__(trunks)
         self.batched = len(trunks) > 1  # False once vmap has failed on this trunk
 
     def forward(
@@ -81,12 +80,12 @@ class TrunkCopies(nn.Module):
             except RuntimeError as e:
                 if not _unbatchable(e):
                     raise
-                logger.warning("%s: vmap cannot batch the trunk copies (%s); running them in a loop.", type(self.copies[0]).__name__, e)
+                logger.warning("%s: vmap cannot batch the trunk copies (%s); running them in a loop.", type(self[0]).__name__, e)
                 self.batched = False
         return self.looped_forward(x, counts, between)
 
     def batched_forward(self, x: torch.Tensor, counts: list[int], between: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        used = self.copies[: max(counts)]
+        used = self[: max(counts)]
         params = [dict(c.named_parameters()) for c in used]
         buffers = [dict(c.named_buffers()) for c in used]
         stacked = {f"trunk.{k}": torch.stack([p[k] for p in params]) for k in params[0]}
@@ -111,15 +110,15 @@ class TrunkCopies(nn.Module):
         return y
 
     def looped_forward(self, x: torch.Tensor, counts: list[int], between: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        y = torch.stack([self.copies[i].stages()[0](x) for i in range(counts[0])])
+        y = torch.stack([self[i].stages()[0](x) for i in range(counts[0])])
         for stage in range(1, len(counts)):
             inputs = between(stage, y)
-            y = torch.stack([self.copies[i].stages()[stage](inputs[i]) for i in range(counts[stage])])
-        return torch.stack([self.copies[i].forward_head(y[i]) for i in range(counts[-1])])
+            y = torch.stack([self[i].stages()[stage](inputs[i]) for i in range(counts[stage])])
+        return torch.stack([self[i].forward_head(y[i]) for i in range(counts[-1])])
 
     def last_groups(self, count: int) -> list[nn.Parameter]:
         """The last layer group's parameters of the first ``count`` copies."""
-        return [p for c in self.copies[:count] for p in c.layer_groups()[-1][1].parameters()]
+        return [p for c in self[:count] for p in c.layer_groups()[-1][1].parameters()]
 
 
 def mix(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
