@@ -178,7 +178,9 @@ class MMoE(_SharedExperts):
     """Multi-gate mixture of experts (Ma et al. 2018, KDD, "Modeling Task Relationships in
     Multi-task Learning with Multi-gate Mixture-of-Experts"): z_t = Σ_e g_t(x)_e · E_e(x),
     g_t(x) = softmax(W_t u(x) + b_t), with E ``experts`` (trunk copies; the first is the given
-    trunk) and u(x) the gate input (module docstring)."""
+    trunk). u(x), what every gate here reads: the flattened input for vectors (as LibMTL);
+    for images, the input average-pooled to 4×4 (C·16 values), since no input size is known
+    when the gates are built."""
 
     def __init__(self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory, experts: int = 2):
         super().__init__(trunk, heads, make_trunk, experts)
