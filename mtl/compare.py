@@ -553,6 +553,12 @@ class Grid:
         first, start = None, {}
         for i, stage in enumerate(cell.stages[:-1]):
             c = to_dict(stage_config(self.cfg, cell, i, cell.dirs[i], {}, self.targets))
+            shared = (c.get("architecture") or {}).get("name", "hard")
+            if shared != "hard":
+                raise ConfigError(
+                    f"{stage.where} (stage {stage.name!r} of {cell.label}): architecture {shared!r}; a merge combines the fine-tunes "
+                    "of one shared trunk, i.e. hard parameter sharing: set architecture.name=hard for the merge's fine-tunes."
+                )
             here = _leaves({"trunk": c["trunk"], "init_from": c["init_from"]})
             if first is None:
                 first, start = stage, here

@@ -28,6 +28,8 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean():
 def test_ties_default_keeps_twenty_percent():
     # round(0.2 · 5) = 1 entry per task: τ_1's 2.0 and τ_2's -1.5, on different entries, each alone.
     assert Ties().combine(TAU).tolist() == [-1.5, 0.0, 0.0, 2.0, 0.0]
+    # Entries tied in magnitude with the k-th largest are kept: 1 and -1 here.
+    assert Ties().trim(torch.tensor([[1.0, -1.0, 0.5, 0.25, 0.125]])).tolist() == [[1.0, -1.0, 0.0, 0.0, 0.0]]
 
 
 def test_dare_drops_with_its_seeded_mask_and_rescales():
