@@ -320,3 +320,12 @@ def test_registered_by_name() -> None:
     from mtl.architectures import ARCHITECTURES
 
     assert [ARCHITECTURES.get(n) for n in ("mmoe", "cgc", "ple", "dselect_k")] == [MMoE, CGC, PLE, DSelectK]
+
+
+@pytest.mark.parametrize("cls,arguments", ARCHITECTURES, ids=lambda v: getattr(v, "__name__", ""))
+def test_each_source_feeds_its_own_tasks(cls, arguments) -> None:
+    model = seed_model(cls, **arguments).eval()
+    xa, xb = torch.randn(2, 1, 28, 28), torch.randn(3, 1, 28, 28)
+    out = model.forward_groups({"left": xa, "right": xb}, {"left": ["a"], "right": ["b"]})
+    torch.testing.assert_close(out["a"], model(xa)["a"])
+    torch.testing.assert_close(out["b"], model(xb, ["b"])["b"])
