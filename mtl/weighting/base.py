@@ -134,6 +134,6 @@ class GramianWeighting(GradientWeighting):
 
 
 WEIGHTINGS: Registry[Weighting] = Registry(
-    "weighting", Weighting, builtins=("mtl.weighting.loss_level", "mtl.weighting.surgery", "mtl.weighting.projection")
+    "weighting", Weighting, builtins=("mtl.weighting.loss_level", "mtl.weighting.surgery", "mtl.weighting.projection", "mtl.weighting.recent")
 )
 register_weighting = WEIGHTINGS.register
