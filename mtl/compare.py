@@ -196,6 +196,9 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
             raise ConfigError(f"{where}.{'groups' if groups is not None else 'serve'}: only a regime of kind groups takes groups and serve.")
         if recipes is not None and kind != "sequential":
             raise ConfigError(f"{where}.recipes: only a sequential regime takes recipes (the target stage's recipe).")
+        if follow is not None and kind == "merge":
+            raise ConfigError(f"{where}.forgetting: a merge's fine-tunes train side by side, not one after another, so no later stage "
+                              "evaluates an earlier task; forgetting is measured in sequential and stages regimes.")
         if follow is not None and kind in ("single_task", "joint"):
             raise ConfigError(f"{where}.forgetting: a {kind} regime trains its tasks in one stage, so no later stage can evaluate them; "
                               "forgetting is measured in sequential and stages regimes.")

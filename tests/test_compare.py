@@ -457,6 +457,7 @@ def merge_args(out, regime, *extra):
         ("{kind: merge, drop: 0.5}", r"compare.regimes.m.method.drop: unknown argument for TaskArithmetic"),
         ("{kind: merge, coefficients: []}", r"compare.regimes.m.coefficients: a non-empty list"),
         ("{kind: joint, method: ties}", r"compare.regimes.m.method: only a regime of kind merge takes method"),
+        ("{kind: merge, forgetting: [mnist]}", r"compare.regimes.m.forgetting: a merge's fine-tunes train side by side"),
     ],
 )
 def test_merge_bad_input_names_the_key(tmp_path, regime, message):
