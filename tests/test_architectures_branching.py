@@ -3,7 +3,6 @@ batched copies against a loop, the parameter partition, shapes, and construction
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -110,8 +109,8 @@ def test_cross_stitch_every_column_reached_by_each_task():
 ])
 def test_batched_copies_equal_a_loop(arch, node, shape, arguments):
     batched = _build(arch, node, shape, **arguments)
-    looped = copy.deepcopy(batched)
-    looped.copies.batched = False
+    looped = _build(arch, node, shape, batched=False, **arguments)
+    assert not looped.copies.batched
     x = torch.randn(3, *shape)
     outs = []
     for model in (batched, looped):
@@ -282,6 +281,7 @@ def test_mtan_refuses_stages_without_maps():
 
 
 @pytest.mark.parametrize("arguments, match", [
+    ({"batched": "yes"}, r"architecture.batched must be true .* or false"),
     ({"self_weight": 0.0}, r"architecture.self_weight must be in \(0, 1\]"),
     ({"self_weight": 1.5}, r"architecture.self_weight must be in \(0, 1\]"),
 ])

@@ -6,7 +6,10 @@ The copies of one stage run as one batched call: ``torch.func.vmap`` over their 
 stacked with ``torch.stack`` at each forward. The stack is differentiable, so every copy keeps
 its own parameters, state-dict keys and gradients (``torch.func.stack_module_state`` would
 detach them); BatchNorm running statistics, updated in the stacked buffers, are copied back.
-A trunk with an op vmap cannot batch runs its copies in a loop instead (said once).
+A trunk with an op vmap cannot batch runs its copies in a loop instead (said once), as does
+``architecture.batched=false``: one call per stage saves kernel launches on a GPU, while on CPU
+the loop was faster (``python -m mtl.bench.architectures``: seed_net, batch 64, one thread,
+92 vs 65 ms per step for two columns, 346 vs 315 ms for ten).
 """
 
 from __future__ import annotations
@@ -64,9 +67,11 @@ class _Part(nn.Module):
 class TrunkCopies(nn.ModuleList):
     """Trunk copies (state-dict keys ``<i>.*``) run stage by stage, the copies of a stage batched."""
 
-    def __init__(self, trunks: list[Trunk]):
+    def __init__(self, trunks: list[Trunk], batched: bool = True):
         super().__init__(trunks)
-        self.batched = len(trunks) > 1  # False once vmap has failed on this trunk
+        if not isinstance(batched, bool):
+            raise ValueError(f"architecture.batched must be true (one vmap call per stage) or false (a loop over the copies), got {batched!r}.")
+        self.batched = batched and len(trunks) > 1  # set to False when vmap fails on this trunk
 
     def forward(
         self, x: torch.Tensor, counts: list[int], between: Callable[[int, torch.Tensor], torch.Tensor]
@@ -173,12 +178,14 @@ class CrossStitch(_Copied):
     row t (``out_mix.<t>``) reaches task t alone, so it is task t's own, with its head.
     """
 
-    def __init__(self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory, self_weight: float = 0.9):
+    def __init__(
+        self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory, self_weight: float = 0.9, batched: bool = True
+    ):
         super().__init__(heads)
         stages = trunk_stages(trunk, "cross_stitch")
         checks.number(self_weight, "architecture.self_weight", 0, 1, low_open=True)
         count = len(self.tasks)
-        self.copies = TrunkCopies([trunk] + [make_trunk() for _ in range(count - 1)])
+        self.copies = TrunkCopies([trunk] + [make_trunk() for _ in range(count - 1)], batched)
         alpha = self.initial_alpha(count, self_weight)
         self.units = nn.ParameterList(nn.Parameter(alpha.clone()) for _ in range(stages - 1))
         self.out_mix = nn.ParameterDict({t: nn.Parameter(alpha[i].clone()) for i, t in enumerate(self.tasks)})
@@ -232,14 +239,14 @@ class LearningToBranch(_Copied):
 
     def __init__(
         self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory,
-        branches: list[int] | None = None, tau: float = 1.0,
+        branches: list[int] | None = None, tau: float = 1.0, batched: bool = True,
     ):
         super().__init__(heads)
         stages = trunk_stages(trunk, "ltb")
         count = len(self.tasks)
         self.branches = self.checked_branches(branches, stages, count)
         self.tau = checks.number(tau, "architecture.tau", 0, low_open=True)
-        self.copies = TrunkCopies([trunk] + [make_trunk() for _ in range(self.branches[-1] - 1)])
+        self.copies = TrunkCopies([trunk] + [make_trunk() for _ in range(self.branches[-1] - 1)], batched)
         self.logits = nn.ParameterList(nn.Parameter(torch.zeros(c, p)) for p, c in zip(self.branches, self.branches[1:]))
         self.choice = nn.ParameterDict({t: nn.Parameter(torch.zeros(self.branches[-1])) for t in self.tasks})
 

@@ -5,8 +5,8 @@ sharing on the same trunk, at each number of tasks T:
     # = --batch 64 --repeats 5 --threads 0 (torch's default)
 
 Every task has a 10-class linear head on one shared input batch; the loss is the sum of the
-T cross-entropies and one ``backward``. ``cross_stitch loop`` is cross-stitch with its columns
-run in a Python loop instead of one vmap call per stage. After one untimed step, ms is the
+T cross-entropies and one ``backward``. The ``loop`` rows run the trunk copies in a Python
+loop (``architecture.batched=false``) instead of one vmap call per stage. After one untimed step, ms is the
 median of ``--repeats`` timed steps (``time.perf_counter``, synchronised on CUDA).
 """
 
@@ -25,7 +25,7 @@ from mtl.architectures import ARCHITECTURES
 from mtl.heads import LinearHead
 from mtl.trunks import build_trunk
 
-ROWS = ["hard", "cross_stitch", "cross_stitch loop", "ltb", "mtan"]
+ROWS = ["hard", "cross_stitch", "cross_stitch loop", "ltb", "ltb loop", "mtan"]
 INPUTS = {"seed_net": (1, 28, 28), "multi_lenet": (1, 28, 28), "resnet18": (3, 32, 32)}
 
 
@@ -35,9 +35,8 @@ def build(row: str, trunk: str, input_shape: tuple, tasks: int, device: torch.de
     first = build_trunk(node)
     shape = first.feature_shape(input_shape)
     heads = {f"t{i}": LinearHead(shape, 10) for i in range(tasks)}
-    model = ARCHITECTURES.get(row.split()[0])(first, heads, lambda: build_trunk(node))
-    if row.endswith("loop"):
-        model.copies.batched = False
+    arguments = {"batched": False} if row.endswith("loop") else {}
+    model = ARCHITECTURES.get(row.split()[0])(first, heads, lambda: build_trunk(node), **arguments)
     return model.to(device).train()
 
 
