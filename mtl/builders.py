@@ -16,16 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from omegaconf import DictConfig, OmegaConf
 
 from mtl import contract, optim
+from mtl.architectures import ARCHITECTURES, Architecture
 from mtl.config import ConfigError
 from mtl.data import BatchSource, shared_inputs
 from mtl.distributed import Context
 from mtl.features import DEFAULT_MAX_MB, FeatureCache
 from mtl.heads import HEADS, Head
-from mtl.model import MultiTaskModel
-from mtl.recipes import RECIPES, Recipe
+from mtl.recipes import RECIPES, FineTune, Recipe
 from mtl.registry import ComponentError, build
 from mtl.scheduler import SCHEDULERS, AllTasks, Sources, TaskScheduler
 from mtl.step import Feed, Step, build_step
@@ -190,7 +191,7 @@ def check_targets(tasks: dict[str, Task], trunk: Trunk, heads: dict[str, Head], 
 class Components:
     tasks: dict[str, Task]
     splits: dict[str, Splits]
-    model: MultiTaskModel
+    model: Architecture
     weighting: Weighting
 
 
@@ -211,17 +212,24 @@ def build_components(cfg: DictConfig) -> Components:
     splits = load_datasets(tasks)
     node = _plain(cfg.trunk)
     cache_mb = feature_cache_setting(node)
-    trunk = _component(build_trunk, node, where="trunk")
+    trunk = _component(build_trunk, dict(node), where="trunk")
     heads = build_heads(trunk, tasks, head_nodes, splits)
     check_targets(tasks, trunk, heads, splits, min(cfg.trainer.batch_size, CHECK_BATCH))
-    model = MultiTaskModel(trunk, heads)
+    model = build_architecture(cfg, trunk, heads, lambda: _component(build_trunk, dict(node), where="trunk"))
     if cfg.init_from:
         init_from(model, cfg.init_from)
-    if cache_mb:
+    if cache_mb and model.trunk is not None:
         # Active only while the trunk is frozen (a linear probe, LP-FT's probe epochs): see mtl.features.
         FeatureCache.attach(trunk, cache_mb)
     weighting = _component(build, WEIGHTINGS, _plain(cfg.weighting), "weighting", list(tasks), where="weighting")
     return Components(tasks, splits, model, weighting)
+
+
+def build_architecture(cfg: DictConfig, trunk: Trunk, heads: dict[str, Head], make_trunk) -> Architecture:
+    """The model: ``architecture.name`` (``mtl list architectures``) on the built trunk and heads;
+    ``make_trunk`` builds the further trunk copies some architectures are made of."""
+    node = _plain(cfg.architecture)
+    return _component(build, ARCHITECTURES, node, "architecture", trunk, heads, make_trunk, where="architecture")
 
 
 def feature_cache_setting(node: dict[str, Any]) -> float | None:
@@ -240,10 +248,15 @@ def feature_cache_setting(node: dict[str, Any]) -> float | None:
     return float(max_mb) if enabled else None
 
 
-def init_from(model: MultiTaskModel, path: str) -> None:
+def init_from(model: Architecture, path: str) -> None:
     """Start from an earlier stage's checkpoint: its trunk, and the heads of tasks that
     continue. A head whose task is new, or whose shape no longer fits, starts fresh (said)."""
     # read_checkpoint condenses torch's page-long refusal of a corrupt or pickled file to its reason.
+    if model.trunk is None:
+        raise ConfigError(
+            f"init_from: architecture {type(model).__name__} has no single trunk to load {path!r} into; "
+            "start it from pretrained weights with trunk.checkpoint (every trunk copy loads them), or use architecture.name=hard."
+        )
     state = _component(read_checkpoint, path, "init_from", where="init_from")
     if not isinstance(state, dict) or "model" not in state:
         raise ConfigError(f"init_from: {path!r} is not a checkpoint of this framework (no 'model' entry); use trunk.checkpoint for a trunk alone.")
@@ -333,7 +346,7 @@ class Run:
 
     tasks: dict[str, Task]
     splits: dict[str, Splits]
-    model: MultiTaskModel
+    model: Architecture
     weighting: Weighting
     recipe: Recipe
     parameters: dict[str, int]  # total, and trainable in at least one epoch of the stage
@@ -354,8 +367,13 @@ def build_run(cfg: DictConfig, dist: Context, device: torch.device) -> Run:
     parts = build_components(cfg)
     model, weighting = parts.model.to(device), parts.weighting.to(device)
     if t.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     recipe = build_recipe(cfg)
+    if model.trunk is None and type(recipe) is not FineTune:
+        raise ConfigError(
+            f"recipe.name: {cfg.recipe.name!r} freezes or adapts one trunk, and architecture {cfg.architecture.name!r} "
+            "is built of several trunk copies; use recipe.name=fine_tune, or architecture.name=hard for this recipe."
+        )
     recipe.setup(model)
     parameters = count_parameters(cfg, recipe, model)
     groups = recipe.param_groups(model)
@@ -377,7 +395,7 @@ def build_run(cfg: DictConfig, dist: Context, device: torch.device) -> Run:
         seed=cfg.seed, epochs=t.epochs, fixed_epoch=t.steps_per_epoch,
     )
     scheduler = build_scheduler(cfg, sizes)
-    check_weighting(cfg, weighting, scheduler, inputs)
+    check_weighting(cfg, weighting, scheduler, inputs, model)
     lr_schedule = build_lr_schedule(cfg, optimizer, t.epochs * scheduler.steps_per_epoch)
     engine = {"every": cfg.engine.every, "chunk": cfg.engine.jacobian_chunk, "staged": cfg.engine.staged_gramian,
               "record_every": cfg.logging.log_every}
@@ -387,8 +405,18 @@ def build_run(cfg: DictConfig, dist: Context, device: torch.device) -> Run:
     return Run(parts.tasks, parts.splits, model, weighting, recipe, parameters, optimizer, lr_schedule, inputs, sources, scheduler, feed, step)
 
 
-def check_weighting(cfg: DictConfig, weighting: Weighting, scheduler: TaskScheduler, groups: dict[str, list[str]]) -> None:
-    """A weighting that needs every task at every step, or one shared representation, gets it."""
+@torch.no_grad()
+def to_channels_last(model: nn.Module) -> None:
+    """Every 4-D parameter and buffer in channels_last layout. ``Module.to(memory_format=...)``
+    refuses a model that also holds 5-D tensors (experts stacked ``[E, C_out, C_in, k, k]``)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+
+
+def check_weighting(cfg: DictConfig, weighting: Weighting, scheduler: TaskScheduler, groups: dict[str, list[str]], model: Architecture) -> None:
+    """A weighting that needs every task at every step, one shared representation, or a last
+    shared layer gets it."""
     if weighting.requires_all_tasks and not isinstance(scheduler, AllTasks):
         raise ConfigError(
             f"weighting: {cfg.weighting.name!r} needs every task's loss at every step; use scheduler.name=all "
@@ -402,6 +430,18 @@ def check_weighting(cfg: DictConfig, weighting: Weighting, scheduler: TaskSchedu
             f"(tasks with one input_key, e.g. MultiMNIST left/right); here the tasks have separate inputs "
             f"({', '.join(groups)}). " + advice
         )
+    mode = weighting.mode if isinstance(weighting, GradientWeighting) else None
+    if mode == "representation" and not model.shares_representation:
+        raise ConfigError(
+            f"weighting.mode: representation needs one representation every task reads, and architecture "
+            f"{cfg.architecture.name!r} has none (each task reads its own mixture); "
+            + ("use weighting.mode=parameters." if "parameters" in type(weighting).modes else "use weighting.name=mgda, its parameter-gradient form.")
+        )
+    if mode == "last_shared":
+        try:
+            model.last_shared_parameters()
+        except NotImplementedError as e:
+            raise ConfigError(f"weighting.mode: {e} Use weighting.mode=parameters.") from None
 
 
 def check_shards(cfg: DictConfig, sources: dict[str, BatchSource], dist: Context) -> None:
@@ -417,7 +457,7 @@ def check_shards(cfg: DictConfig, sources: dict[str, BatchSource], dist: Context
             )
 
 
-def count_parameters(cfg: DictConfig, recipe: Recipe, model: MultiTaskModel) -> dict[str, int]:
+def count_parameters(cfg: DictConfig, recipe: Recipe, model: Architecture) -> dict[str, int]:
     """Total parameters, and those the recipe trains in at least one epoch of the stage."""
     trainable: dict[int, int] = {}
     for epoch in recipe.distinct_epochs(model, cfg.trainer.epochs):

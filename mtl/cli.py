@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Sequence
 
 from mtl.config import ConfigError, load_config, read_yaml
@@ -55,7 +56,8 @@ def cmd_train(config: str, overrides: Sequence[str]) -> int:
         return 0  # rank 0 prints for every process under torchrun
     print(format_table(results))
     print(f"\nbest epoch {results['best_epoch']} ({results['selected_on']}); test metrics are of that model.")
-    print(f"run directory: {cfg.output_dir} (results.json, metrics.jsonl, config.yaml, checkpoints/, trunk.pt)")
+    trunk = ", trunk.pt" if (Path(cfg.output_dir) / "trunk.pt").exists() else ""  # architectures of one trunk write it
+    print(f"run directory: {cfg.output_dir} (results.json, metrics.jsonl, config.yaml, checkpoints/{trunk})")
     return 0
 
 
@@ -124,7 +126,7 @@ def cmd_validate(config: str, overrides: Sequence[str], judge: str | None = None
             sizes = ", ".join(f"{split} {len(ds)}" for split, ds in trainer.splits[name].items())
             print(f"  task {name}: {type(task).__name__}, {sizes}; head {type(trainer.model.heads[name]).__name__}")
         params = trainer.parameters
-        print(f"  trunk {type(trainer.model.trunk).__name__}; recipe {cfg.recipe.name}: {params['trainable']:,} of {params['total']:,} parameters train")
+        print(f"  architecture {cfg.architecture.name}, trunk {cfg.trunk.name}; recipe {cfg.recipe.name}: {params['trainable']:,} of {params['total']:,} parameters train")
         print(f"  {cfg.trainer.epochs} epochs of {trainer.steps_per_epoch} steps")
     if "compare" in commands:
         from mtl.compare import Grid

@@ -110,6 +110,7 @@ class RunConfig:
     weighting: Dict[str, Any] = field(default_factory=lambda: {"name": "equal"})
     scheduler: Dict[str, Any] = field(default_factory=lambda: {"name": "all"})
     recipe: Dict[str, Any] = field(default_factory=lambda: {"name": "fine_tune"})  # what trains (`mtl list recipes`)
+    architecture: Dict[str, Any] = field(default_factory=lambda: {"name": "hard"})  # how tasks share parameters (`mtl list architectures`)
     init_from: Optional[str] = None  # checkpoint of an earlier stage: its trunk and the heads of tasks that continue
     seed: int = 0  # model init, data order, dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -3,9 +3,11 @@
 For a ``GradientWeighting`` the engine forms ``J`` ``[T, D]``, the gradients of the task
 objectives (``weighting.transform_losses``) w.r.t. what the method's ``mode`` names:
 
-- ``parameters``: the trainable trunk parameters (the Jacobian);
-- ``last_shared``: the parameters of the trunk's last layer group (GradNorm's W);
-- ``representation``: the trunk's output features, when one input batch feeds every task
+- ``parameters``: the trainable shared parameters (``model.shared_parameters()``: the trunk
+  under hard sharing);
+- ``last_shared``: the last shared layer's parameters (GradNorm's W);
+- ``representation``: the shared representation the architecture marks (``model.cut``: the
+  trunk's output under hard sharing), when one input batch feeds every task
   (MGDA-UB's upper bound; Sener & Koltun 2018); the trunk then back-propagates once.
 
 J is computed with one batched backward (``is_grads_batched``) where autograd can vmap
@@ -64,16 +66,27 @@ class GradientEngine:
         self.weighting = weighting
         self.every = every
         self.chunk = chunk
-        self.staged = staged and isinstance(weighting, GramianWeighting) and weighting.mode != "representation"
+        # Graph cuts are recorded on the one trunk every task reads; other architectures form J.
+        self.staged = staged and isinstance(weighting, GramianWeighting) and weighting.mode != "representation" and model.trunk is not None
         self.ctx = ctx or Context()
         self.record_every = record_every  # the trainer's log_every: diagnostics only where they are logged
         self._weights: torch.Tensor | None = None
         self.diagnostics: dict[str, torch.Tensor] = {}  # last J's weights, norms, cosines
 
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """The last computed task weights: with ``every > 1`` the steps until the next
+        recomputation reuse them, so a resumed run must too."""
+        return {"weights": self._weights}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        weights = state["weights"]
+        self._weights = None if weights is None else weights.to(next(self.model.parameters()).device)
+
     def _shared(self) -> list[nn.Parameter]:
-        trunk = self.model.trunk
-        module = trunk.layer_groups()[-1][1] if self.weighting.mode == "last_shared" else trunk
-        return [p for p in module.parameters() if p.requires_grad]
+        """What the architecture shares (``mtl.architectures``), or its last shared layer."""
+        model = self.model
+        params = model.last_shared_parameters() if self.weighting.mode == "last_shared" else model.shared_parameters()
+        return [p for p in params if p.requires_grad]
 
     def backward(
         self,
@@ -96,11 +109,13 @@ class GradientEngine:
         reuse = self._weights is not None and step % self.every != 0
         representation = w.mode == "representation"
         cuts: list[torch.Tensor] = []
+        features = leaf = None
         if representation:
-            (source,) = inputs
-            features = self.model.trunk(inputs[source])
-            leaf = features.detach().requires_grad_()
-            outputs = self.model.apply_heads(leaf, members[source])
+            # The architecture marks its shared representation (model.cut); one input batch
+            # feeds every task here (checked before training), so there is one cut.
+            with self.model.representation_cuts() as marked:
+                outputs = self.model.forward_groups(inputs, members)
+            ((features, leaf),) = marked
         elif self.staged and not reuse:
             with recording(self.model.trunk) as cuts:
                 outputs = self.model.forward_groups(inputs, members)
@@ -117,7 +132,7 @@ class GradientEngine:
             self._backward(objectives.sum(), penalty, None, None)
             return losses
         if reuse:
-            self._apply(self._weights, objectives, penalty, shared, features if representation else None, leaf if representation else None)
+            self._apply(self._weights, objectives, penalty, shared, features, leaf)
             return losses
         stages = plan(objectives, cuts, shared) if cuts else None
         if stages is not None:
@@ -142,10 +157,10 @@ class GradientEngine:
         if result.weights is not None:
             self._weights = result.weights.detach()
         if result.gradient is None:
-            self._apply(self._weights, objectives, penalty, shared, features if representation else None, leaf if representation else None)
+            self._apply(self._weights, objectives, penalty, shared, features, leaf)
             return losses
         if representation:
-            heads = [p for p in self.model.heads.parameters() if p.requires_grad]
+            heads = self._task_specific()
             torch.autograd.backward(objectives.sum(), inputs=heads)
             if features.requires_grad:
                 gradient = result.gradient
@@ -186,6 +201,10 @@ class GradientEngine:
         torch.distributed.all_gather(parts, J.contiguous())
         return torch.cat(parts, dim=1) / self.ctx.world
 
+    def _task_specific(self) -> list[nn.Parameter]:
+        """The trainable parameters the architecture does not share: heads, gates, towers."""
+        return self._others(self.model.shared_parameters())
+
     def _others(self, shared: list[nn.Parameter]) -> list[nn.Parameter]:
         """The trainable parameters outside ``shared``: the heads (and any frozen-trunk remainder)."""
         shared_ids = {id(p) for p in shared}
@@ -211,7 +230,7 @@ class GradientEngine:
             # One (vectorized) backward through the heads for both: row 0 gives the representation
             # Σ_t w_t ∇o_t, row 1 each head its own objective's gradient (a head's parameters
             # reach only its own objective).
-            heads = [p for p in self.model.heads.parameters() if p.requires_grad]
+            heads = self._task_specific()
             rows = torch.stack([weights.to(objectives.dtype), torch.ones_like(objectives)])
             found: list[list[torch.Tensor | None]] = [[], []]
             for start, stop, grads in vjp_rows(objectives, rows, [leaf, *heads]):

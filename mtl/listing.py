@@ -34,6 +34,8 @@ KINDS: dict[str, Kind] = {
     "weightings": Kind("mtl.weighting:WEIGHTINGS", ("mtl/weighting/*.py",), ("register_weighting", "WEIGHTINGS.register"), "weighting", 1),
     "schedulers": Kind("mtl.scheduler:SCHEDULERS", ("mtl/scheduler.py",), ("register_scheduler", "SCHEDULERS.register"), "scheduler", 1),
     "recipes": Kind("mtl.recipes:RECIPES", ("mtl/recipes.py",), ("register_recipe", "RECIPES.register"), "recipe"),
+    "architectures": Kind("mtl.architectures:ARCHITECTURES", ("mtl/model.py", "mtl/architectures/*.py"),
+                          ("register_architecture", "ARCHITECTURES.register"), "architecture", 3),
     "optimizers": Kind("mtl.optim:OPTIMIZERS", ("mtl/optim.py",), ("OPTIMIZERS.register",), "trainer.optimizer", 1),
     "lr_schedules": Kind("mtl.optim:LR_SCHEDULES", ("mtl/optim.py",), ("LR_SCHEDULES.register",), "trainer.lr_schedule", 1),
     "scores": Kind("mtl.transferability:SCORES", ("mtl/transferability.py",), ("register_score", "SCORES.register"), "rank.scores[i]"),

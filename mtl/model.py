@@ -1,35 +1,52 @@
-"""The multi-task model: one shared trunk and an ``nn.ModuleDict`` of task heads."""
+"""Hard parameter sharing (Caruana 1997): one trunk every task reads, and a head per task."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from mtl.architectures.base import Architecture, TrunkFactory, register_architecture
 from mtl.heads import LinearHead, MultiLabelHead
 from mtl.trunks import Trunk
 
 
-class MultiTaskModel(nn.Module):
-    """Trunk + heads keyed by task name. State-dict keys are ``trunk.*`` and ``heads.<task>.*``."""
+@register_architecture("hard")
+class MultiTaskModel(Architecture):
+    """Hard parameter sharing (Caruana 1997, "Multitask learning"): y_t = h_t(f(x)), one trunk f
+    shared whole, a head h_t per task. State-dict keys are ``trunk.*`` and ``heads.<task>.*``.
+    The shared representation is the trunk's output f(x)."""
 
-    def __init__(self, trunk: Trunk, heads: dict[str, nn.Module]):
-        super().__init__()
-        self.trunk = trunk
-        self.heads = nn.ModuleDict(heads)
+    shares_representation = True
+
+    def __init__(self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory | None = None):
+        super().__init__(heads, trunk)
 
     def forward(self, x: torch.Tensor, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """One input batch shared by ``tasks`` (all heads by default)."""
-        return self.apply_heads(self.trunk(x), tasks or list(self.heads))
+        return self.apply_heads(self.cut(self.trunk(x)), tasks or list(self.heads))
+
+    def eval_outputs(self, x: torch.Tensor, tasks: list[str]) -> dict[str, torch.Tensor]:
+        """One trunk call; each head on its own (unfused), as evaluation always ran them."""
+        features = self.trunk(x)
+        return {t: self.heads[t](features) for t in tasks}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.trunk.parameters())
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return list(self.trunk.layer_groups()[-1][1].parameters())
 
     def forward_groups(self, inputs: dict[str, torch.Tensor], members: dict[str, list[str]]) -> dict[str, torch.Tensor]:
         """Each source's input batch, for the tasks it feeds (``members``). Inputs of one
         shape go through the trunk in one call (one kernel launch per layer, not one per
         source); tasks of one source share its features."""
         names = list(inputs)
-        if len({tuple(x.shape[1:]) for x in inputs.values()}) == 1:
-            features = self.trunk(torch.cat([inputs[n] for n in names])).split([len(inputs[n]) for n in names])
+        if len(names) == 1:
+            features = [self.cut(self.trunk(inputs[names[0]]))]
+        elif len({tuple(x.shape[1:]) for x in inputs.values()}) == 1:
+            features = self.cut(self.trunk(torch.cat([inputs[n] for n in names]))).split([len(inputs[n]) for n in names])
         else:
-            features = [self.trunk(inputs[n]) for n in names]
+            features = [self.cut(self.trunk(inputs[n])) for n in names]
         outputs: dict[str, torch.Tensor] = {}
         for n, f in zip(names, features):
             outputs.update(self.apply_heads(f, members[n]))

@@ -50,6 +50,9 @@ class Recipe:
     def setup(self, model: MultiTaskModel) -> None:
         """Subclasses that override it call ``super().setup(model)``: it records the base trunk,
         and the shapes of its state as built, before any adapter (what a stage loads from the last)."""
+        if model.trunk is None:  # an architecture of several trunk copies: only the full fine-tune runs on it
+            self.base, self.base_shapes = None, {}
+            return
         self.base = adapters.base_reference(model.trunk)
         self.base_shapes = {k: tuple(v.shape) for k, v in model.trunk.state_dict().items()}
 

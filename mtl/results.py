@@ -63,7 +63,7 @@ def evaluate(
     for members in groups.values():
         dataset = _group_dataset(members, datasets)
         for x, *ys in eval_batches(dataset, batch_size, (ctx.rank, ctx.world), num_workers, pin):
-            features = model.trunk(x.to(device, non_blocking=True))
+            outputs = model.eval_outputs(x.to(device, non_blocking=True), members)
             for name, y_host in zip(members, ys):
                 task = tasks[name]
                 mask = task.valid_mask(y_host)  # on the host: counting it needs no device sync
@@ -71,7 +71,7 @@ def evaluate(
                 if n == 0:  # metrics reject empty batches; the loss sum gains 0
                     continue
                 y = y_host.to(device, non_blocking=True)
-                out = model.apply_heads(features, [name])[name].float()
+                out = outputs[name].float()
                 sums[row[name], 0] += task.masked_loss(out, y) * n
                 sums[row[name], 1] += n
                 scores = task.metric_inputs(out)

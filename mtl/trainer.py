@@ -235,7 +235,8 @@ class Trainer:
         if self.dist.is_main:
             write_json(results, self.dir.path / "results.json")
             config = to_dict(self.cfg)
-            checkpoint.save({"trunk": self.model.trunk.state_dict(), "trunk_config": config["trunk"]}, self.dir.path / "trunk.pt")
+            if self.model.trunk is not None:  # the trunk a later stage starts from (architectures of one trunk)
+                checkpoint.save({"trunk": self.model.trunk.state_dict(), "trunk_config": config["trunk"]}, self.dir.path / "trunk.pt")
             if len(self.recipe.state_keys(self.model)) < len(best["model"]):  # a recipe that trains part of the model
                 trained = {**self.recipe.trainable_state(self.model), "trunk_config": config["trunk"], "recipe_config": config["recipe"]}
                 checkpoint.save(trained, self.dir.path / "trained.pt")

@@ -234,10 +234,21 @@ def test_imtl_g_negative_weight_does_not_make_its_head_ascend():
     J = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.1]])
     w = IMTLG(["a", "b", "c"]).weigh(J @ J.T)
     assert w[2] < 0
-    head = torch.nn.Parameter(torch.ones(3))  # φ_t, one entry per task
-    theta = torch.nn.Parameter(torch.zeros(3))
+    from mtl.architectures import Architecture
+
+    class Linear(Architecture):
+        def __init__(self):
+            super().__init__({})
+            self.theta = torch.nn.Parameter(torch.zeros(3))
+            self.head = torch.nn.Parameter(torch.ones(3))  # φ_t, one entry per task
+
+        def shared_parameters(self):
+            return [self.theta]
+
+    model = Linear()
+    theta, head = model.theta, model.head
     losses = J @ theta + 0.5 * head**2
-    engine = GradientEngine(torch.nn.ParameterList([theta, head]), IMTLG(["a", "b", "c"], mode="parameters"))
+    engine = GradientEngine(model, IMTLG(["a", "b", "c"], mode="parameters"))
     engine._apply(w, losses, None, [theta], None, None)
     torch.testing.assert_close(theta.grad, w.float() @ J)
     torch.testing.assert_close(head.grad, head.detach())  # ∂L_t/∂φ_t = φ_t: every head descends
