@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from mtl import checkpoint
 from mtl.config import ConfigError, save_config, to_dict
 from mtl.results import write_json
+from mtl.state import FORMAT
 
 # How a run is computed, not what it computes: a resume may change these (e.g. a smaller
 # engine.jacobian_chunk after running out of memory).
@@ -132,6 +133,12 @@ class RunDir:
             path, state = checkpoint.latest(self.checkpoints)
         except checkpoint.CheckpointError as e:
             raise ConfigError(f"resume: {e}") from None
+        if state.get("format") != FORMAT:
+            raise ConfigError(
+                f"resume: {path} was written by another version of mtl (training-state format {state.get('format', 1)}, "
+                f"this one reads {FORMAT}), so it cannot continue exactly. Start a new output_dir; to keep its weights, "
+                f"start from them with init_from={str(path)!r}."
+            )
         changed = config_changes(state["config"], to_dict(cfg), allowed=RESUMABLE_CHANGES + UNREAD_BY_TRAINING)
         if changed:
             raise ConfigError(

@@ -16,6 +16,12 @@ from mtl import checkpoint
 from mtl.config import to_dict
 
 
+# The layout of TrainState.state_dict; raised when a part's state changes shape, so that a
+# checkpoint of another layout is refused with a message instead of a KeyError mid-restore.
+# 2: the step's state includes the gradient engine's reused task weights.
+FORMAT = 2
+
+
 @dataclass
 class TrainState:
     parts: dict[str, Any]  # name -> an object with state_dict() / load_state_dict()
@@ -33,6 +39,7 @@ class TrainState:
             **{name: getattr(self, name) for name in self.COUNTERS},
             "rng": checkpoint.rng_state(),
             "config": to_dict(cfg),
+            "format": FORMAT,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

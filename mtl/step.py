@@ -184,10 +184,10 @@ class Step:
         self.device_type, self.bf16 = device.type, bf16
         self.count = 0  # steps taken, skipped ones included
         self.running = RunningLosses(weighting.tasks, device)
-        trunk = list(model.trunk.parameters())
-        in_trunk = {id(p) for p in trunk}
-        heads = [p for p in model.parameters() if id(p) not in in_trunk]
-        self.clip = GradientClip(trunk, heads, list(weighting.parameters()), cap=weighting.max_norm, clip=grad_clip or 0.0)
+        shared = model.shared_parameters()
+        in_shared = {id(p) for p in shared}
+        own = [p for p in model.parameters() if id(p) not in in_shared]
+        self.clip = GradientClip(shared, own, list(weighting.parameters()), cap=weighting.max_norm, clip=grad_clip or 0.0)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._all_tasks = len(weighting.tasks)
 
@@ -301,6 +301,14 @@ class EngineStep(Step):
     def _weights(self) -> torch.Tensor | None:
         return self.engine.diagnostics.get("weights")
 
+    def state_dict(self) -> dict[str, Any]:
+        """With the engine's last task weights, which ``engine.every > 1`` reuses between recomputations."""
+        return {**super().state_dict(), "engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.engine.load_state_dict(state["engine"])
+
     def diagnostics(self) -> dict[str, float]:
         out = super().diagnostics()
         found, tasks = self.engine.diagnostics, self.weighting.tasks
@@ -321,32 +329,43 @@ def build_step(model: MultiTaskModel, tasks: dict[str, Task], groups: dict[str, 
     return LossStep(model, tasks, groups, weighting, *args, **kwargs)
 
 
-def backward(losses: dict[str, torch.Tensor], shared: list[torch.Tensor], weighting: Weighting | None = None) -> torch.Tensor | None:
+def backward(losses: dict[str, torch.Tensor], shared: list[torch.Tensor] | torch.Tensor, weighting: Weighting | None = None) -> torch.Tensor | None:
     """One multi-task update into ``.grad``, for your own training loop: the trainer's update
-    in a parameter mode, without its forward, clipping or optimizer step.
+    without its forward, clipping or optimizer step.
 
     ``losses``: each task's scalar loss, keyed by ``weighting.tasks``. ``shared``: the
-    parameters every task reaches (the trunk's). ``weighting``: a built weighting of these
-    tasks (``WEIGHTINGS.get(name)(tasks)``); None sums the losses.
+    parameters every task reaches (the trunk's; a weighting's parameter mode), or the shared
+    features, one tensor every task's loss is computed from (its representation mode; MGDA-UB
+    takes only this). ``weighting``: a built weighting of these tasks
+    (``WEIGHTINGS.get(name)(tasks)``); None sums the losses.
 
     - Loss-level: one backward of ``weighting(L)``, L = [L_1, ..., L_T] in task order.
     - Gradient-level: o = ``weighting.transform_losses(L)``, J = ∂o/∂shared ``[T, D]``, the
       method's ``aggregate(J)``. Task weights w whose method weighs the heads too (MGDA,
       UPGrad, ...): one backward of Σ_t w_t o_t. Otherwise (PCGrad, CAGrad, IMTL-G, ...) the
-      shared parameters get the method's gradient (or Σ_t w_t ∇o_t) and every other
-      parameter a loss reaches (a head) the gradient of Σ_t o_t, i.e. of its own task's objective.
+      shared parameters (or, through the features, everything below them) get the method's
+      gradient d (or Σ_t w_t ∇o_t) and every other parameter a loss reaches (a head) the
+      gradient of Σ_t o_t, i.e. of its own task's objective. With features, Σ_t o_t is
+      back-propagated and then d − Σ_t ∇o_t through the features: the trunk gets d, by linearity.
 
     Gradients add to ``.grad`` as ``loss.backward()`` does. Returns the task weights where the
     method gives any. One process: under torchrun, average ``.grad`` over ranks afterwards.
     A weighting's own update after the optimizer step (FAMO's ``update``, DWA's
     ``on_epoch_end``) is yours to call, as ``LossStep`` does. Raises ``NonFiniteError`` on
-    a NaN or inf task gradient, before the method sees it."""
+    a NaN or inf task gradient, before the method sees it, and ``ValueError`` when ``shared``
+    does not fit the method's modes."""
     tasks = weighting.tasks if weighting is not None else list(losses)
     L = torch.stack([losses[t] for t in tasks])
     if not isinstance(weighting, GradientWeighting):
         (L.sum() if weighting is None else weighting(L)).backward()
         return None if weighting is None else weighting.weights()
-    shared = [p for p in shared if p.requires_grad]
+    features = shared if isinstance(shared, torch.Tensor) and not isinstance(shared, nn.Parameter) else None
+    if features is None and weighting.mode == "representation":
+        raise ValueError(f"{type(weighting).__name__} takes its gradients w.r.t. the shared features (mode representation): "
+                         "pass the trunk's output tensor as shared, not its parameters.")
+    if features is not None and "representation" not in type(weighting).modes:
+        raise ValueError(f"{type(weighting).__name__} takes its gradients w.r.t. the shared parameters; pass a list of them as shared.")
+    shared = [features] if features is not None else [p for p in shared if p.requires_grad]
     weighting.observe(L.detach())
     objectives = weighting.transform_losses(L)
     if not shared:  # a frozen trunk: each head learns from its own objective
@@ -362,6 +381,10 @@ def backward(losses: dict[str, torch.Tensor], shared: list[torch.Tensor], weight
         (weights * objectives).sum().backward()
         return weights
     gradient = result.gradient if result.gradient is not None else weights.to(J.dtype) @ J
+    if features is not None:
+        objectives.sum().backward(retain_graph=True)
+        features.backward((gradient - J.sum(dim=0)).view_as(features).to(features.dtype))
+        return weights
     before = [p.grad for p in shared]
     # Every parameter gets Σ_t ∇o_t (a head: its own objective's); the shared ones then get the method's instead.
     objectives.sum().backward()

@@ -10,7 +10,7 @@ from mtl.config import load_config
 from mtl.step import EngineStep, LossStep, RunningLosses, backward, build_step
 from mtl.weighting import WEIGHTINGS, GradientWeighting, Weighting
 
-from conftest import QUICKSTART, quick
+from conftest import MULTI_MNIST, QUICKSTART, quick
 
 
 @pytest.mark.parametrize("name", WEIGHTINGS.names())
@@ -65,35 +65,60 @@ def test_the_step_state_resumes_its_running_losses_and_count(tmp_path):
 
 
 @functools.cache
-def _trainer_and_batch():
+def _trainer_and_batch(*extra):
     from mtl.trainer import Trainer
 
-    t = Trainer(load_config(QUICKSTART, quick("/tmp/unused-step-run", 1, 1, "trunk.dropout=0.0")))
+    t = Trainer(load_config(QUICKSTART, quick("/tmp/unused-step-run", 1, 1, "trunk.dropout=0.0", *extra)))
     inputs, targets, _ = t.feed.next(list(t.sources))
     return t, inputs, targets
 
 
-@pytest.mark.parametrize("name", WEIGHTINGS.names())
-def test_the_public_backward_gives_the_trainers_update(name):
+def _public_backward_cases():
+    """Every registered weighting: loss-level ones, gradient ones in their parameter mode and in representation mode where they have it."""
+    for name in WEIGHTINGS.names():
+        cls = WEIGHTINGS.get(name)
+        if not issubclass(cls, GradientWeighting):
+            yield pytest.param(name, None, id=f"{name}-loss")
+            continue
+        for mode in [next((m for m in cls.modes if m != "representation"), None), "representation" if "representation" in cls.modes else None]:
+            if mode is not None:
+                yield pytest.param(name, mode, id=f"{name}-{mode}")
+
+
+@pytest.mark.parametrize("name, mode", list(_public_backward_cases()))
+def test_the_public_backward_gives_the_trainers_update(name, mode):
     """``mtl.step.backward`` on the task losses fills every .grad as the trainer's step does,
-    for every registered weighting with a parameter mode."""
-    t, inputs, targets = _trainer_and_batch()
+    for every registered weighting: w.r.t. the trunk's parameters, or its output features in
+    representation mode (MultiMNIST's left/right tasks, which share one input)."""
+    t, inputs, targets = _trainer_and_batch(*(MULTI_MNIST if mode == "representation" else ()))
     cls = WEIGHTINGS.get(name)
-    gradient = issubclass(cls, GradientWeighting)
-    mode = next((m for m in cls.modes if m != "representation"), None) if gradient else None
-    if gradient and mode is None:
-        pytest.skip(f"{name} takes its gradients on the shared representation only; backward takes parameters")
     torch.manual_seed(0)
-    method = (cls(list(t.tasks), mode=mode) if gradient else cls(list(t.tasks))).to(t.device)
+    method = (cls(list(t.tasks)) if mode is None else cls(list(t.tasks), mode=mode)).to(t.device)
     twin = copy.deepcopy(method)  # the same state (seeded draws, GradNorm's first losses) for the second update
     step = build_step(t.model, t.tasks, t.groups, method, t.optimizer, t.update.lr_schedule, t.recipe, t.dist, t.device)
-    shared = step.engine._shared() if gradient else list(t.model.trunk.parameters())
     t.model.zero_grad(set_to_none=True)
     step._backward(inputs, targets)
     expected = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
     t.model.zero_grad(set_to_none=True)
-    backward(step.task_losses(t.model.forward_groups(inputs, t.groups), targets), shared, twin)
+    if mode == "representation":
+        ((source, x),) = inputs.items()
+        shared = t.model.trunk(x)
+        outputs = t.model.apply_heads(shared, t.groups[source])
+    else:
+        shared = step.engine._shared() if mode is not None else list(t.model.trunk.parameters())
+        outputs = t.model.forward_groups(inputs, t.groups)
+    backward(step.task_losses(outputs, targets), shared, twin)
     got = {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys()
     for n in got:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_the_public_backward_names_what_shared_must_be():
+    t, inputs, targets = _trainer_and_batch()
+    losses = t.update.task_losses(t.model.forward_groups(inputs, t.groups), targets)
+    with pytest.raises(ValueError, match="pass the trunk's output tensor as shared"):
+        backward(losses, list(t.model.trunk.parameters()), WEIGHTINGS.get("mgda_ub")(list(t.tasks)))
+    features = t.model.trunk(next(iter(inputs.values())))
+    with pytest.raises(ValueError, match="pass a list of them as shared"):
+        backward(losses, features, WEIGHTINGS.get("gradnorm")(list(t.tasks)))
