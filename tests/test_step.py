@@ -122,3 +122,33 @@ def test_the_public_backward_names_what_shared_must_be():
     features = t.model.trunk(next(iter(inputs.values())))
     with pytest.raises(ValueError, match="pass a list of them as shared"):
         backward(losses, features, WEIGHTINGS.get("gradnorm")(list(t.tasks)))
+
+
+def test_the_engines_reused_weights_resume_with_the_step(tmp_path):
+    """``engine.every=2``: the step after a resume reuses the weights computed before it, as the uninterrupted run does."""
+    from mtl.trainer import Trainer
+
+    overrides = ("weighting.name=mgda", "engine.every=2")
+    a = Trainer(load_config(QUICKSTART, quick(tmp_path / "a", 1, 4, *overrides)))
+    a._train_step()  # step 0 computes the weights; step 1 would reuse them
+    saved = a.update.engine._weights.clone()
+    b = Trainer(load_config(QUICKSTART, quick(tmp_path / "b", 1, 4, *overrides)))
+    assert b.update.engine._weights is None
+    b.update.load_state_dict(copy.deepcopy(a.update.state_dict()))
+    torch.testing.assert_close(b.update.engine._weights, saved)
+
+
+def test_a_checkpoint_of_an_older_training_state_layout_is_refused_with_the_fix(tmp_path):
+    from mtl import checkpoint
+    from mtl.cli import main
+    from mtl.config import ConfigError
+    from mtl.trainer import Trainer
+
+    run = tmp_path / "run"
+    assert main(["train", QUICKSTART, *quick(run, 1, 2)]) == 0
+    (path,) = checkpoint.step_checkpoints(run / "checkpoints")
+    state = checkpoint.load(path)
+    del state["format"]  # as written before the layout had a number
+    checkpoint.save(state, path)
+    with pytest.raises(ConfigError, match=r"resume: .* another version of mtl \(training-state format 1, this one reads 2\).*init_from="):
+        Trainer(load_config(QUICKSTART, quick(run, 2, 2, "resume=true")))
