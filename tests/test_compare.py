@@ -539,3 +539,12 @@ def test_merge_cells_merge_on_validation_and_report_like_any_cell(tmp_path, caps
     capsys.readouterr()
     assert main(["compare", MERGE_QUICKSTART, *args]) == 0
     assert "ties f=1 seed=0: finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_tuned_values_set_every_fine_tune_of_a_merge(tmp_path):
+    from mtl.compare import stage_config
+
+    cfg = load_config(QUICKSTART, [*merge_args(tmp_path / "m", "{kind: merge}"), "compare.tune={grid: {trainer.optimizer.lr: [0.01]}}"])
+    grid = Grid(cfg)
+    cell = next(c for c in grid.tuning.cells if c.label == "m")
+    assert [stage_config(cfg, cell, i, cell.dirs[i], {}, grid.targets).trainer.optimizer.lr for i in (0, 1)] == [0.01, 0.01]
