@@ -20,7 +20,7 @@ from mtl.step import backward
 from mtl.weighting import WEIGHTINGS, solvers
 from mtl.weighting.recent import STCH, ConFIG, ExcessMTL, FairGrad, MoCo, MoDo, SDMGrad, simplex_projection
 
-from conftest import roundtrip
+from conftest import QUICKSTART, quick, roundtrip
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # T × T problems: launch-bound
 
@@ -369,3 +369,19 @@ def test_heads_get_their_own_loss_gradient_as_in_the_authors_code(name):
 def test_fairgrad_and_sdmgrad_cap_the_shared_update_as_the_official_code():
     assert FairGrad(AB).max_norm == 1.0 and SDMGrad(AB).max_norm == 1.0
     assert FairGrad(AB, max_norm=0).max_norm == 0.0
+
+
+@pytest.mark.slow  # 7–9 s on the shared 2-core machine, most of it building the trainer
+def test_stch_in_the_trainer_takes_its_nadir_from_the_epochs_mean_training_loss(tmp_path):
+    from mtl.config import load_config
+    from mtl.trainer import Trainer
+
+    t = Trainer(load_config(QUICKSTART, quick(tmp_path / "run", 1, 2, "weighting.name=stch", "weighting.warmup_epochs=0")))
+    seen = []
+    for _ in range(2):
+        inputs, targets, _ = t.feed.next(list(t.sources))
+        losses = t.update.step(inputs, targets)
+        seen.append([float(losses[task].detach()) for task in t.weighting.tasks])
+    assert torch.isnan(t.weighting.nadir).all()
+    t.update.on_epoch_end()  # the end of epoch 0 = warmup_epochs: its mean losses are the nadir
+    close(t.weighting.nadir, torch.tensor(seen, dtype=torch.float64).mean(dim=0), rtol=1e-6)
