@@ -142,6 +142,17 @@ def test_excess_mtl_by_hand():
     close(w, 2 * raised / raised.sum(), rtol=1e-6)
 
 
+def test_excess_mtl_zero_first_gradient_waits_for_a_non_zero_one():
+    m = ExcessMTL(AB, step_size=0.5)
+    close(m.aggregate(torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)).weights, [1.0, 1.0])
+    close(m.initial_excess[0], 1.0, rtol=1e-6)
+    assert torch.isnan(m.initial_excess[1])
+    # Step 2: e_1 = 1/√2 (ratio 1/√2); task b's first non-zero e_2 = 1 is recorded (ratio 1).
+    w = m.aggregate(torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)).weights
+    raised = torch.tensor([math.exp(0.5 / math.sqrt(2)), math.exp(0.5)], dtype=torch.float64)
+    close(w, 2 * raised / raised.sum(), rtol=1e-6)
+
+
 def test_excess_mtl_matches_the_authors_code():
     # LibMTL 43368048 ExcessMTL.backward, robust_step_size 0.5, on J1, J2, J3: loss_weight.
     reference = [[1.0, 1.0, 1.0], [0.9666101757158956, 1.015243499272688, 1.0181463250114164],

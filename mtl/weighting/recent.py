@@ -143,7 +143,8 @@ class ExcessMTL(_SizedOnLoad, GradientWeighting):
     L = Σ_t w_t L_t (one backward; the heads are weighted too). As in the authors' code
     (yifei-he/ExcessMTL, also LibMTL's ``ExcessMTL``) the first step only records e_t(1) and
     trains with w = 1. η is ``step_size`` (the authors' ``robust_step_size``, default 1e-2).
-    A task whose first e_t is 0 (a zero gradient) divides by the smallest normal number instead.
+    A task whose gradient is zero at the first step (where the authors' code divides by 0) takes
+    e_t(1) from its first non-zero gradient, and its weight is not raised until then.
     """
 
     modes = ("parameters", "last_shared")
@@ -162,12 +163,13 @@ class ExcessMTL(_SizedOnLoad, GradientWeighting):
         squares = self._sized_like("grad_squares", G)
         squares.addcmul_(G, G)
         excess = (G * G / (squares + _ADAGRAD_EPS).sqrt()).sum(dim=1).to(solvers.DTYPE)
-        first = torch.isnan(self.initial_excess)
-        self.initial_excess.copy_(torch.where(first, excess, self.initial_excess))
-        ratio = excess / self.initial_excess.clamp_min(torch.finfo(solvers.DTYPE).tiny)
+        unset = torch.isnan(self.initial_excess)
+        first_step = unset.all()
+        self.initial_excess.copy_(torch.where(unset & (excess > 0), excess, self.initial_excess))
+        ratio = torch.nan_to_num(excess / self.initial_excess, nan=0.0)
         raised = self.loss_weights * torch.exp(self.step_size * ratio)
         raised = self.num_tasks * raised / raised.sum()
-        self.loss_weights.copy_(torch.where(first.any(), self.loss_weights, raised))
+        self.loss_weights.copy_(torch.where(first_step, self.loss_weights, raised))
         return Aggregation(weights=self.loss_weights.to(J.dtype))
 
 
@@ -262,7 +264,8 @@ class MoCo(_SizedOnLoad, GradientWeighting):
     based on the authors' sharing code": β = 0.5, β_σ = 0.5, γ = 0.1, γ_σ = 0.5, ρ = 0; with
     β_σ = γ_σ = 0 this is the constant-step version of the authors' Trade-Off-MOL code. Not
     included: the paper's optional projection of each y_t onto a ball of radius L_t, LibMTL's
-    rescaling of each g_t to norm L_t and its softmax in place of Π_Δ.
+    rescaling of each g_t to norm L_t and its softmax in place of Π_Δ. With ``engine.every`` > 1
+    the steps in between back-propagate Σ_t λ_t L_t (this step's gradients, λ reused).
     """
 
     modes = ("parameters", "last_shared")
