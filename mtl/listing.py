@@ -39,6 +39,7 @@ KINDS: dict[str, Kind] = {
     "optimizers": Kind("mtl.optim:OPTIMIZERS", ("mtl/optim.py",), ("OPTIMIZERS.register",), "trainer.optimizer", 1),
     "lr_schedules": Kind("mtl.optim:LR_SCHEDULES", ("mtl/optim.py",), ("LR_SCHEDULES.register",), "trainer.lr_schedule", 1),
     "scores": Kind("mtl.transferability:SCORES", ("mtl/transferability.py",), ("register_score", "SCORES.register"), "rank.scores[i]"),
+    "merges": Kind("mtl.merging:MERGES", ("mtl/merging.py",), ("register_merge", "MERGES.register"), "compare.regimes.<label>.method"),
 }
 
 
