@@ -96,5 +96,7 @@ class Architecture(nn.Module):
 
 TrunkFactory = Callable[[], Trunk]
 
-ARCHITECTURES: Registry[Architecture] = Registry("architecture", Architecture, builtins=("mtl.model", "mtl.architectures.experts"))
+ARCHITECTURES: Registry[Architecture] = Registry("architecture", Architecture, builtins=(
+    "mtl.model", "mtl.architectures.experts", "mtl.architectures.branching", "mtl.architectures.mtan"
+))
 register_architecture = ARCHITECTURES.register
