@@ -108,9 +108,8 @@ def test_cross_stitch_every_column_reached_by_each_task():
     (LearningToBranch, SEED_NET, (1, 28, 28), {"branches": [1, 2], "tau": 0.5}),
 ])
 def test_batched_copies_equal_a_loop(arch, node, shape, arguments):
-    batched = _build(arch, node, shape, **arguments)
+    batched = _build(arch, node, shape, batched=True, **arguments)
     looped = _build(arch, node, shape, batched=False, **arguments)
-    assert not looped.copies.batched
     x = torch.randn(3, *shape)
     outs = []
     for model in (batched, looped):
@@ -146,13 +145,20 @@ class _HostReadTrunk(Trunk):
 def test_copies_fall_back_to_a_loop_where_vmap_cannot_batch(caplog):
     torch.manual_seed(0)
     trunks = [_HostReadTrunk(), _HostReadTrunk()]
-    copies = TrunkCopies(trunks)
+    copies = TrunkCopies(trunks, batched=True)
     x = torch.ones(1, 2)
     with caplog.at_level(logging.WARNING):
         y = copies(x, [2], lambda stage, y: y)
     assert not copies.batched and "loop" in caplog.text
     assert torch.allclose(y, torch.stack([t.fc(x) * 2 for t in trunks]))
     assert torch.allclose(copies(x, [2], lambda stage, y: y), y)
+
+
+def test_copies_run_in_a_loop_on_cpu_by_default(caplog):
+    copies = TrunkCopies([_HostReadTrunk(), _HostReadTrunk()])
+    with caplog.at_level(logging.WARNING):
+        copies(torch.ones(1, 2), [2], lambda stage, y: y)
+    assert copies.batched is None and not caplog.text  # vmap was never tried
 
 
 def test_ltb_saturated_logits_and_small_tau_equal_the_hard_tree():
@@ -281,7 +287,7 @@ def test_mtan_refuses_stages_without_maps():
 
 
 @pytest.mark.parametrize("arguments, match", [
-    ({"batched": "yes"}, r"architecture.batched must be true .* or false"),
+    ({"batched": "yes"}, r"architecture.batched must be true .*, false .* or null"),
     ({"self_weight": 0.0}, r"architecture.self_weight must be in \(0, 1\]"),
     ({"self_weight": 1.5}, r"architecture.self_weight must be in \(0, 1\]"),
 ])

@@ -6,10 +6,12 @@ The copies of one stage run as one batched call: ``torch.func.vmap`` over their 
 stacked with ``torch.stack`` at each forward. The stack is differentiable, so every copy keeps
 its own parameters, state-dict keys and gradients (``torch.func.stack_module_state`` would
 detach them); BatchNorm running statistics, updated in the stacked buffers, are copied back.
-A trunk with an op vmap cannot batch runs its copies in a loop instead (said once), as does
-``architecture.batched=false``: one call per stage saves kernel launches on a GPU, while on CPU
-the loop was faster (``python -m mtl.bench.architectures``: seed_net, batch 64, one thread,
-92 vs 65 ms per step for two columns, 346 vs 315 ms for ten).
+``architecture.batched`` chooses: true for vmap, false for a Python loop over the copies,
+null (the default) for vmap on CUDA, where one call per stage saves kernel launches, and the
+loop on CPU, where grouped convolutions cost more than separate ones: forward+backward with
+the loop took 0.7-1.0x the vmap time on seed_net (batch 64) and 0.4-0.55x on ResNet-18 (batch 8,
+32x32), at T = 2 and 10 on one CPU thread (``python -m mtl.bench.architectures``). A trunk with
+an op vmap cannot batch runs its copies in the loop (said once).
 """
 
 from __future__ import annotations
@@ -67,11 +69,14 @@ class _Part(nn.Module):
 class TrunkCopies(nn.ModuleList):
     """Trunk copies (state-dict keys ``<i>.*``) run stage by stage, the copies of a stage batched."""
 
-    def __init__(self, trunks: list[Trunk], batched: bool = True):
+    def __init__(self, trunks: list[Trunk], batched: bool | None = None):
         super().__init__(trunks)
-        if not isinstance(batched, bool):
-            raise ValueError(f"architecture.batched must be true (one vmap call per stage) or false (a loop over the copies), got {batched!r}.")
-        self.batched = batched and len(trunks) > 1  # set to False when vmap fails on this trunk
+        if batched is not None and not isinstance(batched, bool):
+            raise ValueError(
+                "architecture.batched must be true (one vmap call per stage), false (a loop over the copies) "
+                f"or null (vmap on CUDA, the loop on CPU), got {batched!r}."
+            )
+        self.batched = batched  # set to False when vmap fails on this trunk
 
     def forward(
         self, x: torch.Tensor, counts: list[int], between: Callable[[int, torch.Tensor], torch.Tensor]
@@ -79,7 +84,7 @@ class TrunkCopies(nn.ModuleList):
         """Copies ``0..counts[l]-1`` run stage l: stage 0 on ``x``, stage l on ``between(l, y)``
         where y ``[counts[l-1], B, ...]`` holds the outputs of stage l-1 and the result has
         ``counts[l]`` rows. Returns each last-stage copy's ``forward_head``: ``[counts[-1], B, ...]``."""
-        if self.batched:
+        if len(self) > 1 and (x.is_cuda if self.batched is None else self.batched):
             try:
                 return self.batched_forward(x, counts, between)
             except RuntimeError as e:
@@ -179,7 +184,7 @@ class CrossStitch(_Copied):
     """
 
     def __init__(
-        self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory, self_weight: float = 0.9, batched: bool = True
+        self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory, self_weight: float = 0.9, batched: bool | None = None
     ):
         super().__init__(heads)
         stages = trunk_stages(trunk, "cross_stitch")
@@ -239,7 +244,7 @@ class LearningToBranch(_Copied):
 
     def __init__(
         self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory,
-        branches: list[int] | None = None, tau: float = 1.0, batched: bool = True,
+        branches: list[int] | None = None, tau: float = 1.0, batched: bool | None = None,
     ):
         super().__init__(heads)
         stages = trunk_stages(trunk, "ltb")

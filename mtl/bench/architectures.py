@@ -5,8 +5,9 @@ sharing on the same trunk, at each number of tasks T:
     # = --batch 64 --repeats 5 --threads 0 (torch's default)
 
 Every task has a 10-class linear head on one shared input batch; the loss is the sum of the
-T cross-entropies and one ``backward``. The ``loop`` rows run the trunk copies in a Python
-loop (``architecture.batched=false``) instead of one vmap call per stage. After one untimed step, ms is the
+T cross-entropies and one ``backward``. Cross-stitch and LTB rows run their trunk copies in one
+vmap call per stage (``architecture.batched=true``), the ``loop`` rows in a Python loop
+(``batched=false``). After one untimed step, ms is the
 median of ``--repeats`` timed steps (``time.perf_counter``, synchronised on CUDA).
 """
 
@@ -35,7 +36,7 @@ def build(row: str, trunk: str, input_shape: tuple, tasks: int, device: torch.de
     first = build_trunk(node)
     shape = first.feature_shape(input_shape)
     heads = {f"t{i}": LinearHead(shape, 10) for i in range(tasks)}
-    arguments = {"batched": False} if row.endswith("loop") else {}
+    arguments = {"batched": not row.endswith("loop")} if row.startswith(("cross_stitch", "ltb")) else {}
     model = ARCHITECTURES.get(row.split()[0])(first, heads, lambda: build_trunk(node), **arguments)
     return model.to(device).train()
 
