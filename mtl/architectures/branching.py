@@ -9,7 +9,7 @@ detach them); BatchNorm running statistics, updated in the stacked buffers, are 
 ``architecture.batched`` chooses: true for vmap, false for a Python loop over the copies,
 null (the default) for vmap on CUDA, where one call per stage saves kernel launches, and the
 loop on CPU, where grouped convolutions cost more than separate ones: forward+backward with
-the loop took 0.7-1.0x the vmap time on seed_net (batch 64) and 0.4-0.55x on ResNet-18 (batch 8,
+the loop took 0.7-1.0x the vmap time on seed_net (batch 64) and 0.4-0.6x on ResNet-18 (batch 8,
 32x32), at T = 2 and 10 on one CPU thread (``python -m mtl.bench.architectures``). A trunk with
 an op vmap cannot batch runs its copies in the loop (said once).
 """
