@@ -172,8 +172,9 @@ class CrossStitch(_Copied):
     after the trunk's head (``forward_head``; the paper's units follow pooling and fc layers).
     Task t's head reads x̃_t of the last unit.
 
-    One scalar α per pair of tasks and unit (the paper's α_S/α_D per layer; not per channel, so
-    a unit fits any stage output: maps, vectors, tokens). Initialised to α_tt = ``self_weight``
+    One scalar α per pair of tasks and unit, the paper's unit written as one matrix of scalars
+    (channel-wise α, as some reimplementations use, is not offered: a scalar unit fits any stage
+    output, maps, vectors or tokens, and needs no channel count after the head). Initialised to α_tt = ``self_weight``
     and α_ts = (1 - self_weight) / (T - 1), the paper's (0.9, 0.1) for two tasks (the identity
     for one task). Columns come from ``make_trunk``: the same pretrained weights (the paper
     starts both networks from one ImageNet model), or independent random initialisations.
