@@ -66,7 +66,7 @@ from mtl.stats import SeedBudget
 BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages", "groups", "merge")
 MERGE_ARGUMENTS = ("method", "coefficients", "top_k", "drop", "seed")  # kind merge: the method and its arguments
 COMMON_TRUNK = "common_trunk.pt"  # a merge cell's θ_0, written before its fine-tunes
-STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk")
+STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk", "architecture")
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Cell:
     fraction: float
     stages: list[Stage]
     label: str  # the method's name in tables: the regime, or regime/recipe for sequential
-    variant: str = ""  # what tells cells of one regime apart: the task (single_task), the recipe (sequential)
+    variant: str = ""  # what tells cells of one regime apart: the task (single_task), the recipe (sequential), the architecture (joint)
     shared_source: bool = False  # the first stage is the per-seed shared source stage
     dirs: list[Path] = field(default_factory=list)
     tuned: dict[str, Any] = field(default_factory=dict)  # dotted config key -> value, set on the last stage
@@ -181,12 +181,13 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
         if kind not in BUILTIN_KINDS:
             raise ConfigError(f"{where}.kind: unknown regime kind {kind!r}.{did_you_mean(kind, BUILTIN_KINDS)} Kinds: {', '.join(BUILTIN_KINDS)}.")
         recipes = node.pop("recipes", None)
+        architectures = node.pop("architectures", None)
         custom = node.pop("stages", None)
         follow = node.pop("forgetting", None)
         groups, serve = node.pop("groups", None), node.pop("serve", None)
         merging = {k: node.pop(k) for k in MERGE_ARGUMENTS if k in node}
         if node:
-            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential), stages (kinds stages, merge), "
+            raise ConfigError(f"{where}.{next(iter(node))}: unknown key; a regime takes kind, recipes (sequential), architectures (joint), stages (kinds stages, merge), "
                               "groups and serve (kind groups), forgetting (sequential, stages) or method, coefficients, top_k, drop "
                               "and seed (kind merge).")
         if merging and kind != "merge":
@@ -194,6 +195,9 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
                               "arguments (top_k, drop, seed).")
         if (groups is not None or serve is not None) and kind != "groups":
             raise ConfigError(f"{where}.{'groups' if groups is not None else 'serve'}: only a regime of kind groups takes groups and serve.")
+        if architectures is not None and kind != "joint":
+            raise ConfigError(f"{where}.architectures: only a joint regime takes architectures (one cell per architecture, "
+                              "see `mtl list architectures`); a stages regime sets architecture in a stage.")
         if recipes is not None and kind != "sequential":
             raise ConfigError(f"{where}.recipes: only a sequential regime takes recipes (the target stage's recipe).")
         if follow is not None and kind == "merge":
@@ -211,6 +215,8 @@ def plan(cfg: DictConfig, seeds: list[int] | None = None) -> list[Cell]:
                     new = [_grouped(label, seed, float(fraction), groups, serve, target_over, where, cfg)]
                 elif kind == "merge":
                     new = [_merged(label, seed, float(fraction), custom, merging, target_over, where, cfg)]
+                elif kind == "joint" and architectures is not None:
+                    new = _architectures(label, seed, float(fraction), architectures, target_over, where, cfg)
                 else:
                     new = _cells(kind, label, seed, float(fraction), targets, sources, recipes, custom, source_over, target_over, where, cfg)
                 for cell in new:
@@ -270,6 +276,27 @@ def _grouped(label: str, seed: int, fraction: float, groups: Any, serve: Any, ov
             chosen[str(t)] = k
     stages = [Stage(f"group{k}", [str(t) for t in members], overrides, f"{where}.groups[{k}]") for k, members in enumerate(groups)]
     return Cell(label, "fine_tune", seed, fraction, stages, label=label, serve=chosen)
+
+
+def _architectures(label: str, seed: int, fraction: float, listed: Any, overrides: dict[str, Any], where: str, cfg: DictConfig) -> list[Cell]:
+    """A joint regime over architectures (``architectures: [hard, {name: mmoe, experts: 4}]``):
+    one cell per architecture, all tasks in one stage, labelled ``<label>/<architecture>`` as a
+    sequential regime's recipes are."""
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError(f"{where}.architectures: a list of architectures, e.g. [hard, mmoe, {{name: mtan}}] (`mtl list architectures`); got {listed!r}.")
+    from mtl.architectures import ARCHITECTURES
+
+    out = []
+    for i, entry in enumerate(listed):
+        node = entry if isinstance(entry, dict) else {"name": entry}
+        name = node.get("name")
+        if not isinstance(name, str) or name not in ARCHITECTURES:
+            raise ConfigError(f"{where}.architectures[{i}]: {name!r} is not a registered architecture."
+                              f"{did_you_mean(str(name), ARCHITECTURES.names())} See `mtl list architectures`.")
+        variant = name if sum(1 for e in listed if (e if isinstance(e, str) else e.get("name")) == name) == 1 else f"{name}{i}"
+        stage = Stage("train", list(cfg.tasks), _merge(overrides, {"architecture": node}), f"{where}.architectures[{i}]")
+        out.append(Cell(label, variant, seed, fraction, [stage], label=f"{label}/{variant}", variant=variant))
+    return out
 
 
 def _single(label: str, task: str, seed: int, fraction: float, overrides: dict[str, Any]) -> Cell:

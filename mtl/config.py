@@ -90,9 +90,10 @@ class CompareConfig:
     # Fair tuning: {grid: {dotted.key: [values]} (every method), extra: {method: {dotted.key: [values]}},
     # seeds: N}; each cell's last stage is tuned on the validation primary metric over N tuning seeds.
     tune: Optional[Dict[str, Any]] = None
-    # {label: {kind: single_task|sequential|joint|stages|groups, recipes: [...] (sequential), stages: [...] (kind stages),
-    # groups: [[tasks], ...] and serve: {task: group} (kind groups), forgetting: [tasks] (sequential, stages: earlier
-    # tasks to evaluate after each later stage)}}; kind defaults to the label.
+    # {label: {kind: single_task|sequential|joint|stages|groups|merge, recipes: [...] (sequential), architectures: [...]
+    # (joint: one cell each), stages: [...] (kinds stages, merge), groups: [[tasks], ...] and serve: {task: group} (kind
+    # groups), forgetting: [tasks] (sequential, stages: earlier tasks to evaluate after each later stage), method,
+    # coefficients, top_k, drop, seed (kind merge)}}; kind defaults to the label.
     regimes: Dict[str, Any] = field(
         default_factory=lambda: {"single_task": {}, "sequential": {"recipes": ["fine_tune"]}, "joint": {}}
     )
@@ -490,7 +491,7 @@ def check_compare(c: DictConfig) -> None:
               f"must be a mapping (or {{}}), got {_plain(node)!r}; e.g. {where}: {{}} or {where}: {{recipes: [fine_tune]}}.")
         if node is None:
             continue
-        _must(isinstance(node.get("kind", ""), str), f"{where}.kind", "must be a regime kind: single_task, sequential, joint, stages or groups.")
+        _must(isinstance(node.get("kind", ""), str), f"{where}.kind", "must be a regime kind: single_task, sequential, joint, stages, groups or merge.")
         recipes = node.get("recipes")
         if recipes is not None:
             _must(isinstance(recipes, ListConfig) and len(recipes) >= 1, f"{where}.recipes",

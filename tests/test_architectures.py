@@ -138,3 +138,28 @@ def test_mtl_train_runs_a_non_hard_architecture_end_to_end(tmp_path):
     run = tmp_path / "run"
     assert main(["train", QUICKSTART, *quick(run, 1, 2, "architecture.name=mmoe", "architecture.experts=2")]) == 0
     assert (run / "results.json").exists() and not (run / "trunk.pt").exists()
+
+
+def _plan(tmp_path, regime):
+    from mtl.compare import plan
+
+    cfg = load_config(QUICKSTART, quick(tmp_path / "grid", 1, 2, "compare.seeds=[0]", "compare.fractions=[1.0]",
+                                        "~compare.regimes.single_task", "~compare.regimes.sequential", f"compare.regimes.joint={regime}"))
+    return plan(cfg)
+
+
+def test_a_joint_regime_over_architectures_plans_one_cell_each(tmp_path):
+    cells = _plan(tmp_path, "{architectures: [hard, {name: mmoe, experts: 3}]}")
+    assert [c.label for c in cells] == ["joint/hard", "joint/mmoe"]
+    assert [c.stages[0].overrides["architecture"] for c in cells] == [{"name": "hard"}, {"name": "mmoe", "experts": 3}]
+    assert all(c.stages[0].tasks == ["mnist", "digits"] for c in cells)
+
+
+@pytest.mark.parametrize("regime, message", [
+    ("{architectures: [hard, mmeo]}", r"compare.regimes.joint.architectures\[1\]: 'mmeo' is not a registered architecture. Did you mean 'mmoe'"),
+    ("{architectures: []}", r"compare.regimes.joint.architectures: a list of architectures"),
+    ("{kind: sequential, architectures: [mmoe]}", r"compare.regimes.joint.architectures: only a joint regime takes architectures"),
+])
+def test_bad_architecture_lists_name_the_key(tmp_path, regime, message):
+    with pytest.raises(ConfigError, match=message):
+        _plan(tmp_path, regime)
