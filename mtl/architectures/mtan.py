@@ -71,9 +71,8 @@ class MTAN(Architecture):
     """
 
     def __init__(self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory | None = None):
-        super().__init__(heads)
         channels = stage_channels(trunk)
-        self.trunk = trunk
+        super().__init__(heads, trunk)
         self.transfer = nn.ModuleList(_transfer(a, b) for a, b in zip(channels, channels[1:]))
         self.attention = nn.ModuleDict({
             t: nn.ModuleList(_attention(c if j == 0 else 2 * c, c) for j, c in enumerate(channels)) for t in self.tasks
