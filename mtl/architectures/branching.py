@@ -223,14 +223,13 @@ class LearningToBranch(_Copied):
     """Learning to Branch (Guo, Lee & Ulbricht 2020, ICML, "Learning to Branch for Multi-Task
     Learning"): a tree over the trunk's stages. Level l has ``branches[l]`` nodes, node n a copy
     of stage l; level 0 reads the input, and each node of level l > 0 (then each task) picks a
-    parent in the level before with learnt logits θ_n:
+    parent in the level before with learnt logits θ_n: x_n^l = Σ_p d_np y_p^(l-1),
+    y_n^l = stage_l^(n)(x_n^l), and task t reads z_t = Σ_n d_tn head^(n)(y_n^L).
 
-        x_n^l = Σ_p d_np y_p^(l-1),   y_n^l = stage_l^(n)(x_n^l),   z_t = Σ_n d_tn head^(n)(y_n^L)
-
-    where d_n = softmax((θ_n + g) / τ), g ~ Gumbel(0, 1), in training (the Gumbel-softmax
-    relaxation, a fixed temperature ``tau``: the contract passes no step count to anneal it; set
-    ``model.tau`` between stages to anneal), and d_n = onehot(argmax θ_n) in eval mode: the learnt
-    tree. θ starts at 0 (every parent equally likely). The trunk's ``forward_head`` belongs to
+    The parent weights are d_n = softmax((θ_n + g) / τ), g ~ Gumbel(0, 1), in training (the
+    Gumbel-softmax relaxation at a fixed temperature ``tau``: the contract passes no step count
+    to anneal it; set ``model.tau`` between stages to anneal), and d_n = onehot(argmax θ_n) in
+    eval mode: the learnt tree. θ starts at 0 (every parent equally likely). The trunk's ``forward_head`` belongs to
     the last level's nodes.
 
     ``branches`` (one count per stage, default T at every stage: the full search space) may only

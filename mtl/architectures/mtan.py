@@ -51,11 +51,9 @@ class MTAN(Architecture):
     """Multi-Task Attention Network (Liu, Johns & Davison 2019, CVPR, "End-to-End Multi-Task
     Learning with Attention"): the shared trunk's stage outputs u^j feed every task; task t
     keeps, per stage, the features its soft attention mask selects:
+    a_t^1 = h_t^1(g_t^1(u^1)) ⊙ u^1 and a_t^j = h_t^j(g_t^j([u^j ; pool(f^j(a_t^(j-1)))])) ⊙ u^j for j > 1.
 
-        a_t^1 = h_t^1(g_t^1(u^1)) ⊙ u^1
-        a_t^j = h_t^j(g_t^j([u^j ; pool(f^j(a_t^(j-1)))])) ⊙ u^j      (j > 1)
-
-    with g = conv1x1-BN-ReLU and h = conv1x1-BN-sigmoid of task t's own (the authors' code),
+    Here g = conv1x1-BN-ReLU and h = conv1x1-BN-sigmoid of task t's own (the authors' code),
     f^j a conv3x3-BN-ReLU from stage j-1's channels to stage j's, shared by the tasks as in the
     paper, and pool an adaptive max-pool to u^j's size (the paper max-pools by 2). Task t's
     head reads ``trunk.forward_head(a_t^J)`` (global pooling, or a trunk's own fc), shaped like
