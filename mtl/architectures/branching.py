@@ -30,6 +30,8 @@ from mtl.trunks import Trunk
 
 logger = logging.getLogger(__name__)
 
+Between = Callable[[int, torch.Tensor], torch.Tensor]  # (stage l, outputs of stage l-1) -> inputs of stage l
+
 
 def trunk_stages(trunk: Trunk, name: str) -> int:
     """The number of stages of ``trunk``; a ValueError naming ``architecture.name`` when it lists none."""
@@ -78,9 +80,7 @@ class TrunkCopies(nn.ModuleList):
             )
         self.batched = batched  # set to False when vmap fails on this trunk
 
-    def forward(
-        self, x: torch.Tensor, counts: list[int], between: Callable[[int, torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: list[int], between: Between) -> torch.Tensor:
         """Copies ``0..counts[l]-1`` run stage l: stage 0 on ``x``, stage l on ``between(l, y)``
         where y ``[counts[l-1], B, ...]`` holds the outputs of stage l-1 and the result has
         ``counts[l]`` rows. Returns each last-stage copy's ``forward_head``: ``[counts[-1], B, ...]``."""
@@ -94,7 +94,7 @@ class TrunkCopies(nn.ModuleList):
                 self.batched = False
         return self.looped_forward(x, counts, between)
 
-    def batched_forward(self, x: torch.Tensor, counts: list[int], between: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def batched_forward(self, x: torch.Tensor, counts: list[int], between: Between) -> torch.Tensor:
         used = self[: max(counts)]
         params = [dict(c.named_parameters()) for c in used]
         buffers = [dict(c.named_buffers()) for c in used]
@@ -105,7 +105,8 @@ class TrunkCopies(nn.ModuleList):
 
         def run(index: int | None, count: int, y: torch.Tensor, shared_input: bool) -> torch.Tensor:
             part = _Part(base, index)
-            call = vmap(lambda s, v: functional_call(part, s, (v,)), in_dims=(0, None if shared_input else 0), randomness="different")
+            in_dims = (0, None if shared_input else 0)
+            call = vmap(lambda s, v: functional_call(part, s, (v,)), in_dims=in_dims, randomness="different")
             return call({k: v[:count] for k, v in state.items()}, y)
 
         y = run(0, counts[0], x, True)
@@ -119,7 +120,7 @@ class TrunkCopies(nn.ModuleList):
                         v.copy_(stacked_buffers[f"trunk.{k}"][i])
         return y
 
-    def looped_forward(self, x: torch.Tensor, counts: list[int], between: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def looped_forward(self, x: torch.Tensor, counts: list[int], between: Between) -> torch.Tensor:
         y = torch.stack([self[i].stages()[0](x) for i in range(counts[0])])
         for stage in range(1, len(counts)):
             inputs = between(stage, y)
@@ -185,7 +186,8 @@ class CrossStitch(_Copied):
     """
 
     def __init__(
-        self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory, self_weight: float = 0.9, batched: bool | None = None
+        self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory,
+        self_weight: float = 0.9, batched: bool | None = None,
     ):
         super().__init__(heads)
         stages = trunk_stages(trunk, "cross_stitch")
@@ -259,7 +261,10 @@ class LearningToBranch(_Copied):
     def checked_branches(branches: list[int] | None, stages: int, tasks: int) -> list[int]:
         if branches is None:
             return [tasks] * stages
-        fix = f"give one node count per trunk stage ({stages}), each from 1 to the number of tasks ({tasks}), never decreasing, e.g. {[1] * (stages - 1) + [tasks]}"
+        fix = (
+            f"give one node count per trunk stage ({stages}), each from 1 to the number of tasks ({tasks}), "
+            f"never decreasing, e.g. {[1] * (stages - 1) + [tasks]}"
+        )
         if isinstance(branches, (str, bytes)) or not hasattr(branches, "__len__") or len(branches) != stages:
             raise ValueError(f"architecture.branches={branches!r}: {fix}.")
         for i, b in enumerate(branches):
