@@ -20,6 +20,7 @@ import torch
 
 from mtl.weighting import solvers
 from mtl.weighting.base import Aggregation, GradientWeighting, GramianWeighting, LossWeighting, compute_dtype, register_weighting
+from mtl.weighting.loss_level import _non_negative, _positive
 
 # Inside STCH's logs, as the authors' code: a loss of exactly 0 keeps a finite objective.
 _LOG_EPS = 1e-20
@@ -32,15 +33,6 @@ _SDMGRAD_MOMENTUM = 0.5
 # SDMGrad's scale of the Gramian, mean_t √(||g_t||² + 1e-4), as the authors' code.
 _SDMGRAD_SCALE_EPS = 1e-4
 
-
-def _positive(value: float, arg: str) -> None:
-    if not value > 0:
-        raise ValueError(f"weighting.{arg} must be > 0, got {value!r}.")
-
-
-def _non_negative(value: float, arg: str) -> None:
-    if not value >= 0:
-        raise ValueError(f"weighting.{arg} must be >= 0, got {value!r}.")
 
 
 def _count(value: int, arg: str, low: int) -> None:
