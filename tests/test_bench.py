@@ -99,3 +99,26 @@ def test_bench_step_times_the_trainers_own_step(monkeypatch):
     kinds = [("LossStep" if r["mode"] == "loss" else "EngineStep") for r in rows[1:]]
     assert [r["method"] for r in rows[1:]][:3] == ["equal", "famo", "pcgrad"]
     assert calls == [kind for kind in kinds for _ in range(3)]  # one warmup and two timed steps a row
+
+
+def test_bench_architectures_tiny_cpu_run(capsys):
+    """Every row times the trainer's step; ratios are against hard sharing at the same T."""
+    from mtl.bench import architectures
+
+    architectures.main(["--tasks", "2", "--batch", "4", "--repeats", "1", "--threads", "1", "--architectures", "mmoe", "cross_stitch", "--loop"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    names = [" ".join(row[1:-6]) for row in rows]
+    assert names == ["hard", "cross_stitch", "cross_stitch loop", "mmoe"]
+    numbers = [[float(v.replace(",", "")) for v in row[-6:]] for row in rows]  # params, x, ms, x, peak MiB, x
+    assert [numbers[0][i] for i in (1, 3, 5)] == [1.0, 1.0, 1.0]
+    for n in numbers:
+        assert n[2] > 0 and n[4] > 0
+        assert n[1] == pytest.approx(n[0] / numbers[0][0], abs=0.01)
+
+
+def test_bench_architectures_unknown_name_lists_the_registered_ones(capsys):
+    from mtl.bench import architectures
+
+    with pytest.raises(SystemExit):
+        architectures.main(["--architectures", "mmeo"])
+    assert "unknown architecture(s) mmeo; registered: cgc, cross_stitch" in capsys.readouterr().err
