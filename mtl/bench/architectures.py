@@ -7,7 +7,8 @@ parameters, against hard sharing on the same trunk, at each number of tasks T:
 Every task has a 10-class linear head on one shared input batch. A row times the step that
 ``Trainer`` runs (``mtl.step.build_step``: zero_grad, forward, the T losses, the weighting's
 backward, the optimizer step), SGD with momentum. After one untimed step, ms is the median of
-``--repeats`` timed steps (``time.perf_counter``, synchronised on CUDA). ``peak MiB`` is the
+``--repeats`` timed steps (``time.perf_counter``, synchronised on CUDA); untimed steps of hard
+sharing warm the process up first. ``peak MiB`` is the
 memory the step allocates beyond what the model already holds: on CUDA
 ``torch.cuda.max_memory_allocated`` over the timed steps minus the memory before them; on the
 CPU the running peak of the step's allocations as ``torch.profiler`` records them
@@ -100,6 +101,16 @@ def cpu_peak(fn) -> float:
     return peak / 2**20
 
 
+def warm_up(args: argparse.Namespace, device: torch.device) -> None:
+    """Untimed steps of hard sharing first, so that the process's one-off costs (thread pools,
+    allocator growth) do not land on the reference row."""
+    _, step = build_row("hard", {}, args, 2, device)
+    inputs = {"x": torch.randn(args.batch, *INPUTS[args.trunk], device=device)}
+    targets = {t: torch.zeros(args.batch, dtype=torch.long, device=device) for t in ("t0", "t1")}
+    for _ in range(3):
+        step.step(inputs, targets)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trunk", default="seed_net", choices=sorted(INPUTS))
@@ -124,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.trunk}, batch {args.batch}, weighting {args.weighting}, {device}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}")
     print(f"{'T':>3}  {'architecture':<18} {'params':>11} {'x hard':>7} {'ms':>9} {'x hard':>7} {'peak MiB':>9} {'x hard':>7}")
+    warm_up(args, device)
     for tasks in args.tasks:
         gen = torch.Generator().manual_seed(0)
         inputs = {"x": torch.randn(args.batch, *INPUTS[args.trunk], generator=gen).to(device)}
