@@ -66,6 +66,8 @@ from mtl.stats import SeedBudget
 BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages", "groups", "merge")
 MERGE_ARGUMENTS = ("method", "coefficients", "top_k", "drop", "seed")  # kind merge: the method and its arguments
 COMMON_TRUNK = "common_trunk.pt"  # a merge cell's θ_0, written before its fine-tunes
+# How the cells run (mtl.executor), not what they compute: a grid may resume with other values.
+EXECUTION = ("compare.workers", "compare.threads", "compare.executor", "compare.ray_address")
 STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk", "architecture")
 
 
@@ -485,6 +487,92 @@ def _check_task_vector(trainer, cell: Cell, stage: Stage) -> None:
         )
 
 
+def describe(cell: Cell) -> str:
+    """A cell in one line of the grid's log: ``tune <point> sequential/fine_tune f=0.05 seed=1``."""
+    variant = f"[{cell.variant}]" if cell.regime == "single_task" else ""
+    point = f"tune {cell.point} " if cell.point else ""
+    return f"{point}{cell.label}{variant} f={cell.fraction:g} seed={cell.seed}"
+
+
+def train_cell(cfg: DictConfig, cell: Cell, stages: list[int], targets: list[str], root: Path, log=print) -> int:
+    """Train ``stages`` (indices) of ``cell`` in order, each not finished yet; the number trained.
+    What an executor's worker runs: everything it needs is in its arguments. A stage stopped
+    midway (Ctrl-C, a killed worker) resumes from its last checkpoint."""
+    from mtl import checkpoint
+    from mtl.trainer import Trainer
+
+    trained = 0
+    if cell.merge is not None and not (cell.dirs[-1] / COMMON_TRUNK).exists():
+        _write_common_trunk(cfg, cell, targets)
+    for i in stages:
+        if (cell.dirs[i] / "results.json").exists():
+            continue
+        if cell.merge is not None and i == len(cell.stages) - 1:
+            _merge_step(cell, log)
+            continue
+        found = checkpoint.step_checkpoints(cell.dirs[i] / "checkpoints")
+        if found:
+            log(f"  {cell.dirs[i].relative_to(root)}: resuming from {found[0].name}")
+        stage = stage_config(cfg, cell, i, cell.dirs[i], _init(cell, i), targets)
+        Trainer(stage, cell=cell_identity(cell, i, targets), wandb_dir=root).fit()
+        trained += 1
+    return trained
+
+
+def _init(cell: Cell, index: int) -> dict[str, Any]:
+    """Where stage ``index`` of ``cell`` starts from: the files of the stage before it."""
+    if cell.merge is not None:  # every fine-tune starts from the cell's common trunk
+        return {"trunk": {"checkpoint": str(cell.dirs[-1] / COMMON_TRUNK)}}
+    if index == 0 or cell.serve is not None:  # the groups of a grouping train independently
+        return {}
+    previous = cell.dirs[index - 1]
+    if cell.shared_source:
+        return {"trunk": {"checkpoint": str(previous / "trunk.pt")}}
+    return {"init_from": str(previous / "checkpoints" / "best.pt")}
+
+
+def _write_common_trunk(cfg: DictConfig, cell: Cell, targets: list[str]) -> None:
+    """θ_0 of a merge cell: the trunk as its first fine-tune's config builds it (pretrained
+    weights, trunk.checkpoint or init_from loaded; else initialised from the cell's seed), saved
+    once, so that every fine-tune starts from these very weights."""
+    from mtl import checkpoint
+    from mtl.builders import feature_cache_setting, import_plugins, seed_everything
+    from mtl.trunks import build_trunk, load_trunk_checkpoint
+
+    ctx = distributed.current()
+    if ctx.is_main:
+        stage = stage_config(cfg, cell, 0, cell.dirs[0], {}, targets)
+        import_plugins(stage)
+        seed_everything(stage.seed, False)
+        node = OmegaConf.to_container(stage.trunk, resolve=True)
+        feature_cache_setting(node)  # the framework's own keys, not the trunk's arguments
+        trunk = build_trunk(node)
+        if stage.init_from:
+            load_trunk_checkpoint(trunk, stage.init_from, "init_from")
+        checkpoint.save({"trunk": trunk.state_dict(), "trunk_config": node}, cell.dirs[-1] / COMMON_TRUNK)
+    ctx.barrier()
+
+
+def _merge_step(cell: Cell, log) -> None:
+    """The merge step of a merge cell (``mtl.merging.evaluate_merged``): merged_trunk.pt (a
+    trunk file ``trunk.checkpoint`` loads), merge.json, then the cell's results.json (last:
+    a cell with results.json is finished)."""
+    from mtl import checkpoint
+    from mtl.merging import evaluate_merged
+    from mtl.results import write_json
+
+    runs = {s.tasks[0]: d for s, d in zip(cell.stages[:-1], cell.dirs[:-1])}
+    base = cell.dirs[-1] / COMMON_TRUNK
+    out = evaluate_merged(cell.merge["method"], cell.merge["coefficients"], base, runs)
+    if distributed.current().is_main:
+        config = checkpoint.load(base)["trunk_config"]
+        checkpoint.save({"trunk": out["trunk"], "trunk_config": config}, cell.dirs[-1] / "merged_trunk.pt")
+        write_json(out["merge"], cell.dirs[-1] / "merge.json")
+        write_json(out["results"], cell.dirs[-1] / "results.json")
+    m = out["merge"]
+    log(f"  merged {len(runs)} fine-tunes by {cell.merge['method']['name']} in {m['merge_s']:.3f}s; λ = {m['chosen']:g} on validation")
+
+
 class Grid:
     """Runs the planned cells; ``rows()`` gathers the long-form results."""
 
@@ -506,6 +594,7 @@ class Grid:
                 raise ConfigError(f"compare.seeds: a budget adds seeds until every comparison with {BASELINE} resolves, and this grid "
                                   f"has none; add the baseline (compare.regimes.{BASELINE}={{}}) or list the seeds, e.g. compare.seeds=[0,1,2].")
         self.tuning = Tuning(self) if cfg.compare.tune else None
+        self.executor = None  # built at the first run, kept across runs (a budget's waves, tuning then evaluation)
 
     def _dirs(self, cell: Cell) -> list[Path]:
         base = _cell_dir(self.root, cell)
@@ -516,16 +605,6 @@ class Grid:
         if cell.merge is not None:  # the merge step writes the cell's results beside its fine-tunes' folders
             return [*(base / s.name for s in cell.stages[:-1]), base]
         return [base / s.name for s in cell.stages]
-
-    def _init(self, cell: Cell, index: int) -> dict[str, Any]:
-        if cell.merge is not None:  # every fine-tune starts from the cell's common trunk
-            return {"trunk": {"checkpoint": str(cell.dirs[-1] / COMMON_TRUNK)}}
-        if index == 0 or cell.serve is not None:  # the groups of a grouping train independently
-            return {}
-        previous = cell.dirs[index - 1]
-        if cell.shared_source:
-            return {"trunk": {"checkpoint": str(previous / "trunk.pt")}}
-        return {"init_from": str(previous / "checkpoints" / "best.pt")}
 
     def preflight(self) -> None:
         """Check that output_dir holds nothing of another command or grid, then build (not
@@ -540,7 +619,7 @@ class Grid:
             )
         # Unlike one run, a grid may not change its epochs midway: finished cells are never
         # retrained, so the cells of one table would have trained for different lengths.
-        allowed = tuple(k for k in RESUMABLE_CHANGES if k != "trainer.epochs")
+        allowed = tuple(k for k in RESUMABLE_CHANGES if k != "trainer.epochs") + EXECUTION
         if command == "compare":  # the grid itself: a smaller or other grid would replace the report of this one
             self._check_same_config(self.root, self.cfg, allowed)
         tuning = self.tuning.cells if self.tuning else []
@@ -563,7 +642,7 @@ class Grid:
                     continue  # the merge step trains nothing; its inputs are checked above and when it runs
                 if keys[i] not in trunks:
                     # A later stage starts from its previous stage's files; before those exist, check it without.
-                    init = self._init(cell, i)
+                    init = _init(cell, i)
                     start = init.get("init_from") or init.get("trunk", {}).get("checkpoint")
                     cfg = stage_config(self.cfg, cell, i, cell.dirs[i], init if start and Path(start).exists() else {}, self.targets)
                     try:
@@ -610,7 +689,7 @@ class Grid:
         for cell in cells:
             for i in range(len(cell.stages)):
                 if (cell.dirs[i] / "config.yaml").exists():
-                    cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
+                    cfg = stage_config(self.cfg, cell, i, cell.dirs[i], _init(cell, i), self.targets)
                     self._check_same_config(cell.dirs[i], cfg, allowed + UNREAD_BY_TRAINING)
 
     def _check_same_config(self, directory: Path, cfg: DictConfig, allowed: tuple[str, ...]) -> None:
@@ -634,72 +713,24 @@ class Grid:
         mark_written_by(self.root, "compare")  # after config.yaml: a marked directory always has its config
 
     def run(self, cells: list[Cell] | None = None) -> int:
-        """Train the cells (default: every planned cell) not finished yet; the number of stages trained."""
-        from mtl.trainer import Trainer
+        """Train the cells (default: every planned cell) not finished yet, by the grid's executor
+        (``mtl.executor``); the number of stages trained."""
+        from mtl.executor import build_executor, jobs, run_jobs
 
         cells = self.cells if cells is None else cells
-        total, trained = len(cells), 0
-        for n, cell in enumerate(cells, 1):
-            variant = f"[{cell.variant}]" if cell.regime == "single_task" else ""
-            point = f" tune {cell.point}" if cell.point else ""
-            what = f"[{n}/{total}]{point} {cell.label}{variant} f={cell.fraction:g} seed={cell.seed}"
+        if self.executor is None:
+            self.executor = build_executor(self.cfg, self.root)
+        todo = jobs(cells, self.root)
+        for cell in cells:
             if (cell.dirs[-1] / "results.json").exists():
-                self.log(f"{what}: finished earlier, skipped")
-                continue
-            start = time.perf_counter()
-            if cell.merge is not None and not (cell.dirs[-1] / COMMON_TRUNK).exists():
-                self._write_common_trunk(cell)
-            for i in range(len(cell.stages)):
-                if (cell.dirs[i] / "results.json").exists():
-                    continue
-                if cell.merge is not None and i == len(cell.stages) - 1:
-                    self._merge(cell)
-                    continue
-                cfg = stage_config(self.cfg, cell, i, cell.dirs[i], self._init(cell, i), self.targets)
-                Trainer(cfg, cell=cell_identity(cell, i, self.targets), wandb_dir=self.root).fit()
-                trained += 1
-            self.log(f"{what}: done in {time.perf_counter() - start:.1f}s")
-        return trained
+                self.log(f"{describe(cell)}: finished earlier, skipped")
+        return run_jobs(todo, self.executor, self.log, progress=bool(self.cfg.logging.progress_bar))
 
-    def _write_common_trunk(self, cell: Cell) -> None:
-        """θ_0 of a merge cell: the trunk as its first fine-tune's config builds it (pretrained
-        weights, trunk.checkpoint or init_from loaded; else initialised from the cell's seed), saved
-        once, so that every fine-tune starts from these very weights."""
-        from mtl import checkpoint
-        from mtl.builders import feature_cache_setting, import_plugins, seed_everything
-        from mtl.trunks import build_trunk, load_trunk_checkpoint
-
-        ctx = distributed.current()
-        if ctx.is_main:
-            cfg = stage_config(self.cfg, cell, 0, cell.dirs[0], {}, self.targets)
-            import_plugins(cfg)
-            seed_everything(cfg.seed, False)
-            node = OmegaConf.to_container(cfg.trunk, resolve=True)
-            feature_cache_setting(node)  # the framework's own keys, not the trunk's arguments
-            trunk = build_trunk(node)
-            if cfg.init_from:
-                load_trunk_checkpoint(trunk, cfg.init_from, "init_from")
-            checkpoint.save({"trunk": trunk.state_dict(), "trunk_config": node}, cell.dirs[-1] / COMMON_TRUNK)
-        ctx.barrier()
-
-    def _merge(self, cell: Cell) -> None:
-        """The merge step of a merge cell (``mtl.merging.evaluate_merged``): merged_trunk.pt (a
-        trunk file ``trunk.checkpoint`` loads), merge.json, then the cell's results.json (last:
-        a cell with results.json is finished)."""
-        from mtl import checkpoint
-        from mtl.merging import evaluate_merged
-        from mtl.results import write_json
-
-        runs = {s.tasks[0]: d for s, d in zip(cell.stages[:-1], cell.dirs[:-1])}
-        base = cell.dirs[-1] / COMMON_TRUNK
-        out = evaluate_merged(cell.merge["method"], cell.merge["coefficients"], base, runs)
-        if distributed.current().is_main:
-            config = checkpoint.load(base)["trunk_config"]
-            checkpoint.save({"trunk": out["trunk"], "trunk_config": config}, cell.dirs[-1] / "merged_trunk.pt")
-            write_json(out["merge"], cell.dirs[-1] / "merge.json")
-            write_json(out["results"], cell.dirs[-1] / "results.json")
-        m = out["merge"]
-        self.log(f"  merged {len(runs)} fine-tunes by {cell.merge['method']['name']} in {m['merge_s']:.3f}s; λ = {m['chosen']:g} on validation")
+    def close(self) -> None:
+        """Stop the executor's workers (a later ``run`` starts them again)."""
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
 
     def run_budget(self) -> tuple[list[Cell], int]:
         """Seeds as a budget: the first ``min`` seeds, then one seed at a time for the methods
@@ -830,8 +861,11 @@ def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
     from mtl.results import write_json, write_text
 
     # Joined now (not first in a Trainer) so that every rank knows from the start whether it writes.
+    from mtl import executor
+
     ctx = distributed.setup(cfg.device)
     grid = Grid(cfg, log if ctx.is_main else (lambda *_: None))
+    executor.check(cfg)
     grid.preflight()
     if grid.budget is None and len(grid.seeds) < 2:
         log("compare.seeds: one seed, so the report gives differences without a CI or test and no verdict; "
@@ -840,18 +874,21 @@ def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
     if ctx.is_main:
         grid.claim()
     root, trained = grid.root, 0
-    if grid.tuning:
-        trained += grid.run(grid.tuning.cells)
-        records = grid.tuning.select()
-        if ctx.is_main:
-            write_json(grid.tuning.summary(records), root / "tune.json")
-        grid.check_existing(grid.cells)
-    if grid.budget:
-        cells, more = grid.run_budget()
-        trained += more
-    else:
-        cells = grid.cells
-        trained += grid.run()
+    try:
+        if grid.tuning:
+            trained += grid.run(grid.tuning.cells)
+            records = grid.tuning.select()
+            if ctx.is_main:
+                write_json(grid.tuning.summary(records), root / "tune.json")
+            grid.check_existing(grid.cells)
+        if grid.budget:
+            cells, more = grid.run_budget()
+            trained += more
+        else:
+            cells = grid.cells
+            trained += grid.run()
+    finally:
+        grid.close()
     df = pd.DataFrame(grid.rows(cells))
     table = comparison_table(df)
     if not ctx.is_main:  # under torchrun every rank trains the cells; rank 0 writes the comparison

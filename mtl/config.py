@@ -100,6 +100,11 @@ class CompareConfig:
     # Config overrides per stage role, e.g. {source: {trainer: {epochs: 5}}, target: {trainer: {epochs: 10}}};
     # "target" applies to single-task, joint and sequential target stages; a custom stage carries its own.
     stages: Dict[str, Any] = field(default_factory=dict)
+    # How the cells run (mtl.executor); never what they compute, so a grid may resume with other values.
+    workers: Optional[int] = None  # cells at once: 1 (None) = one after another here; N = N worker processes; ray: None = as the cluster allows
+    threads: Optional[int] = None  # torch threads (Ray: CPUs) per cell; None = the cores divided among the workers (Ray: 1)
+    executor: str = "local"  # local (this machine) | ray (Ray tasks; pip install 'mtl[ray]')
+    ray_address: Optional[str] = None  # executor=ray: a cluster's address (host:port); None = RAY_ADDRESS, else a local Ray instance
 
 
 @dataclass
@@ -506,6 +511,11 @@ def check_compare(c: DictConfig) -> None:
     for role, node in c.stages.items():
         _must(node is None or isinstance(node, DictConfig), f"compare.stages.{role}",
               f"must be a mapping of config overrides, e.g. {{trainer: {{epochs: 5}}}}, got {_plain(node)!r}.")
+    for key in ("workers", "threads"):
+        value = c[key]
+        _must(value is None or (isinstance(value, int) and value >= 1), f"compare.{key}",
+              f"must be a whole number >= 1 (or null for the default), got {_plain(value)!r}.")
+    _must(c.executor in ("local", "ray"), "compare.executor", f"must be local (this machine) or ray (a Ray cluster, local by default), got {c.executor!r}.")
 
 
 BUDGET_KEYS = ("min", "max")
