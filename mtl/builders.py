@@ -396,11 +396,12 @@ def build_run(cfg: DictConfig, dist: Context, device: torch.device) -> Run:
     )
     scheduler = build_scheduler(cfg, sizes)
     check_weighting(cfg, weighting, scheduler, inputs, model)
+    check_affinity_every(cfg, weighting, dist)
     lr_schedule = build_lr_schedule(cfg, optimizer, t.epochs * scheduler.steps_per_epoch)
     engine = {"every": cfg.engine.every, "chunk": cfg.engine.jacobian_chunk, "staged": cfg.engine.staged_gramian,
               "record_every": cfg.logging.log_every}
     step = build_step(model, parts.tasks, inputs, weighting, optimizer, lr_schedule, recipe, dist, device,
-                      bf16=t.precision == "bf16", grad_clip=t.grad_clip or 0.0, engine=engine)
+                      bf16=t.precision == "bf16", grad_clip=t.grad_clip or 0.0, engine=engine, affinity_every=cfg.engine.affinity_every)
     feed = Feed(sources, inputs, dist, channels_last=t.channels_last)
     return Run(parts.tasks, parts.splits, model, weighting, recipe, parameters, optimizer, lr_schedule, inputs, sources, scheduler, feed, step)
 
@@ -442,6 +443,20 @@ def check_weighting(cfg: DictConfig, weighting: Weighting, scheduler: TaskSchedu
             model.last_shared_parameters()
         except NotImplementedError as e:
             raise ConfigError(f"weighting.mode: {e} Use weighting.mode=parameters.") from None
+
+
+def check_affinity_every(cfg: DictConfig, weighting: Weighting, dist: Context) -> None:
+    """TAG's lookahead runs in the step of a loss-level weighting, in one process."""
+    if not cfg.engine.affinity_every:
+        return
+    if isinstance(weighting, GradientWeighting):
+        why = f"weighting {cfg.weighting.name!r} is gradient-level; use weighting.name=equal (or another loss-level one)"
+    elif dist.active:
+        why = "torchrun runs several processes; measure it in one"
+    else:
+        return
+    raise ConfigError(f"engine.affinity_every: TAG's lookahead affinity is measured in the step of a loss-level weighting in one "
+                      f"process, and {why}, or set engine.affinity_every=0.")
 
 
 def check_shards(cfg: DictConfig, sources: dict[str, BatchSource], dist: Context) -> None:

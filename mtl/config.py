@@ -67,13 +67,18 @@ class TrainerConfig:
 
 @dataclass
 class EngineConfig:
-    """The gradient engine of gradient-level weightings (MGDA, PCGrad, UPGrad, ...); loss-level ones ignore it."""
+    """The per-task gradient work of a step: the gradient engine of gradient-level weightings (MGDA,
+    PCGrad, UPGrad, ...; loss-level ones ignore its first three keys), and TAG's lookahead affinity."""
 
     every: int = 1  # recompute the task weights every k steps, reuse them in between
     jacobian_chunk: int = 0  # tasks per batched backward (0: all at once; smaller bounds memory)
     # Methods that need only JJᵀ (MGDA, UPGrad, PCGrad, ...), in a parameter mode: compute it stage by
     # stage between the trunk's cuts, never holding all of J (less memory, the same update); false forms J.
     staged_gramian: bool = True
+    # TAG's lookahead inter-task affinity (Fifty et al. 2021) every k steps of a loss-level weighting
+    # (0: off): logged as affinity/<from>/<onto>, its mean over the run in results.json; costs one
+    # no-grad forward per task at a measured step (mtl group chooses groupings from it).
+    affinity_every: int = 0
 
 
 @dataclass
@@ -594,6 +599,7 @@ def check_values(cfg: DictConfig) -> None:
     _at_least(t.keep_checkpoints, "trainer.keep_checkpoints", 1, " (resuming needs one)")
     _must(t.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}.")
     _at_least(cfg.engine.jacobian_chunk, "engine.jacobian_chunk", 0, " (0: all tasks at once)")
+    _at_least(cfg.engine.affinity_every, "engine.affinity_every", 0, " (0: no affinity)")
     _at_least(t.num_workers, "trainer.num_workers", 0)
     _at_least(t.device_data_limit_mb, "trainer.device_data_limit_mb", 0)
     _at_least(cfg.logging.log_every, "logging.log_every", 1)

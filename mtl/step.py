@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtl.affinity import LookaheadAffinity, check_affinity
 from mtl.distributed import Context
 from mtl.engine import GradientEngine, NonFiniteError, jacobian
 from mtl.losses import task_losses
@@ -178,6 +179,7 @@ class Step:
         device: torch.device,
         bf16: bool = False,
         grad_clip: float = 0.0,
+        affinity_every: int = 0,
     ):
         self.model, self.tasks, self.groups, self.weighting = model, tasks, groups, weighting
         self.optimizer, self.lr_schedule, self.recipe, self.dist = optimizer, lr_schedule, recipe, dist
@@ -190,13 +192,17 @@ class Step:
         self.clip = GradientClip(shared, own, list(weighting.parameters()), cap=weighting.max_norm, clip=grad_clip or 0.0)
         self._params = [p for g in optimizer.param_groups for p in g["params"]]
         self._all_tasks = len(weighting.tasks)
+        self.affinity = Affinity(self, affinity_every) if affinity_every else None
 
     def step(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One update from one batch; the task losses. Raises ``NonFiniteError`` (nothing applied)."""
         self.optimizer.zero_grad(set_to_none=True)
         try:
+            measure = self.affinity is not None and self.count % self.affinity.every == 0
             with self._autocast():
-                losses, vector = self._backward(inputs, targets)
+                losses, vector = self._backward(inputs, targets, measure)
+            if measure:
+                self.affinity.measure(inputs, targets)
             if self.dist.active:
                 self.dist.mean_([p.grad for p in self._params if p.grad is not None])
             problem = self.clip(losses, vector)
@@ -217,8 +223,9 @@ class Step:
         # Entering a disabled torch.autocast still costs tens of microseconds a step.
         return torch.autocast(self.device_type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
-    def _backward(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Forward, weighting and backward; the task losses and their vector in weighting order."""
+    def _backward(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], measure: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Forward, weighting and backward; the task losses and their vector in weighting order.
+        ``measure``: the affinity's per-task gradients are taken from this forward, before the backward."""
         raise NotImplementedError
 
     def _after_update(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], vector: torch.Tensor) -> None:
@@ -248,7 +255,12 @@ class Step:
 
     def diagnostics(self) -> dict[str, float]:
         weights = self._weights()
-        return {} if weights is None else {f"weights/{t}": float(v) for t, v in zip(self.weighting.tasks, weights.tolist())}
+        out = {} if weights is None else {f"weights/{t}": float(v) for t, v in zip(self.weighting.tasks, weights.tolist())}
+        return out if self.affinity is None else {**out, **self.affinity.interval()}
+
+    def summary(self) -> dict[str, Any]:
+        """What the stage's results.json gets from the step: the run's mean affinity, where measured."""
+        return {} if self.affinity is None else self.affinity.summary()
 
     def _weights(self) -> torch.Tensor | None:
         """The current task weights (None where there are none)."""
@@ -256,19 +268,24 @@ class Step:
 
     def state_dict(self) -> dict[str, Any]:
         """The step's own state; the weighting's is a part of the checkpoint of its own (``TrainState``)."""
-        return {"running": self.running.state_dict(), "count": self.count}
+        affinity = None if self.affinity is None else self.affinity.state_dict()
+        return {"running": self.running.state_dict(), "count": self.count, "affinity": affinity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.running.load_state_dict(state["running"])
         self.count = state["count"]
+        if self.affinity is not None and state["affinity"] is not None:
+            self.affinity.load_state_dict(state["affinity"])
 
 
 class LossStep(Step):
     """A loss-level weighting: one backward of ``weighting(losses)`` (plus the recipe's penalty)."""
 
-    def _backward(self, inputs, targets):
+    def _backward(self, inputs, targets, measure=False):
         losses = self.task_losses(self.model.forward_groups(inputs, self.groups), targets)
         vector = self.vector(losses)
+        if measure:
+            self.affinity.gradients(vector)
         total = self.weighting(vector)
         penalty = self.penalty()
         (total if penalty is None else total + penalty).backward()
@@ -291,9 +308,11 @@ class EngineStep(Step):
 
     def __init__(self, *args: Any, every: int = 1, chunk: int = 0, staged: bool = True, record_every: int = 1, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if self.affinity is not None:
+            raise ValueError("the lookahead affinity is measured in LossStep (a loss-level weighting), not in EngineStep.")
         self.engine = GradientEngine(self.model, self.weighting, every=every, chunk=chunk, ctx=self.dist, record_every=record_every, staged=staged)
 
-    def _backward(self, inputs, targets):
+    def _backward(self, inputs, targets, measure=False):
         members = {n: self.groups[n] for n in inputs}
         losses = self.engine.backward(inputs, members, targets, self.task_losses, self.count, self.penalty)
         return losses, self.vector(losses)
@@ -317,6 +336,72 @@ class EngineStep(Step):
             cos = found["cosines"].tolist()
             out.update({f"grad_cos/{a}/{b}": cos[i][j] for i, a in enumerate(tasks) for j, b in enumerate(tasks) if i < j})
         return out
+
+
+class Affinity:
+    """TAG's lookahead inter-task affinity (``mtl.affinity.LookaheadAffinity``; Fifty et al.
+    2021) at every ``every``-th step of a loss-level step: each task's gradient of the shared
+    parameters from the step's own forward, a step of the run's optimizer on each alone, every
+    task's loss after it on the same batch, then the state restored bit for bit (training is
+    the same with or without it). Z is summed on the device; ``interval()`` gives the mean since
+    the last log line, ``summary()`` the run's."""
+
+    def __init__(self, step: Step, every: int):
+        self.step, self.every = step, every
+        T = len(step.weighting.tasks)
+        self.sums = torch.zeros(2, T, T, device=step.running.sums.device)  # row 0: since the last log; row 1: the run
+        self.counts = [0, 0]
+        self._grads: list[list[torch.Tensor]] | None = None
+
+    def _lookahead(self) -> LookaheadAffinity:
+        # Built per measurement: the trainable shared parameters change with a recipe's epochs.
+        model = self.step.model
+        return LookaheadAffinity(self.step.optimizer, [p for p in model.shared_parameters() if p.requires_grad], list(model.buffers()))
+
+    def gradients(self, vector: torch.Tensor) -> None:
+        self._grads = self._lookahead().gradients(vector)
+
+    def measure(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
+        step, tasks = self.step, self.step.weighting.tasks
+
+        def evaluate() -> torch.Tensor:
+            with step._autocast():
+                return step.vector(step.task_losses(step.model.forward_groups(inputs, step.groups), targets))
+
+        z, before, after = self._lookahead()(self._grads, evaluate)
+        self._grads = None
+        check_affinity(z, before, after, tasks, step.count)
+        self.sums += z.to(self.sums.dtype)
+        self.counts = [c + 1 for c in self.counts]
+
+    def _means(self, row: int) -> dict[tuple[str, str], float]:
+        tasks = self.step.weighting.tasks
+        mean = (self.sums[row] / self.counts[row]).tolist()
+        return {(a, b): mean[i][j] for i, a in enumerate(tasks) for j, b in enumerate(tasks)}
+
+    def interval(self) -> dict[str, float]:
+        """``affinity/<from>/<onto>``: the mean Z since the last call (nothing when none was measured)."""
+        if not self.counts[0]:
+            return {}
+        out = {f"affinity/{a}/{b}": v for (a, b), v in self._means(0).items()}
+        self.sums[0].zero_()
+        self.counts[0] = 0
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        if not self.counts[1]:
+            return {}
+        matrix: dict[str, dict[str, float]] = {}
+        for (a, b), v in self._means(1).items():
+            matrix.setdefault(a, {})[b] = v
+        return {"affinity": matrix, "affinity_steps": self.counts[1], "affinity_every": self.every}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums, "counts": list(self.counts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums.copy_(state["sums"])
+        self.counts = list(state["counts"])
 
 
 def build_step(model: MultiTaskModel, tasks: dict[str, Task], groups: dict[str, list[str]], weighting: Weighting, *args: Any,

@@ -231,6 +231,7 @@ class Trainer:
             "wall_time_s": round(self.state.wall_time, 2),
             "device": str(self.device),
             "processes": self.dist.world,
+            **self.update.summary(),
         }
         if self.dist.is_main:
             write_json(results, self.dir.path / "results.json")

@@ -210,3 +210,52 @@ def test_ten_tasks_search_is_fast():
     assert time.process_time() - start < 10
     assert [len(found[g].groups) <= g for g in found] == [True] * 4
     assert found[1].score <= found[2].score <= found[3].score <= found[4].score
+
+
+# -- in the training step (engine.affinity_every) -------------------------------------
+
+
+def _train(tmp_path, name, *extra):
+    from mtl.cli import main
+
+    from conftest import QUICKSTART, quick
+
+    run = tmp_path / name
+    assert main(["train", QUICKSTART, *quick(run, 2, 4, "deterministic=true", "logging.log_every=2", *extra)]) == 0
+    return run
+
+
+def test_the_step_measures_affinity_without_changing_training(tmp_path):
+    """``engine.affinity_every=3``: steps 0, 3 and 6 of 8 measured, each interval's mean
+    logged as affinity/<from>/<onto>, the run's mean in results.json; the trained weights
+    and every metric equal a run without it, bit for bit."""
+    import json
+
+    plain, measured = _train(tmp_path, "plain"), _train(tmp_path, "measured", "engine.affinity_every=3")
+    a, b = (json.loads((r / "results.json").read_text()) for r in (plain, measured))
+    assert a["splits"] == b["splits"] and "affinity" not in a
+    assert b["affinity_steps"] == 3 and b["affinity_every"] == 3
+    assert set(b["affinity"]) == {"mnist", "digits"} and all(set(row) == {"mnist", "digits"} for row in b["affinity"].values())
+    ta, tb = (torch.load(r / "trunk.pt", weights_only=True)["trunk"] for r in (plain, measured))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    lines = [json.loads(line) for line in (measured / "metrics.jsonl").read_text().splitlines()]
+    logged = [line for line in lines if "affinity/mnist/digits" in line]
+    # Logged every 2 steps, measured at 0, 3 and 6: the intervals ending at steps 2, 4 and 8 hold one each.
+    assert [line["step"] for line in logged] == [2, 4, 8]
+    mean = sum(line["affinity/mnist/digits"] for line in logged) / 3
+    assert b["affinity"]["mnist"]["digits"] == pytest.approx(mean, rel=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["weighting.name=mgda"], r"engine.affinity_every: .* weighting 'mgda' is gradient-level; use weighting.name=equal"),
+    (["engine.affinity_every=-1"], r"engine.affinity_every: must be >= 0 \(0: no affinity\), got -1"),
+])
+def test_affinity_in_the_step_refuses_what_it_cannot_measure(tmp_path, extra, message):
+    from mtl.config import ConfigError, load_config
+    from mtl.trainer import Trainer
+
+    from conftest import QUICKSTART, quick
+
+    overrides = extra if "affinity_every" in extra[0] else ["engine.affinity_every=2", *extra]
+    with pytest.raises(ConfigError, match=message):
+        Trainer(load_config(QUICKSTART, quick(tmp_path / "run", 1, 2, *overrides)))
