@@ -311,3 +311,26 @@ def test_celeba_recipe_smoke_on_a_tiny_tree(tmp_path):
     assert {"test/a5_o_clock_shadow/f1/mean", "test/arched_eyebrows/f1/mean"} <= set(table.columns)
     text = (results / "results.md").read_text()
     assert "metrics: primary" in text and "| IMTL-G | 0.84 | FAMO Table 3 (CelebA columns) | left out |" in text
+
+
+@pytest.mark.slow
+def test_transfer_recipes_smoke_reports_both_tasks_parameters_and_checkpoint_bytes(tmp_path):
+    results = smoke("transfer_recipes", tmp_path)
+    runs = tmp_path / "transfer_recipes"
+    table = pd.read_csv(results / "results.csv")
+    from paper_repro.transfer_recipes.__main__ import METHODS
+
+    assert set(table["method"]) == set(METHODS) and set(table["task"]) == {"mnist", "digits"}
+    seeds = pd.read_csv(results / "per_seed.csv")
+    # Each difference is the same seed's values, in points; the source is compared with its one single-task run.
+    value = seeds.set_index(["method", "task"])["value"]
+    row = table.set_index(["method", "task"]).loc[("sequential/fine_tune", "mnist")]
+    assert row["vs_single_mean"] == pytest.approx(100 * (value["sequential/fine_tune", "mnist"] - value["single_task", "mnist"]))
+    params = table.groupby("method")["trainable_params"].max()
+    assert params["sequential/linear_probe"] < params["sequential/bitfit"] < params["sequential/lora"] < params["sequential/fine_tune"]
+    cost = table.drop_duplicates("method").set_index("method")
+    assert cost.loc["sequential/lora", "checkpoint_file"] == "trained.pt" and cost.loc["ties", "checkpoint_file"] == "merged_trunk.pt"
+    assert cost.loc["sequential/lora", "checkpoint_bytes"] == (runs / "cells/sequential/lora/f0.05/seed0/trained.pt").stat().st_size
+    assert cost.loc["sequential/bitfit", "checkpoint_bytes"] < cost.loc["sequential/fine_tune", "checkpoint_bytes"]
+    assert seeds.query("method == 'sequential/linear_probe' and task == 'mnist'")["retention"].eq(1.0).all()  # a frozen trunk forgets nothing
+    assert "one seed: no test" in (results / "results.md").read_text() and (results / "accuracy_vs_params.pdf").exists()
