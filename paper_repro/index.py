@@ -78,11 +78,31 @@ def transfer_claims_10seeds() -> str:
     return "the 10-seed rerun at each pair's two smallest fractions: " + transfer_claims("results_10seeds")
 
 
+def transfer_recipes() -> str:
+    results = STUDIES / "transfer_recipes" / "results"
+    t = pd.read_csv(results / "results.csv")
+    d = pd.read_csv(results / "delta_m.csv")
+    compared = t[t["method"] != SCRATCH]
+
+    def count(frame, column, word):
+        return int((frame[column] == word).sum())
+
+    tasks = "; ".join(
+        f"{task}: {count(g, 'vs_single_verdict', 'better')} better, {count(g, 'vs_single_verdict', 'worse')} worse of {len(g)}"
+        for task, g in compared.groupby("task", sort=False)
+    )
+    dm = d[d["baseline"] == "single_task"]
+    return (f"MNIST → digits, sequential recipes, joint and merges against single-task, {int(t['n_seeds'].max())} seeds, paired "
+            f"t-tests with Holm over the report: per task {tasks}; Δm% {count(dm, 'verdict', 'better')} better, "
+            f"{count(dm, 'verdict', 'worse')} worse of {len(dm)}")
+
+
 LINES = {
     "transfer_claims": ("transfer_claims/", transfer_claims),
     "transfer_claims_10seeds": ("transfer_claims/", transfer_claims_10seeds),
     "multi_mnist": ("multi_mnist/", multi_mnist),
     "weighting_benchmark": ("weighting_benchmark/", weighting_benchmark),
+    "transfer_recipes": ("transfer_recipes/", transfer_recipes),
 }
 
 
