@@ -240,7 +240,9 @@ class Step:
         return self.dist.global_losses(losses, {t: self.tasks[t].valid_mask(targets[t]).sum() for t in losses})
 
     def penalty(self) -> torch.Tensor | None:
-        return self.recipe.penalty(self.model)
+        """The recipe's penalty (L2-SP) plus the architecture's own term (DSelect-k's entropy), where there are any."""
+        terms = [t for t in (self.recipe.penalty(self.model), self.model.penalty()) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
 
     def vector(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every task in weighting order; a task absent from this step (only with weightings

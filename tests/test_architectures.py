@@ -163,3 +163,13 @@ def test_a_joint_regime_over_architectures_plans_one_cell_each(tmp_path):
 def test_bad_architecture_lists_name_the_key(tmp_path, regime, message):
     with pytest.raises(ConfigError, match=message):
         _plan(tmp_path, regime)
+
+
+def test_the_step_adds_the_architectures_own_penalty():
+    """DSelect-k's entropy term reaches the step's objective through ``Step.penalty``."""
+    _, run, inputs, _ = _run("dselect_k")
+    run.model.train()
+    run.model.forward_groups(inputs, run.groups)
+    term = run.step.penalty()
+    assert term is not None and term.requires_grad and float(term) > 0
+    assert run.step.penalty() is None  # read once per forward

@@ -136,6 +136,24 @@ def test_dselect_k_weights_by_hand() -> None:
     torch.testing.assert_close(model(X)["a"], (q * torch.arange(1.0, 5.0)).sum() * X)
 
 
+def test_dselect_k_entropy_penalty_by_hand() -> None:
+    """The penalty of a training forward is entropy · Σ −r log(r + 1e-6) over samples, selectors
+    and codes; r of the hand case above: selector 1 spreads (0.078125, 0.421875) twice, selector 2
+    is one-hot. Once read it is gone; an eval forward makes none."""
+    model = dselect(experts=4, k=2)
+    model.entropy = 0.5
+    set_gate(model.selectors.linears["a"], [0.25, 0.0, 1.0, 1.0])
+    model.train()
+    model.weights(X, ["a"])
+    r = torch.tensor([0.078125, 0.421875, 0.078125, 0.421875, 0.0, 0.0, 0.0, 1.0])
+    expected = -0.5 * len(X) * float((r * torch.log(r + 1e-6)).sum())
+    torch.testing.assert_close(model.penalty(), torch.tensor(expected))
+    assert model.penalty() is None
+    model.eval()
+    model.weights(X, ["a"])
+    assert model.penalty() is None
+
+
 def test_dselect_k_spare_codes_fold_onto_experts() -> None:
     model = dselect(experts=3, k=1)  # 2 bits, 4 codes: code 3 selects expert 3 mod 3 = 0
     set_gate(model.selectors.linears["a"], [1.0, 1.0])

@@ -74,6 +74,11 @@ class Architecture(nn.Module):
         """Each task's own parameters (its head, and any tower, gate or attention of its own)."""
         return {t: list(h.parameters()) for t, h in self.heads.items()}
 
+    def penalty(self) -> torch.Tensor | None:
+        """A loss term of the architecture's own from its last training forward, added to the
+        step's objective like a recipe's penalty (DSelect-k's entropy regularizer); None by default."""
+        return None
+
     def cut(self, z: torch.Tensor) -> torch.Tensor:
         """Call on the shared representation where it is formed. Inside ``representation_cuts``
         it returns a detached leaf that requires grad (the engine takes J w.r.t. it and sends

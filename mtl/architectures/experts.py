@@ -208,14 +208,16 @@ class DSelectK(_SharedExperts):
     q = Σ_i softmax(w)_i r_i with w = B u(x), and z_t = Σ_e q_e E_e(x). Selector logits start
     in ±γ/100 (S ≈ 1/2, all experts alike), as the authors' code does.
 
-    Not as in the paper: its entropy penalty, which drives selectors to binary, needs a loss
-    term the architecture contract does not carry, so it is left out (selectors saturate only
-    as the task loss drives them). When E is not a power of two the paper penalizes the
-    2^m − E codes without an expert; here code c selects expert c mod E, so q sums to 1 with
-    no penalty (some experts have two codes)."""
+    The entropy regularizer that drives the selectors to binary choices is the architecture's
+    ``penalty()``: ``entropy`` · Σ −r log(r + 1e-6), summed over the tasks, samples, selectors and
+    codes of the last training forward (weight 1e-6 as LibMTL; LibMTL's adds only the last task's
+    term, here every task's). When E is not a power of two the paper penalizes the 2^m − E codes
+    without an expert; here code c selects expert c mod E, so q sums to 1 with no penalty (some
+    experts have two codes)."""
 
     def __init__(
-        self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory, experts: int = 4, k: int = 2, gamma: float = 1.0
+        self, trunk: Trunk, heads: dict[str, nn.Module], make_trunk: TrunkFactory, experts: int = 4, k: int = 2, gamma: float = 1.0,
+        entropy: float = 1e-6,
     ):
         experts, k = _count(experts, "experts"), _count(k, "k")
         if k > experts:
@@ -224,7 +226,9 @@ class DSelectK(_SharedExperts):
                 f"set k to at most {experts}, or raise architecture.experts."
             )
         self.gamma = checks.number(gamma, "architecture.gamma", 0, low_open=True)
+        self.entropy = checks.number(entropy, "architecture.entropy", 0)
         super().__init__(trunk, heads, make_trunk, experts)
+        self._entropy: torch.Tensor | None = None
         self.k, self.bits = k, max(1, math.ceil(math.log2(experts)))
         codes = torch.arange(2**self.bits)
         self.register_buffer("codes", (codes[:, None] >> torch.arange(self.bits)) & 1 == 1, persistent=False)  # [2^m, m]
@@ -239,7 +243,14 @@ class DSelectK(_SharedExperts):
         u = _gate_input(x, self.pooled)
         s = smooth_step(self.selectors(u, tasks).unflatten(-1, (self.k, 1, self.bits)), self.gamma)  # [T, B, k, 1, m]
         codes = torch.where(self.codes, s, 1 - s).prod(-1)  # [T, B, k, 2^m]
+        if self.training and self.entropy:
+            self._entropy = -self.entropy * (codes * torch.log(codes + 1e-6)).sum()
         return torch.einsum("tbk,tbkc,ce->tbe", self.mixers(u, tasks).softmax(-1), codes, self.fold.to(codes.dtype))
+
+    def penalty(self) -> torch.Tensor | None:
+        """The entropy term of the last training forward, once (the next step's forward makes its own)."""
+        term, self._entropy = self._entropy, None
+        return term
 
     def task_parameters(self) -> dict[str, list[nn.Parameter]]:
         return {
