@@ -607,10 +607,12 @@ class Grid:
         return [base / s.name for s in cell.stages]
 
     def preflight(self) -> None:
-        """Check that output_dir holds nothing of another command or grid, then build (not
-        train) one stage config per distinct stage, so bad input fails first."""
+        """Check what the executor needs, that output_dir holds nothing of another command or grid,
+        then build (not train) one stage config per distinct stage, so bad input fails first."""
+        from mtl import executor
         from mtl.trainer import RESUMABLE_CHANGES, Trainer, written_by
 
+        executor.check(self.cfg)  # workers the machine has, Ray and its address: in seconds
         command = written_by(self.root)
         if command == "train":
             raise ConfigError(
@@ -861,11 +863,8 @@ def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:
     from mtl.results import write_json, write_text
 
     # Joined now (not first in a Trainer) so that every rank knows from the start whether it writes.
-    from mtl import executor
-
     ctx = distributed.setup(cfg.device)
     grid = Grid(cfg, log if ctx.is_main else (lambda *_: None))
-    executor.check(cfg)
     grid.preflight()
     if grid.budget is None and len(grid.seeds) < 2:
         log("compare.seeds: one seed, so the report gives differences without a CI or test and no verdict; "

@@ -40,6 +40,7 @@ from mtl.config import ConfigError
 # A job is rerun this many times after its worker died; a job that kills its worker every
 # time (say, out of memory) then stops the grid instead of looping.
 RETRIES = 2
+LINES = 16  # running jobs shown one a line under the grid's bar (a cluster may run hundreds)
 STOP_WAIT_S = 120  # how long stopped jobs may take to write their checkpoints before their workers are killed
 
 
@@ -125,6 +126,10 @@ class Inline:
 
     def __init__(self, cfg: DictConfig, root: Path):
         self.cfg, self.root = cfg, root
+        if cfg.compare.threads:
+            import torch
+
+            torch.set_num_threads(cfg.compare.threads)
 
     def submit(self, job: Job, log) -> Future:
         from mtl.compare import roles, train_cell
@@ -310,7 +315,8 @@ def run_jobs(todo: list[Job], executor, log=print, progress: bool = False) -> in
     lost = dict.fromkeys(pending, 0)
     trained, total = 0, len(todo)
     bar = tqdm(total=total, desc="grid", unit="job", disable=not progress or not total, dynamic_ncols=True)
-    lines = [tqdm(total=0, bar_format="{desc}", position=k + 1, disable=bar.disable or executor.slots == 1) for k in range(executor.slots)]
+    shown = min(executor.slots, LINES) if executor.slots > 1 else 0
+    lines = [tqdm(total=0, bar_format="{desc}", position=k + 1, disable=bar.disable) for k in range(shown)]
 
     def say(message: str) -> None:
         with tqdm.external_write_mode():

@@ -20,13 +20,13 @@ from conftest import QUICKSTART
 from test_wandb import read_offline_run, run_info
 
 # Four jobs, one an edge: mnist alone, digits alone, the seed's source stage, then the probe from it.
-# Eight steps a stage with a checkpoint after each, so a stop or a kill lands mid-stage.
+# Four steps a stage with a checkpoint after each, so a stop or a kill lands mid-stage.
 GRID = [
     "compare.seeds=[0]",
     "compare.fractions=[0.05]",
     "~compare.regimes.joint",
     "compare.regimes.sequential.recipes=[linear_probe]",
-    "trainer.epochs=2",
+    "trainer.epochs=1",
     "trainer.steps_per_epoch=4",
     "trainer.checkpoint_every=1",
     "deterministic=true",
@@ -83,6 +83,7 @@ def test_bad_executor_input_fails_in_seconds_before_any_training(tmp_path, extra
     assert time.perf_counter() - start < 30 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_ray_not_installed_names_the_extra(tmp_path):
     # A fresh interpreter where `import ray` fails as it does without the package.
     code = ("import sys; sys.modules['ray'] = None; from mtl.cli import main; "
