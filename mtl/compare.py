@@ -33,6 +33,10 @@ group-sequential rule of ``mtl.stats.SeedBudget`` or max is reached; a method (a
 fraction) whose comparisons have all resolved gets no more seeds. Tuning: ``compare.tune``
 (``mtl.tune``) first picks each method's values on validation, on tuning seeds of its own.
 
+Cells run one after another, or several at once (``compare.workers``: worker processes;
+``compare.executor=ray``: Ray tasks), a seed's shared source stage before its cells
+(``mtl.executor``); the results do not depend on which ran them.
+
 A finished cell (its last stage wrote results.json) is skipped when the grid is rerun; an
 interrupted stage resumes from its last checkpoint. A budgeted grid rerun replays its
 decisions from the finished cells' results, so it resumes where it stopped. Model selection is on validation in
@@ -50,7 +54,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
