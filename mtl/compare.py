@@ -516,13 +516,13 @@ def train_cell(cfg: DictConfig, cell: Cell, stages: list[int], targets: list[str
         found = checkpoint.step_checkpoints(cell.dirs[i] / "checkpoints")
         if found:
             log(f"  {cell.dirs[i].relative_to(root)}: resuming from {found[0].name}")
-        stage = stage_config(cfg, cell, i, cell.dirs[i], _init(cell, i), targets)
+        stage = stage_config(cfg, cell, i, cell.dirs[i], start_of(cell, i), targets)
         Trainer(stage, cell=cell_identity(cell, i, targets), wandb_dir=root).fit()
         trained += 1
     return trained
 
 
-def _init(cell: Cell, index: int) -> dict[str, Any]:
+def start_of(cell: Cell, index: int) -> dict[str, Any]:
     """Where stage ``index`` of ``cell`` starts from: the files of the stage before it."""
     if cell.merge is not None:  # every fine-tune starts from the cell's common trunk
         return {"trunk": {"checkpoint": str(cell.dirs[-1] / COMMON_TRUNK)}}
@@ -647,7 +647,7 @@ class Grid:
                     continue  # the merge step trains nothing; its inputs are checked above and when it runs
                 if keys[i] not in trunks:
                     # A later stage starts from its previous stage's files; before those exist, check it without.
-                    init = _init(cell, i)
+                    init = start_of(cell, i)
                     start = init.get("init_from") or init.get("trunk", {}).get("checkpoint")
                     cfg = stage_config(self.cfg, cell, i, cell.dirs[i], init if start and Path(start).exists() else {}, self.targets)
                     try:
@@ -694,7 +694,7 @@ class Grid:
         for cell in cells:
             for i in range(len(cell.stages)):
                 if (cell.dirs[i] / "config.yaml").exists():
-                    cfg = stage_config(self.cfg, cell, i, cell.dirs[i], _init(cell, i), self.targets)
+                    cfg = stage_config(self.cfg, cell, i, cell.dirs[i], start_of(cell, i), self.targets)
                     self._check_same_config(cell.dirs[i], cfg, allowed + UNREAD_BY_TRAINING)
 
     def _check_same_config(self, directory: Path, cfg: DictConfig, allowed: tuple[str, ...]) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from mtl import checkpoint
 from mtl.cli import main
-from mtl.compare import Grid, run_compare
+from mtl.compare import Grid, run_compare, start_of
 from mtl.config import ConfigError, load_config
 
 from conftest import QUICKSTART
@@ -416,7 +416,7 @@ def test_groups_plan_one_independent_stage_per_group_and_serve_each_task_once(tm
     (cell,) = [c for c in plan(cfg) if c.label == "tag"]
     assert [s.tasks for s in cell.stages] == [["mnist", "digits"], ["digits"]] and cell.serve == {"mnist": 0, "digits": 1}
     grid = Grid(cfg)
-    assert grid._init(next(c for c in grid.cells if c.label == "tag"), 1) == {}  # the second group starts from scratch
+    assert start_of(next(c for c in grid.cells if c.label == "tag"), 1) == {}  # the second group starts from scratch
 
 
 @pytest.mark.slow
@@ -474,7 +474,7 @@ def test_merge_plans_one_fine_tune_per_task_from_the_common_trunk_then_the_merge
     assert cell.merge == {"method": {"name": "dare", "seed": 0}, "coefficients": [0.2, 0.4, 0.6, 0.8, 1.0]}  # the cell's seed
     base = tmp_path / "m" / "cells" / "m" / "f1" / "seed0"
     assert cell.dirs == [base / "mnist", base / "digits", base]
-    assert grid._init(cell, 1) == {"trunk": {"checkpoint": str(base / "common_trunk.pt")}}
+    assert start_of(cell, 1) == {"trunk": {"checkpoint": str(base / "common_trunk.pt")}}
 
 
 @pytest.mark.parametrize("recipe", ["linear_probe", "bitfit"])
