@@ -334,3 +334,22 @@ def test_transfer_recipes_smoke_reports_both_tasks_parameters_and_checkpoint_byt
     assert cost.loc["sequential/bitfit", "checkpoint_bytes"] < cost.loc["sequential/fine_tune", "checkpoint_bytes"]
     assert seeds.query("method == 'sequential/linear_probe' and task == 'mnist'")["retention"].eq(1.0).all()  # a frozen trunk forgets nothing
     assert "one seed: no test" in (results / "results.md").read_text() and (results / "accuracy_vs_params.pdf").exists()
+
+
+@pytest.mark.slow
+def test_architectures_smoke_runs_every_architecture(tmp_path):
+    from mtl.architectures import ARCHITECTURES
+
+    results = smoke("architectures", tmp_path)
+    df = pd.read_csv(results / "results.csv").set_index("method")
+    # Every registered architecture is a cell of the joint regime; the base's weighting regimes are gone.
+    assert set(df.index) == {"single_task"} | {f"joint/{name}" for name in ARCHITECTURES.names()}
+    assert df.loc["joint/hard", "params_ratio"] == 1.0 and df.loc["joint/hard", "wall_time_ratio"] == 1.0
+    # Two experts (trunk copies) and their gates: more than hard sharing's one trunk.
+    assert df.loc["joint/mmoe", "total_params"] > df.loc["joint/hard", "total_params"]
+    assert df.loc["single_task", "delta_m_pct"] == 0 and pd.isna(df.loc["joint/hard", "vs_hard_pct"])
+    assert df.drop(index="single_task")["mean_rank"].notna().all()
+    assert (df.drop(index=["single_task", "joint/hard"])["vs_hard_pct_verdict"] == "one seed: no test").all()
+    text = (results / "results.md").read_text()
+    assert "Δm% vs hard [95% CI], verdict" in text and "MultiMNIST" in text
+    assert set(pd.read_csv(results / "per_seed.csv")["seed"]) == {0} and (results / "delta_m.png").exists()
