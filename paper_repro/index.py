@@ -97,12 +97,27 @@ def transfer_recipes() -> str:
             f"{count(dm, 'verdict', 'worse')} worse of {len(dm)}")
 
 
+def architectures() -> str:
+    t = pd.read_csv(STUDIES / "architectures" / "results" / "results.csv")
+    a = t[t["method"] != SCRATCH]
+    best = a.sort_values("delta_m_pct", ascending=False).iloc[0]
+
+    def resolved(column: str) -> int:
+        return int(a[column].isin(["better", "worse"]).sum())
+
+    return (f"{len(a)} architectures (equal weighting, defaults) on MultiFashion, {int(a['n_seeds'].min())} seeds, paired tests "
+            f"of Δm% with Holm: {resolved('delta_m_pct_verdict')} of {int(a['delta_m_pct'].notna().sum())} resolved against "
+            f"single-task, {resolved('vs_hard_pct_verdict')} of {int(a['vs_hard_pct'].notna().sum())} against hard sharing; "
+            f"highest mean {best['method']} {best['delta_m_pct']:+.2f} (not a verdict)")
+
+
 LINES = {
     "transfer_claims": ("transfer_claims/", transfer_claims),
     "transfer_claims_10seeds": ("transfer_claims/", transfer_claims_10seeds),
     "multi_mnist": ("multi_mnist/", multi_mnist),
     "weighting_benchmark": ("weighting_benchmark/", weighting_benchmark),
     "transfer_recipes": ("transfer_recipes/", transfer_recipes),
+    "architectures": ("architectures/", architectures),
 }
 
 
