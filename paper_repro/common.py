@@ -192,6 +192,40 @@ def rank_ci(values: pd.DataFrame, dirs: dict, methods: list[str]) -> pd.DataFram
     return pd.DataFrame({"mean_rank": r.mean(axis=1), "rank_low": low, "rank_high": high}, index=methods)
 
 
+def left_right_table(df: pd.DataFrame, reference: str, prefix: str) -> tuple[pd.DataFrame, list]:
+    """The table of a left/right grid (MultiMNIST, MultiFashion) and the tests behind its verdicts.
+    Per method: seeds, each task's mean and std, the per-seed Δm% against single-task
+    (``delta_m_pct``) and against ``reference`` (``<prefix>``), each with its bootstrap CI,
+    Holm-corrected paired p over all of them and verdict, and the mean rank with its CI."""
+    from mtl import stats
+
+    values, dirs = per_seed(df), directions(df)
+    wide = seed_stats(df, ["method", "task"]).pivot(index="method", columns="task", values=["mean", "std", "count"])
+    single, other = against(values, dirs, "single_task"), against(values, dirs, reference)
+    tests = [d.test for d in single.values()] + [d.test for d in other.values()]
+    stats.correct(tests)
+    out = pd.DataFrame({
+        "method": wide.index,
+        "n_seeds": wide[("count", "left")].astype(int).values,
+        "left_mean": wide[("mean", "left")].values, "left_std": wide[("std", "left")].values,
+        "right_mean": wide[("mean", "right")].values, "right_std": wide[("std", "right")].values,
+    })
+    for name, deltas in (("delta_m_pct", single), (prefix, other)):
+        for column, attr in (("", "mean"), ("_low", "low"), ("_high", "high")):
+            out[name + column] = out["method"].map({m: getattr(d, attr) for m, d in deltas.items()})
+        out[name + "_p_holm"] = out["method"].map({m: d.test.p_holm for m, d in deltas.items()})
+        out[name + "_verdict"] = out["method"].map({m: d.test.verdict(m=len(tests)) for m, d in deltas.items()})
+    out["delta_m_pct"] = out["delta_m_pct"].where(out["method"] != "single_task", 0.0)
+    ranks = rank_ci(values, dirs, [m for m in wide.index if m != "single_task"])
+    return out.join(ranks, on="method"), tests
+
+
+def by_delta_m(out: pd.DataFrame) -> pd.DataFrame:
+    """Single-task first, then the methods from the highest Δm% down."""
+    mtl = out["method"] != "single_task"
+    return out.sort_values(["delta_m_pct"], ascending=False, key=lambda s: s.where(mtl, float("inf"))).reset_index(drop=True)
+
+
 def ci(mean: float, low: float, high: float) -> str:
     if pd.isna(mean):
         return "n/a"

@@ -23,8 +23,7 @@ from matplotlib.lines import Line2D
 
 from mtl import stats
 from paper_repro.common import (
-    SMOKE, STUDIES, against, ci, directions, fmt, folders, markdown, parser, per_seed, primary_test, provenance, rank_ci, run_grid,
-    seed_stats, write,
+    SMOKE, STUDIES, by_delta_m, ci, fmt, folders, left_right_table, markdown, parser, primary_test, provenance, run_grid, write,
 )
 from paper_repro.weighting_benchmark.published import SOURCE, tables_markdown
 
@@ -85,33 +84,10 @@ def kind(method: str) -> str:
 def table(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[stats.Difference]]:
     """The results table and the tests behind its verdicts: every MTL method's per-seed Δm%
     against single-task and against equal weighting (paired t-tests), Holm over all of them."""
-    values, dirs = per_seed(df), directions(df)
-    stats_ = seed_stats(df, ["method", "task"])
-    wide = stats_.pivot(index="method", columns="task", values=["mean", "std", "count"])
-    single, equal = against(values, dirs, "single_task"), against(values, dirs, "equal")
-    tests = [d.test for d in single.values()] + [d.test for d in equal.values()]
-    stats.correct(tests)
-    methods = [m for m in wide.index if m != "single_task"]
-    ranks = rank_ci(values, dirs, methods)
-    ratio = step_ratio(df[df["method"] != "single_task"], root)
-    out = pd.DataFrame({
-        "method": wide.index,
-        "kind": [kind(m) for m in wide.index],
-        "n_seeds": wide[("count", "left")].astype(int).values,
-        "left_mean": wide[("mean", "left")].values, "left_std": wide[("std", "left")].values,
-        "right_mean": wide[("mean", "right")].values, "right_std": wide[("std", "right")].values,
-    })
-    for prefix, deltas in (("delta_m_pct", single), ("vs_equal_pct", equal)):
-        for column, attr in (("", "mean"), ("_low", "low"), ("_high", "high")):
-            out[prefix + column] = out["method"].map({m: getattr(d, attr) for m, d in deltas.items()})
-        out[prefix + "_p_holm"] = out["method"].map({m: d.test.p_holm for m, d in deltas.items()})
-        out[prefix + "_verdict"] = out["method"].map({m: d.test.verdict(m=len(tests)) for m, d in deltas.items()})
-    out["delta_m_pct"] = out["delta_m_pct"].where(out["method"] != "single_task", 0.0)
-    out = out.join(ranks, on="method")
-    out["step_time_ratio"] = out["method"].map(ratio)
-    mtl = out["method"] != "single_task"
-    out = out.sort_values(["delta_m_pct"], ascending=False, key=lambda s: s.where(mtl, float("inf"))).reset_index(drop=True)
-    return out, tests
+    out, tests = left_right_table(df, "equal", "vs_equal_pct")
+    out.insert(1, "kind", [kind(m) for m in out["method"]])
+    out["step_time_ratio"] = out["method"].map(step_ratio(df[df["method"] != "single_task"], root))
+    return by_delta_m(out), tests
 
 
 def findings(t: pd.DataFrame, m: int) -> list[str]:
