@@ -49,6 +49,7 @@ ABSENT = {
     ("trainer", "eval_batch_size"): 256,
     ("engine", "every"): 1,
     ("engine", "jacobian_chunk"): 0,
+    ("engine", "affinity_every"): 0,
     ("trainer", "device_data_limit_mb"): 1024.0,
     ("trainer", "checkpoint_every"): 0,
     ("trainer", "keep_checkpoints"): 2,
@@ -109,7 +110,7 @@ RULES = [
     (r"trainer\.(epochs|batch_size|eval_batch_size|keep_checkpoints|steps_per_epoch)|engine\.every"
      r"|logging\.log_every|tasks\.digits\.size|trunk\.(features|in_channels)|recipe\.probe_epochs"
      r"|trainer\.lr_schedule\.step_size|scheduler\.cap", COUNT),
-    (r"engine\.jacobian_chunk|trainer\.(checkpoint_every|num_workers|lr_schedule\.warmup_steps|device_data_limit_mb)"
+    (r"engine\.(jacobian_chunk|affinity_every)|trainer\.(checkpoint_every|num_workers|lr_schedule\.warmup_steps|device_data_limit_mb)"
      r"|trainer\.optimizer\.weight_decay", NONNEG),
     (r"trainer\.optimizer\.lr|trainer\.grad_clip|scheduler\.tau", POSITIVE),
     (r"trainer\.lr_schedule\.(min_factor|gamma)|recipe\.decay", FACTOR),
