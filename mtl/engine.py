@@ -126,13 +126,17 @@ class GradientEngine:
         w.observe(L.detach())
         objectives = w.transform_losses(L)
         penalty = penalty_fn()
+        if penalty is not None:
+            # The penalty's gradient first, into every parameter it reaches (the recipe's, the
+            # architecture's own), keeping the graph it may share with the objectives (gates).
+            penalty.backward(retain_graph=True)
         shared = [leaf] if representation else self._shared()
         if not shared:
             # Frozen trunk (a probe): heads have their own losses, no weighting to compute.
-            self._backward(objectives.sum(), penalty, None, None)
+            self._backward(objectives.sum(), None, None)
             return losses
         if reuse:
-            self._apply(self._weights, objectives, penalty, shared, features, leaf)
+            self._apply(self._weights, objectives, shared, features, leaf)
             return losses
         stages = plan(objectives, cuts, shared) if cuts else None
         if stages is not None:
@@ -157,7 +161,7 @@ class GradientEngine:
         if result.weights is not None:
             self._weights = result.weights.detach()
         if result.gradient is None:
-            self._apply(self._weights, objectives, penalty, shared, features, leaf)
+            self._apply(self._weights, objectives, shared, features, leaf)
             return losses
         if representation:
             heads = self._task_specific()
@@ -169,19 +173,15 @@ class GradientEngine:
                     # trainer's mean over ranks sums the blocks.
                     gradient = gradient.view(self.ctx.world, -1)[self.ctx.rank] * self.ctx.world
                 features.backward(gradient.view_as(features).to(features.dtype))
-            if penalty is not None:
-                penalty.backward()
             return losses
         others = self._others(shared)
-        head_total = objectives.sum() if penalty is None else objectives.sum() + penalty
         if others:
-            torch.autograd.backward(head_total, inputs=others, retain_graph=penalty is not None)
-        extra = torch.autograd.grad(penalty, shared, allow_unused=True) if penalty is not None else [None] * len(shared)
+            torch.autograd.backward(objectives.sum(), inputs=others)
         offset = 0
-        for p, g_pen in zip(shared, extra):
+        for p in shared:
             g = result.gradient[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
-            p.grad = g if g_pen is None else g + g_pen
+            p.grad = g if p.grad is None else p.grad + g  # on top of the penalty's
         return losses
 
     def _global(self, J: torch.Tensor) -> torch.Tensor:
@@ -210,21 +210,19 @@ class GradientEngine:
         shared_ids = {id(p) for p in shared}
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in shared_ids]
 
-    def _backward(self, total, penalty, features, leaf) -> None:
-        if penalty is not None:
-            total = total + penalty
+    def _backward(self, total, features, leaf) -> None:
         total.backward()
         if features is not None and features.requires_grad:
             features.backward(leaf.grad)
 
-    def _apply(self, weights, objectives, penalty, shared, features, leaf) -> None:
+    def _apply(self, weights, objectives, shared, features, leaf) -> None:
         """The update of task weights: Σ_t w_t o_t back-propagated. A method whose weights make
         a modified shared gradient or can be negative (PCGrad, GradVac, CAGrad, IMTL-G,
         Aligned-MTL: ``weigh_heads`` False) gets it on the shared parameters (or the
         representation) only, and each head the gradient of its own objective."""
         total = (weights.to(objectives.dtype) * objectives).sum()
         if not (isinstance(self.weighting, GramianWeighting) and not self.weighting.weigh_heads):
-            self._backward(total, penalty, features, leaf)
+            self._backward(total, features, leaf)
             return
         if features is not None:
             # One (vectorized) backward through the heads for both: row 0 gives the representation
@@ -242,12 +240,8 @@ class GradientEngine:
                     p.grad = g if p.grad is None else p.grad + g
             if features.requires_grad:
                 features.backward(gradient)
-            if penalty is not None:
-                penalty.backward()
             return
         heads_total = objectives.sum()
-        if penalty is not None:
-            total, heads_total = total + penalty, heads_total + penalty
         others = self._others(shared)
         torch.autograd.backward(total, inputs=shared, retain_graph=bool(others))
         if others:

@@ -249,7 +249,7 @@ def test_imtl_g_negative_weight_does_not_make_its_head_ascend():
     theta, head = model.theta, model.head
     losses = J @ theta + 0.5 * head**2
     engine = GradientEngine(model, IMTLG(["a", "b", "c"], mode="parameters"))
-    engine._apply(w, losses, None, [theta], None, None)
+    engine._apply(w, losses, [theta], None, None)
     torch.testing.assert_close(theta.grad, w.float() @ J)
     torch.testing.assert_close(head.grad, head.detach())  # ∂L_t/∂φ_t = φ_t: every head descends
 
@@ -371,3 +371,23 @@ def test_reused_weights_on_the_representation_take_one_backward_through_the_head
     assert got.keys() == expected.keys()
     for n in got:
         torch.testing.assert_close(got[n], expected[n], msg=n)
+
+
+@pytest.mark.parametrize("name, mode", [("pcgrad", "parameters"), ("mgda", "parameters"), ("imtl_g", "representation"), ("mgda", "representation")])
+def test_a_penalty_adds_its_own_gradient_to_every_engine_update(name, mode):
+    """A recipe's or an architecture's penalty Ω: the update with it is the update without it
+    plus ∇Ω on every parameter, whichever path the method's aggregation takes (a combined
+    gradient, task weights; parameters or representation)."""
+    t, inputs, targets = _model_and_batch_for(tuple(MULTI_MNIST) if mode == "representation" else ())
+    params = dict(t.model.named_parameters())
+
+    def grads(penalty_fn):
+        t.model.zero_grad(set_to_none=True)
+        method = WEIGHTINGS.get(name)(list(t.tasks), mode=mode)
+        GradientEngine(t.model, method).backward(inputs, t.groups, targets, functools.partial(task_losses, t.tasks), 0, penalty_fn)
+        return {n: p.grad.clone() for n, p in params.items()}
+
+    plain = grads(lambda: None)
+    penalised = grads(lambda: 0.01 * sum((p**2).sum() for p in params.values()))  # ∇Ω = 0.02 θ everywhere
+    for n, p in params.items():
+        torch.testing.assert_close(penalised[n], plain[n] + 0.02 * p.detach(), msg=n)
