@@ -113,11 +113,11 @@ def _compare(out: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _mid_stage(out: Path, process: subprocess.Popen, timeout: float = 240) -> Path:
-    """A stage folder with a step checkpoint written by ``process`` and no results yet, once one exists."""
+def _mid_stage(out: Path, process: subprocess.Popen, timeout: float = 240, where: str = "**") -> Path:
+    """A stage folder (under ``where``) with a step checkpoint written by ``process`` and no results yet, once one exists."""
     since, deadline = time.time(), time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        for found in out.glob("**/checkpoints/step-*.pt"):
+        for found in out.glob(f"{where}/checkpoints/step-*.pt"):
             stage = found.parent.parent
             if found.stat().st_mtime > since and not (stage / "results.json").exists() and _workers(process):
                 return stage
@@ -134,7 +134,9 @@ def test_ctrl_c_stops_every_worker_a_killed_worker_resumes_and_nothing_is_lost(t
     out = tmp_path / "run"
     # Ctrl-C: every worker stops at a step with a checkpoint, the command exits, the grid is resumable.
     process = _compare(out)
-    _mid_stage(out, process)
+    # A single-task stage, the grid's longest: caught at its first checkpoint it is seconds from done, so the
+    # signal lands mid-stage (the last, sub-second cell could finish before it, and the grid would end with 0).
+    _mid_stage(out, process, where="cells/single_task/**")
     workers = _workers(process)
     assert len(workers) == 2
     process.send_signal(signal.SIGINT)
