@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from mtl import contract, optim
 from mtl.architectures import ARCHITECTURES, Architecture
@@ -26,7 +26,7 @@ from mtl.data import BatchSource, shared_inputs
 from mtl.distributed import Context
 from mtl.features import DEFAULT_MAX_MB, FeatureCache
 from mtl.heads import HEADS, Head
-from mtl.recipes import RECIPES, FineTune, Recipe
+from mtl.recipes import RECIPES, Recipe
 from mtl.registry import ComponentError, build
 from mtl.scheduler import SCHEDULERS, AllTasks, Sources, TaskScheduler
 from mtl.step import Feed, Step, build_step
@@ -369,7 +369,7 @@ def build_run(cfg: DictConfig, dist: Context, device: torch.device) -> Run:
     if t.channels_last:
         to_channels_last(model)
     recipe = build_recipe(cfg)
-    if model.trunk is None and type(recipe) is not FineTune:
+    if model.trunk is None and recipe.needs_one_trunk:
         raise ConfigError(
             f"recipe.name: {cfg.recipe.name!r} freezes or adapts one trunk, and architecture {cfg.architecture.name!r} "
             "is built of several trunk copies; use recipe.name=fine_tune, or architecture.name=hard for this recipe."

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtl.architectures import Architecture
 from mtl.distributed import Context
 from mtl.gramian import plan, recording, staged_gramian, vjp_rows, write_rows
-from mtl.model import MultiTaskModel
 from mtl.weighting import Aggregation, GradientWeighting, GramianWeighting
 
 
@@ -54,7 +54,7 @@ def jacobian(objectives: torch.Tensor, inputs: list[torch.Tensor], chunk: int = 
 class GradientEngine:
     def __init__(
         self,
-        model: MultiTaskModel,
+        model: Architecture,
         weighting: GradientWeighting,
         every: int = 1,
         chunk: int = 0,

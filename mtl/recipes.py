@@ -47,6 +47,10 @@ def has_statistics(module: nn.Module) -> bool:
 class Recipe:
     """Base class, and the full fine-tune: every parameter trains at the stage's LR."""
 
+    # Freezes, adapts or references the one trunk (``model.trunk``); an architecture built of
+    # several trunk copies has none, so only a recipe that sets this False runs on it.
+    needs_one_trunk = True
+
     def setup(self, model: MultiTaskModel) -> None:
         """Subclasses that override it call ``super().setup(model)``: it records the base trunk,
         and the shapes of its state as built, before any adapter (what a stage loads from the last)."""
@@ -122,6 +126,8 @@ register_recipe = RECIPES.register
 @register_recipe("fine_tune")
 class FineTune(Recipe):
     """Full fine-tuning: trunk and heads all train (also training from scratch)."""
+
+    needs_one_trunk = False
 
 
 @register_recipe("linear_probe")

@@ -14,8 +14,8 @@ import torchmetrics
 from torch.utils.data import Dataset
 
 from mtl import checkpoint, distributed
+from mtl.architectures import Architecture
 from mtl.data import eval_batches, shared_input_groups, shared_inputs
-from mtl.model import MultiTaskModel
 from mtl.task import Task
 
 # {task: {metric: value}}
@@ -24,7 +24,7 @@ TaskMetrics = dict[str, dict[str, float]]
 
 @torch.no_grad()
 def evaluate(
-    model: MultiTaskModel,
+    model: Architecture,
     tasks: dict[str, Task],
     datasets: dict[str, Any],
     batch_size: int,

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from mtl.affinity import LookaheadAffinity, check_affinity
+from mtl.architectures import Architecture
 from mtl.distributed import Context
 from mtl.engine import GradientEngine, NonFiniteError, jacobian
 from mtl.losses import task_losses
-from mtl.model import MultiTaskModel
 from mtl.recipes import Recipe
 from mtl.task import Task
 from mtl.weighting import GradientWeighting, GramianWeighting, Weighting
@@ -168,7 +168,7 @@ class Step:
 
     def __init__(
         self,
-        model: MultiTaskModel,
+        model: Architecture,
         tasks: dict[str, Task],
         groups: dict[str, list[str]],
         weighting: Weighting,
@@ -281,7 +281,7 @@ class Step:
 
 
 class LossStep(Step):
-    """A loss-level weighting: one backward of ``weighting(losses)`` (plus the recipe's penalty)."""
+    """A loss-level weighting: one backward of ``weighting(losses)`` (plus the penalty: the recipe's, the architecture's)."""
 
     def _backward(self, inputs, targets, measure=False):
         losses = self.task_losses(self.model.forward_groups(inputs, self.groups), targets)
@@ -406,7 +406,7 @@ class Affinity:
         self.counts = list(state["counts"])
 
 
-def build_step(model: MultiTaskModel, tasks: dict[str, Task], groups: dict[str, list[str]], weighting: Weighting, *args: Any,
+def build_step(model: Architecture, tasks: dict[str, Task], groups: dict[str, list[str]], weighting: Weighting, *args: Any,
                engine: dict[str, Any] | None = None, **kwargs: Any) -> Step:
     """The step of ``weighting``'s kind: ``EngineStep`` (with the ``engine`` settings: every,
     chunk, staged, record_every) for a ``GradientWeighting``, else ``LossStep``; the other
