@@ -23,9 +23,11 @@ in the comparison's group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -304,6 +306,27 @@ def build_executor(cfg: DictConfig, root: Path):
     return Processes(cfg, root) if (c.workers or 1) > 1 else Inline(cfg, root)
 
 
+@contextlib.contextmanager
+def _interrupts():
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt in the grid's loop, whatever the process
+    inherited: a command started in the background of a non-interactive shell (``make test &``,
+    a CI runner) inherits SIGINT ignored, and Python then installs no handler of its own, so the
+    grid would run on. Off the main thread (no signal handlers there) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_jobs(todo: list[Job], executor, log=print, progress: bool = False) -> int:
     """Run the graph ``todo`` on ``executor``; the number of stages trained. A job whose worker
     died is run again (it resumes); any other error, or Ctrl-C, stops the running jobs and is raised."""
@@ -349,27 +372,28 @@ def run_jobs(todo: list[Job], executor, log=print, progress: bool = False) -> in
         pending[job.key] = job
         return True
 
-    try:
-        while pending or running:
-            for job in [j for j in pending.values() if all(a in done for a in j.after)]:
-                if len(running) >= executor.slots:
-                    break
-                del pending[job.key]
-                running[executor.submit(job, say)] = (job, time.perf_counter())
-            show()
-            finished, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
-            if any([settle(f) for f in finished]):
-                # A dead worker takes the pool's other jobs with it: collect them all, then a new pool.
-                for future in wait(list(running))[0]:
-                    settle(future)
-                executor.restart()
-    except BaseException:
-        _stop(executor, running, say)
-        raise
-    finally:
-        for line in lines:
-            line.close()
-        bar.close()
+    with _interrupts():
+        try:
+            while pending or running:
+                for job in [j for j in pending.values() if all(a in done for a in j.after)]:
+                    if len(running) >= executor.slots:
+                        break
+                    del pending[job.key]
+                    running[executor.submit(job, say)] = (job, time.perf_counter())
+                show()
+                finished, _ = wait(list(running), timeout=1.0, return_when=FIRST_COMPLETED)
+                if any([settle(f) for f in finished]):
+                    # A dead worker takes the pool's other jobs with it: collect them all, then a new pool.
+                    for future in wait(list(running))[0]:
+                        settle(future)
+                    executor.restart()
+        except BaseException:
+            _stop(executor, running, say)
+            raise
+        finally:
+            for line in lines:
+                line.close()
+            bar.close()
     return trained
 
 
