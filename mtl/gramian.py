@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 _said: set[str] = set()  # the ops already reported as unbatchable, each said once per process
 
 
-def _unbatchable(error: RuntimeError) -> bool:
+def unbatchable(error: RuntimeError) -> bool:
     """True for the error of autograd's vectorized backward on an op it cannot batch (legacy
     vmap's "Batching rule not implemented for aten::..." or "vmap: ..."); False for anything
     else, out-of-memory first: a row-by-row retry would hide it or run out again, slower."""
@@ -188,7 +188,7 @@ def vjp_rows(
 
     One vectorized backward per ``chunk`` rows (0: all at once), so the transient memory (the
     batched activation gradients) grows with the chunk. Where autograd cannot vmap an op
-    (``_unbatchable``), one backward per row from there on; any other error is raised."""
+    (``unbatchable``), one backward per row from there on; any other error is raised."""
     size = chunk or len(rows)
     start, batched = 0, True
     while start < len(rows):
@@ -202,7 +202,7 @@ def vjp_rows(
                 grads = torch.autograd.grad(output, inputs, grad_outputs=rows[start], retain_graph=True, allow_unused=True)
                 grads = [None if g is None else g.unsqueeze(0) for g in grads]
         except RuntimeError as e:
-            if not batched or not _unbatchable(e):
+            if not batched or not unbatchable(e):
                 raise
             reason = str(e).strip().splitlines()[0]
             if reason not in _said:

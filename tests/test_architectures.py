@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from mtl.architectures import ARCHITECTURES
+from mtl.architectures import ARCHITECTURES, Architecture
 from mtl.builders import build_run, check_weighting
 from mtl.config import ConfigError, load_config
 from mtl.distributed import Context
@@ -18,6 +18,9 @@ from mtl.weighting import WEIGHTINGS, GradientWeighting
 
 from conftest import MULTI_MNIST, QUICKSTART, quick
 
+# Tiny models: one thread is as fast, and the module-scoped fixture restores the count after this file.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARCHS = ARCHITECTURES.names()
 CPU = torch.device("cpu")
 
@@ -25,7 +28,6 @@ CPU = torch.device("cpu")
 @functools.cache
 def _run(arch, shared_input=False):
     """One stage's built run per architecture (quickstart's seed_net; MultiMNIST for one shared input), built once."""
-    torch.set_num_threads(1)
     extra = (*MULTI_MNIST,) if shared_input else ()
     cfg = load_config(QUICKSTART, quick("/tmp/unused-arch-run", 1, 2, f"architecture.name={arch}", "trunk.dropout=0.0", "device=cpu", *extra))
     run = build_run(cfg, Context(), CPU)
@@ -45,8 +47,10 @@ def test_shared_and_task_parameters_partition_the_model(arch):
     assert {id(p) for p in model.last_shared_parameters()} <= shared
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a for a in ARCHS if ARCHITECTURES.get(a).eval_outputs is not Architecture.eval_outputs])
 def test_evaluation_outputs_equal_the_training_forward(arch):
+    """An architecture's own evaluation path (hard sharing: unfused heads) gives the training
+    forward's outputs; the others evaluate through forward_groups itself."""
     _, run, inputs, _ = _run(arch, shared_input=True)
     model = run.model.eval()
     try:

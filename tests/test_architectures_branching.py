@@ -16,6 +16,8 @@ from mtl.engine import GradientEngine
 from mtl.heads import LinearHead
 from mtl.model import MultiTaskModel
 from mtl.trunks import Trunk, build_trunk
+
+from trunk_doubles import HostReadTrunk, NoStagesTrunk
 from mtl.weighting import WEIGHTINGS, Aggregation, GradientWeighting
 
 SEED_NET = {"name": "seed_net", "dropout": 0.0}
@@ -127,26 +129,12 @@ def test_batched_copies_equal_a_loop(arch, node, shape, arguments):
         # gradients of magnitude ~5 then differ by ~1e-4 in some kernels' orders (seen in CI).
         assert torch.allclose(p_grad, q_grad, atol=1e-4, rtol=1e-3), name
     for (name, b), c in zip(batched.named_buffers(), looped.buffers()):
-        assert torch.equal(b, c) or torch.allclose(b, c, atol=1e-6), name  # BatchNorm statistics written back
-
-
-class _HostReadTrunk(Trunk):
-    """A trunk whose stage reads a value to the host, which vmap cannot batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(2, 2)
-
-    def layer_groups(self):
-        return [("fc", self.fc)]
-
-    def stages(self):
-        return [lambda x: self.fc(x) * (2.0 if self.fc(x).sum().item() > -1e9 else 1.0)]
+        assert torch.allclose(b, c, atol=1e-6), name  # BatchNorm statistics written back
 
 
 def test_copies_fall_back_to_a_loop_where_vmap_cannot_batch(caplog):
     torch.manual_seed(0)
-    trunks = [_HostReadTrunk(), _HostReadTrunk()]
+    trunks = [HostReadTrunk(), HostReadTrunk()]
     copies = TrunkCopies(trunks, batched=True)
     x = torch.ones(1, 2)
     with caplog.at_level(logging.WARNING):
@@ -157,7 +145,7 @@ def test_copies_fall_back_to_a_loop_where_vmap_cannot_batch(caplog):
 
 
 def test_copies_run_in_a_loop_on_cpu_by_default(caplog):
-    copies = TrunkCopies([_HostReadTrunk(), _HostReadTrunk()])
+    copies = TrunkCopies([HostReadTrunk(), HostReadTrunk()])
     with caplog.at_level(logging.WARNING):
         copies(torch.ones(1, 2), [2], lambda stage, y: y)
     assert copies.batched is None and not caplog.text  # vmap was never tried
@@ -264,22 +252,10 @@ def test_groups_of_one_shape_equal_separate_batches():
         assert torch.allclose(joint["t1"], model(b)["t1"], atol=1e-5)
 
 
-class _NoStages(Trunk):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(2, 2)
-
-    def layer_groups(self):
-        return [("fc", self.fc)]
-
-    def forward(self, x):
-        return self.fc(x)
-
-
 @pytest.mark.parametrize("arch, key", [(CrossStitch, "cross_stitch"), (LearningToBranch, "ltb"), (MTAN, "mtan")])
 def test_trunk_without_stages_is_refused(arch, key):
-    with pytest.raises(ValueError, match=f"architecture.name={key}.*_NoStages"):
-        arch(_NoStages(), {"a": nn.Identity()}, _NoStages)
+    with pytest.raises(ValueError, match=f"architecture.name={key}.*NoStagesTrunk"):
+        arch(NoStagesTrunk(), {"a": nn.Identity()}, NoStagesTrunk)
 
 
 def test_mtan_refuses_stages_without_maps():

@@ -26,6 +26,7 @@ from torch.func import functional_call, vmap
 
 from mtl import checks
 from mtl.architectures.base import Architecture, TrunkFactory, register_architecture
+from mtl.gramian import unbatchable
 from mtl.trunks import Trunk
 
 logger = logging.getLogger(__name__)
@@ -46,13 +47,6 @@ def trunk_stages(trunk: Trunk, name: str) -> int:
             "mobilenet_v3_small, ...: `mtl list trunks`)."
         )
     return len(stages)
-
-
-def _unbatchable(error: RuntimeError) -> bool:
-    # vmap's own errors: an op without a batching rule, a value read to the host (.item()), an
-    # in-place write of a batched value into an unbatched tensor. Anything else is a real error.
-    text = str(error)
-    return "vmap" in text or "Batching rule not implemented" in text
 
 
 class _Part(nn.Module):
@@ -88,7 +82,7 @@ class TrunkCopies(nn.ModuleList):
             try:
                 return self.batched_forward(x, counts, between)
             except RuntimeError as e:
-                if not _unbatchable(e):
+                if not unbatchable(e):
                     raise
                 logger.warning("%s: vmap cannot batch the trunk copies (%s); running them in a loop.", type(self[0]).__name__, e)
                 self.batched = False

@@ -6,9 +6,9 @@ Experts of one trunk config have parameters of one shape, so they are stored sta
 instead of one per expert (convolutions become one grouped convolution). BatchNorm buffers
 are stacked the same way; their running-stat updates in train mode land in the stacked
 buffers (tested against a loop on torch 2.14), and dropout draws independent masks per
-expert (``randomness="different"``). The gain is in launches: on one CPU thread, a Python loop
-over seed_net experts took 1.0-1.3x the batched forward+backward time at E=4 and 8, batch 8,
-and 0.6-1.1x (no gain) at batch 64, where CPU grouped convolutions cost more than separate ones.
+expert (``randomness="different"``). The gain meant is in kernel launches, a GPU's; on a CPU
+grouped convolutions can cost more than separate ones (``python -m mtl.bench.architectures``
+times each architecture's step against hard sharing; experts have no loop mode to compare).
 
 Gates read the input as LibMTL's do (a linear map of the flattened input), except for images:
 the contract gives no input size, so an image gate reads a 4×4 average-pooled thumbnail of
@@ -92,9 +92,9 @@ class StackedTrunks(nn.Module):
             for name, _ in trunks[0].named_buffers():
                 _assign(self.trunk, name, torch.stack([t.get_buffer(name) for t in trunks]))
 
-    def forward(self, x: torch.Tensor, fn: Callable = _whole) -> torch.Tensor:
-        """``[E, B, ...]``: ``fn(copy, x)`` of each copy, on one batch x."""
-        return StackedTrunks.run([self], x, fn)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[E, B, ...]``: each copy on one batch x."""
+        return StackedTrunks.run([self], x)
 
     @staticmethod
     def run(groups: list[StackedTrunks], x: torch.Tensor, fn: Callable = _whole, per_copy: bool = False) -> torch.Tensor:
@@ -210,7 +210,7 @@ class DSelectK(_SharedExperts):
 
     The entropy regularizer that drives the selectors to binary choices is the architecture's
     ``penalty()``: ``entropy`` · Σ −r log(r + 1e-6), summed over the tasks, samples, selectors and
-    codes of the last training forward (weight 1e-6 as LibMTL; LibMTL's adds only the last task's
+    codes of the last training forward, every input source's (weight 1e-6 as LibMTL; LibMTL's adds only the last task's
     term, here every task's). When E is not a power of two the paper penalizes the 2^m − E codes
     without an expert; here code c selects expert c mod E, so q sums to 1 with no penalty (some
     experts have two codes)."""
@@ -244,7 +244,9 @@ class DSelectK(_SharedExperts):
         s = smooth_step(self.selectors(u, tasks).unflatten(-1, (self.k, 1, self.bits)), self.gamma)  # [T, B, k, 1, m]
         codes = torch.where(self.codes, s, 1 - s).prod(-1)  # [T, B, k, 2^m]
         if self.training and self.entropy:
-            self._entropy = -self.entropy * (codes * torch.log(codes + 1e-6)).sum()
+            # One call per input source in a forward: the penalty is their sum.
+            term = -self.entropy * (codes * torch.log(codes + 1e-6)).sum()
+            self._entropy = term if self._entropy is None else self._entropy + term
         return torch.einsum("tbk,tbkc,ce->tbe", self.mixers(u, tasks).softmax(-1), codes, self.fold.to(codes.dtype))
 
     def penalty(self) -> torch.Tensor | None:
@@ -330,13 +332,14 @@ class PLE(Architecture):
         super().__init__(heads)
         shared, own = _count(shared_experts, "shared_experts"), _count(task_experts, "task_experts")
         try:
-            self.levels = len(trunk.stages())
-            info = trunk.feature_info
+            self.levels, info = len(trunk.stages()), trunk.feature_info
         except NotImplementedError:
+            self.levels = 0
+        if not self.levels:  # no stages(), an empty list, or no feature_info
             raise ValueError(
                 f"architecture.name=ple stacks one level per trunk stage, and trunk {type(trunk).__name__} lists no "
                 "stages() (or no feature_info); use architecture.name=cgc, one level over the whole trunk."
-            ) from None
+            )
         self.shared = StackedTrunks([trunk, *(make_trunk() for _ in range(shared - 1))])
         self.own = nn.ModuleDict({t: StackedTrunks([make_trunk() for _ in range(own)]) for t in self.tasks})
         width, pooled = _gate_width(trunk)
