@@ -108,7 +108,7 @@ def test_bench_architectures_tiny_cpu_run(capsys):
     architectures.main(["--tasks", "2", "--batch", "4", "--repeats", "1", "--threads", "1", "--architectures", "mmoe", "cross_stitch", "--loop"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     names = [" ".join(row[1:-6]) for row in rows]
-    assert names == ["hard", "cross_stitch", "cross_stitch loop", "mmoe"]
+    assert names == ["hard", "cross_stitch vmap", "cross_stitch loop", "mmoe"]
     numbers = [[float(v.replace(",", "")) for v in row[-6:]] for row in rows]  # params, x, ms, x, peak MiB, x
     assert [numbers[0][i] for i in (1, 3, 5)] == [1.0, 1.0, 1.0]
     for n in numbers:

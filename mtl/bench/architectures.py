@@ -13,7 +13,7 @@ memory the step allocates beyond what the model already holds: on CUDA
 ``torch.cuda.max_memory_allocated`` over the timed steps minus the memory before them; on the
 CPU the running peak of the step's allocations as ``torch.profiler`` records them
 (``profile_memory``), from one more step. ``architecture.batched`` rows (``--loop``) add the
-trunk copies in a Python loop instead of one vmap call where an architecture offers both.
+trunk copies forced to one vmap call per stage and to a Python loop, where an architecture offers both.
 A row that raises prints its error and the run goes on.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import statistics
 import time
 
@@ -40,14 +41,16 @@ CLASSES = 10
 
 
 def rows(loop: bool) -> list[tuple[str, dict]]:
-    """(architecture, arguments) of every row, hard sharing first; with ``loop``, the
-    architectures that take ``batched`` once more with ``batched=False``."""
+    """(architecture, arguments) of every row, hard sharing first, each at its defaults; with
+    ``loop``, the architectures that take ``batched`` twice instead: forced to vmap, and to the
+    loop (their default picks one of the two by device)."""
     names = ["hard", *[n for n in ARCHITECTURES.names() if n != "hard"]]
     out = []
     for name in names:
-        out.append((name, {}))
         if loop and "batched" in inspect.signature(ARCHITECTURES.get(name)).parameters:
-            out.append((f"{name} loop", {"batched": False}))
+            out += [(f"{name} vmap", {"batched": True}), (f"{name} loop", {"batched": False})]
+        else:
+            out.append((name, {}))
     return out
 
 
@@ -149,9 +152,12 @@ def main(argv: list[str] | None = None) -> None:
             except Exception as e:  # a row that cannot run (out of memory, a trunk it refuses) is reported, not fatal
                 print(f"{tasks:>3}  {name:<18} failed: {type(e).__name__}: {e}")
                 continue
+            if base is None and name != "hard":
+                print(f"{tasks:>3}  the hard-sharing row failed: no ratios at this T")
+                base = (math.nan,) * 3
             base = base or (params, ms, peak)
             print(f"{tasks:>3}  {name:<18} {params:>11,} {params / base[0]:>7.2f} {ms:>9.1f} {ms / base[1]:>7.2f} "
-                  f"{peak:>9.1f} {peak / base[2]:>7.2f}")
+                  f"{peak:>9.1f} {peak / base[2] if base[2] else math.nan:>7.2f}")
             del model, step
 
 
