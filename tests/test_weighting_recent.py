@@ -396,3 +396,14 @@ def test_stch_in_the_trainer_takes_its_nadir_from_the_epochs_mean_training_loss(
     assert torch.isnan(t.weighting.nadir).all()
     t.update.on_epoch_end()  # the end of epoch 0 = warmup_epochs: its mean losses are the nadir
     close(t.weighting.nadir, torch.tensor(seen, dtype=torch.float64).mean(dim=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [6, 61, 74])
+def test_fairgrad_weights_stay_bounded_on_a_singular_float32_gramian(seed):
+    """Four gradients in two dimensions, norms over four decades, the Gramian formed in float32:
+    its rounding gives negative eigenvalues; the weights must stay finite and below Nash-MTL's scale."""
+    from mtl.weighting.recent import _fair_weights
+
+    J = torch.randn(4, 2, generator=torch.Generator().manual_seed(seed)) * torch.logspace(-3, 1, 4)[:, None]
+    w = _fair_weights((J @ J.T).double(), 2.0)
+    assert torch.isfinite(w).all() and float(w.max()) < 1e15

@@ -179,10 +179,11 @@ def _fair_weights(G: torch.Tensor, alpha: float, tol: float = solvers.TOL, max_i
     diagonal keeps a solution where a non-negative combination of the gradients vanishes (there
     the weights grow large, as Nash-MTL's, instead of to infinity).
     """
-    G = G.to(solvers.DTYPE)
+    # Rounding gives a singular float32 Gramian negative eigenvalues far above the ridge below;
+    # φ is then unbounded and Newton runs to 1e39 weights: clipped to PSD first, as Nash-MTL's.
+    G = solvers._psd(G)
     T = G.shape[0]
-    top = G.diagonal().max()
-    scale = torch.where(top > 0, top, torch.ones_like(top))
+    scale = solvers._scale(G)
     keep = solvers.nonzero(G)
     C = torch.where(keep[:, None] & keep[None, :], G / scale, 0.0) + torch.diag(torch.where(keep, 1e-13, 1.0))
     p = 1.0 - 1.0 / alpha
