@@ -35,7 +35,8 @@ fraction) whose comparisons have all resolved gets no more seeds. Tuning: ``comp
 
 Cells run one after another, or several at once (``compare.workers``: worker processes;
 ``compare.executor=ray``: Ray tasks), a seed's shared source stage before its cells
-(``mtl.executor``); the results do not depend on which ran them.
+(``mtl.executor``); with ``deterministic=true`` the results do not depend on which ran them
+(otherwise a cell's thread count can change float reductions, and so the last digits).
 
 A finished cell (its last stage wrote results.json) is skipped when the grid is rerun; an
 interrupted stage resumes from its last checkpoint. A budgeted grid rerun replays its
@@ -69,7 +70,7 @@ from mtl.stats import SeedBudget
 BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages", "groups", "merge")
 MERGE_ARGUMENTS = ("method", "coefficients", "top_k", "drop", "seed")  # kind merge: the method and its arguments
 COMMON_TRUNK = "common_trunk.pt"  # a merge cell's θ_0, written before its fine-tunes
-# How the cells run (mtl.executor), not what they compute: a grid may resume with other values.
+# How the cells run (mtl.executor), not what they compute (exactly so with deterministic=true): a grid may resume with other values.
 EXECUTION = ("compare.workers", "compare.threads", "compare.executor", "compare.ray_address")
 STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk", "architecture")
 

@@ -127,10 +127,11 @@ class Inline:
     slots = 1
 
     def __init__(self, cfg: DictConfig, root: Path):
-        self.cfg, self.root = cfg, root
-        if cfg.compare.threads:
-            import torch
+        import torch
 
+        self.cfg, self.root = cfg, root
+        self.threads = torch.get_num_threads()  # restored by close(): this process outlives the grid (tests, notebooks)
+        if cfg.compare.threads:
             torch.set_num_threads(cfg.compare.threads)
 
     def submit(self, job: Job, log) -> Future:
@@ -150,7 +151,9 @@ class Inline:
         pass
 
     def close(self) -> None:
-        pass
+        import torch
+
+        torch.set_num_threads(self.threads)
 
 
 def _start_worker(threads: int, devices) -> None:
