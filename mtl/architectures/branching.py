@@ -8,10 +8,11 @@ its own parameters, state-dict keys and gradients (``torch.func.stack_module_sta
 detach them); BatchNorm running statistics, updated in the stacked buffers, are copied back.
 ``architecture.batched`` chooses: true for vmap, false for a Python loop over the copies,
 null (the default) for vmap on CUDA, where one call per stage saves kernel launches, and the
-loop on CPU, where grouped convolutions cost more than separate ones: forward+backward with
-the loop took 0.7-1.0x the vmap time on seed_net (batch 64) and 0.4-0.6x on ResNet-18 (batch 8,
-32x32), at T = 2 and 10 on one CPU thread (``python -m mtl.bench.architectures``). A trunk with
-an op vmap cannot batch runs its copies in the loop (said once).
+loop on CPU, where grouped convolutions cost more than separate ones: the trainer's step with
+the loop took 0.54-0.81x the vmap time on seed_net (batch 64) and 0.44-0.63x on ResNet-18
+(batch 8, 32x32), at T = 2 and 10 on one CPU thread, one run (``python -m mtl.bench.architectures
+--loop --architectures cross_stitch ltb --threads 1``, with ``--trunk resnet18 --batch 8``). A
+trunk with an op vmap cannot batch runs its copies in the loop (said once).
 """
 
 from __future__ import annotations
