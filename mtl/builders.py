@@ -26,6 +26,7 @@ from mtl.data import BatchSource, shared_inputs
 from mtl.distributed import Context
 from mtl.features import DEFAULT_MAX_MB, FeatureCache
 from mtl.heads import HEADS, Head
+from mtl.model import MultiTaskModel
 from mtl.recipes import RECIPES, Recipe
 from mtl.registry import ComponentError, build
 from mtl.scheduler import SCHEDULERS, AllTasks, Sources, TaskScheduler
@@ -230,6 +231,18 @@ def build_architecture(cfg: DictConfig, trunk: Trunk, heads: dict[str, Head], ma
     ``make_trunk`` builds the further trunk copies some architectures are made of."""
     node = _plain(cfg.architecture)
     return _component(build, ARCHITECTURES, node, "architecture", trunk, heads, make_trunk, where="architecture")
+
+
+def build_eval_model(trunk: Any, task_nodes: dict[str, Any]) -> tuple[MultiTaskModel, dict[str, Task], dict[str, Splits]]:
+    """Hard sharing on the trunk config node ``trunk``, with fresh heads for ``task_nodes``
+    ({task: its config node}), and those tasks' data: the model that saved weights are loaded
+    into to evaluate them again (``mtl.forgetting``, ``mtl.merging``)."""
+    tasks, head_nodes = build_tasks(OmegaConf.create({"tasks": task_nodes}))
+    splits = load_datasets(tasks)
+    node = _plain(trunk)
+    feature_cache_setting(node)  # the framework's own keys, not the trunk's arguments
+    built = _component(build_trunk, node, where="trunk")
+    return MultiTaskModel(built, build_heads(built, tasks, head_nodes, splits)), tasks, splits
 
 
 def feature_cache_setting(node: dict[str, Any]) -> float | None:

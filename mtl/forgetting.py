@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from mtl import checkpoint, distributed
 
@@ -201,21 +200,14 @@ def evaluate_earlier(current: ChainStage, earlier: ChainStage, names: list[str])
     recipe that adds modules to the trunk is matched), the tasks and heads as ``earlier`` did."""
     import torch
 
-    from mtl.builders import build_heads, build_recipe, build_tasks, feature_cache_setting, import_plugins, load_datasets, resolve_device
+    from mtl.builders import build_eval_model, build_recipe, import_plugins, resolve_device
     from mtl.config import load_config
-    from mtl.model import MultiTaskModel
     from mtl.results import evaluate
-    from mtl.trunks import build_trunk
 
     now, then = load_config(current.dir / "config.yaml"), load_config(earlier.dir / "config.yaml")
     import_plugins(now)
     import_plugins(then)
-    tasks, head_nodes = build_tasks(OmegaConf.create({"tasks": {t: then.tasks[t] for t in names}}))
-    splits = load_datasets(tasks)
-    trunk_node = OmegaConf.to_container(now.trunk, resolve=True)
-    feature_cache_setting(trunk_node)  # the framework's own keys, not the trunk's arguments
-    trunk = build_trunk(trunk_node)
-    model = MultiTaskModel(trunk, build_heads(trunk, tasks, head_nodes, splits))
+    model, tasks, splits = build_eval_model(now.trunk, {t: then.tasks[t] for t in names})
     build_recipe(now).setup(model)
     device = resolve_device(now.device)
     trunk_state = _weights(current.dir, "trunk.", device)

@@ -202,14 +202,11 @@ def evaluate_merged(node: dict[str, Any], coefficients: list[float], base_path: 
     "merge", "trunk"}``: a stage's results.json content, what merge.json records (the λ grid
     with each validation score, the chosen λ, the seconds the merge itself took), and the
     merged trunk's state dict."""
-    from omegaconf import OmegaConf
 
     from mtl import checkpoint
-    from mtl.builders import build_heads, build_tasks, feature_cache_setting, import_plugins, load_datasets, resolve_device
+    from mtl.builders import build_eval_model, import_plugins, resolve_device
     from mtl.config import load_config
-    from mtl.model import MultiTaskModel
     from mtl.results import directions, evaluate, selection_score
-    from mtl.trunks import build_trunk
 
     start = time.perf_counter()
     method = build_method(node, "merge.method")
@@ -217,12 +214,7 @@ def evaluate_merged(node: dict[str, Any], coefficients: list[float], base_path: 
     first = next(iter(configs.values()))
     for cfg in configs.values():
         import_plugins(cfg)
-    tasks, head_nodes = build_tasks(OmegaConf.create({"tasks": {t: configs[t].tasks[t] for t in runs}}))
-    splits = load_datasets(tasks)
-    trunk_node = OmegaConf.to_container(first.trunk, resolve=True)
-    feature_cache_setting(trunk_node)  # the framework's own keys, not the trunk's arguments
-    trunk = build_trunk(trunk_node)
-    model = MultiTaskModel(trunk, build_heads(trunk, tasks, head_nodes, splits))
+    model, tasks, splits = build_eval_model(first.trunk, {t: configs[t].tasks[t] for t in runs})
     states = {t: _best_state(d) for t, d in runs.items()}
     for t, state in states.items():
         model.heads[t].load_state_dict({k[len(f"heads.{t}.") :]: v for k, v in state.items() if k.startswith(f"heads.{t}.")})
