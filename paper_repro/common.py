@@ -220,6 +220,30 @@ def left_right_table(df: pd.DataFrame, reference: str, prefix: str) -> tuple[pd.
     return out.join(ranks, on="method"), tests
 
 
+def left_right_findings(t: pd.DataFrame, m: int, prefix: str, reference: str, noun: str) -> list[str]:
+    """Sentences of a ``left_right_table`` from its verdicts only: what resolved against
+    single-task and against ``reference`` (column ``prefix``), the largest difference from the
+    reference, and what the p-values and ranks are."""
+    mtl = t[t["method"] != "single_task"]
+    lines = []
+    for column, baseline in (("delta_m_pct", "single-task"), (prefix, reference)):
+        rows = mtl.dropna(subset=[column])  # the reference has no difference from itself
+        better = rows[rows[column + "_verdict"] == "better"]["method"].tolist()
+        worse = rows[rows[column + "_verdict"] == "worse"]["method"].tolist()
+        lines.append(f"- Against {baseline} (Δm%, paired by seed): resolved better: {', '.join(better) or 'none'}; "
+                     f"resolved worse: {', '.join(worse) or 'none'}; not resolved (or, with one seed, not tested): "
+                     f"{len(rows) - len(better) - len(worse)} of {len(rows)}.")
+    rows = mtl.dropna(subset=[prefix])
+    if len(rows):
+        top = rows.loc[rows[prefix].abs().idxmax()]
+        lines.append(f"- The largest difference from {reference}: {top.method}, {ci(top[prefix], top[prefix + '_low'], top[prefix + '_high'])} "
+                     f"points of Δm%: {top[prefix + '_verdict']}.")
+    seeds = int(mtl["n_seeds"].min()) if len(mtl) else 0
+    lines.append(f"- p-values are Holm-corrected over the {m} tests of this file; mean ranks have percentile bootstrap "
+                 f"CIs over seeds ({seeds} seeds: a coarse interval); no ordering of {noun} is claimed beyond the verdicts.")
+    return lines
+
+
 def by_delta_m(out: pd.DataFrame) -> pd.DataFrame:
     """Single-task first, then the methods from the highest Δm% down."""
     mtl = out["method"] != "single_task"

@@ -24,7 +24,8 @@ from matplotlib.figure import Figure
 
 from mtl import stats
 from paper_repro.common import (
-    SMOKE, STUDIES, by_delta_m, ci, fmt, folders, left_right_table, markdown, parser, primary_test, provenance, run_grid, write,
+    SMOKE, STUDIES, by_delta_m, ci, fmt, folders, left_right_findings, left_right_table, markdown, parser, primary_test,
+    provenance, run_grid, write,
 )
 
 HERE = STUDIES / "architectures"
@@ -84,28 +85,6 @@ def table(df: pd.DataFrame) -> tuple[pd.DataFrame, list[stats.Difference]]:
     return by_delta_m(out), tests
 
 
-def findings(t: pd.DataFrame, m: int) -> list[str]:
-    """Sentences from the verdicts only: what resolved against each baseline, and the largest difference from hard sharing."""
-    mtl = t[t["method"] != "single_task"]
-    lines = []
-    for prefix, baseline, rows in (("delta_m_pct", "single-task", mtl), ("vs_hard_pct", "hard sharing", mtl[mtl["method"] != HARD])):
-        rows = rows.dropna(subset=[prefix])
-        better = rows[rows[prefix + "_verdict"] == "better"]["method"].tolist()
-        worse = rows[rows[prefix + "_verdict"] == "worse"]["method"].tolist()
-        lines.append(f"- Against {baseline} (Δm%, paired by seed): resolved better: {', '.join(better) or 'none'}; "
-                     f"resolved worse: {', '.join(worse) or 'none'}; not resolved (or, with one seed, not tested): "
-                     f"{len(rows) - len(better) - len(worse)} of {len(rows)}.")
-    rows = mtl[mtl["method"] != HARD].dropna(subset=["vs_hard_pct"])
-    if len(rows):
-        top = rows.loc[rows["vs_hard_pct"].abs().idxmax()]
-        lines.append(f"- The largest difference from hard sharing: {top.method}, {ci(top.vs_hard_pct, top.vs_hard_pct_low, top.vs_hard_pct_high)} "
-                     f"points of Δm%: {top.vs_hard_pct_verdict}.")
-    seeds = int(mtl["n_seeds"].min()) if len(mtl) else 0
-    lines.append(f"- p-values are Holm-corrected over the {m} tests of this file; mean ranks have percentile bootstrap "
-                 f"CIs over seeds ({seeds} seeds: a coarse interval); no ordering of architectures is claimed beyond the verdicts.")
-    return lines
-
-
 def verdict(r, prefix: str) -> str:
     mean = getattr(r, prefix)
     if pd.isna(mean):
@@ -141,7 +120,7 @@ def report(df: pd.DataFrame, results: Path, wall: float | None, smoke: bool) -> 
         "of early training, not of converged runs.",
         markdown(["method", "seeds", "left acc. (%)", "right acc. (%)", "Δm% vs single-task [95% CI], verdict",
                   "Δm% vs hard [95% CI], verdict", "mean rank [95% CI] ↓", "parameters (/ hard)", "time s (/ hard)"], body),
-        "## Findings (generated from the tests)\n\n" + "\n".join(findings(t, len(tests))),
+        "## Findings (generated from the tests)\n\n" + "\n".join(left_right_findings(t, len(tests), "vs_hard_pct", "hard sharing", "architectures")),
         "![Δm% with 95% CIs](delta_m.png)",
     ])
     write(results, "results.md", text)

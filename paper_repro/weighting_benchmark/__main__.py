@@ -23,7 +23,8 @@ from matplotlib.lines import Line2D
 
 from mtl import stats
 from paper_repro.common import (
-    SMOKE, STUDIES, by_delta_m, ci, fmt, folders, left_right_table, markdown, parser, primary_test, provenance, run_grid, write,
+    SMOKE, STUDIES, by_delta_m, ci, fmt, folders, left_right_findings, left_right_table, markdown, parser, primary_test,
+    provenance, run_grid, write,
 )
 from paper_repro.weighting_benchmark.published import SOURCE, tables_markdown
 
@@ -90,28 +91,6 @@ def table(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[stats.Differ
     return by_delta_m(out), tests
 
 
-def findings(t: pd.DataFrame, m: int) -> list[str]:
-    """Sentences from the verdicts only: what resolved, and the seeds the largest difference would need."""
-    mtl = t[t["method"] != "single_task"]
-    lines = []
-    for prefix, baseline in (("delta_m_pct", "single-task"), ("vs_equal_pct", "equal weighting")):
-        rows = mtl.dropna(subset=[prefix])
-        better = rows[rows[prefix + "_verdict"] == "better"]["method"].tolist()
-        worse = rows[rows[prefix + "_verdict"] == "worse"]["method"].tolist()
-        lines.append(f"- Against {baseline} (Δm%, paired by seed): resolved better: {', '.join(better) or 'none'}; "
-                     f"resolved worse: {', '.join(worse) or 'none'}; not resolved (or, with one seed, not tested): {len(rows) - len(better) - len(worse)} "
-                     f"of {len(rows)}.")
-    rows = mtl.dropna(subset=["vs_equal_pct"])
-    if len(rows):
-        top = rows.loc[rows["vs_equal_pct"].abs().idxmax()]
-        lines.append(f"- The largest difference from equal weighting: {top.method}, {ci(top.vs_equal_pct, top.vs_equal_pct_low, top.vs_equal_pct_high)} "
-                     f"points of Δm%: {top.vs_equal_pct_verdict}.")
-    seeds = int(mtl["n_seeds"].min()) if len(mtl) else 0
-    lines.append(f"- p-values are Holm-corrected over the {m} tests of this file; mean ranks have percentile bootstrap "
-                 f"CIs over seeds ({seeds} seeds: a coarse interval); no ordering of methods is claimed beyond the verdicts.")
-    return lines
-
-
 def report(df: pd.DataFrame, root: Path, results: Path, wall: float | None, smoke: bool) -> None:
     t, tests = table(df, root)
     t.to_csv(results / "results.csv", index=False)
@@ -136,7 +115,7 @@ def report(df: pd.DataFrame, root: Path, results: Path, wall: float | None, smok
         "240 steps (1.1 passes) with one untuned Adam setting: a ranking of early training, not of converged runs.",
         markdown(["method", "kind", "seeds", "left acc. (%)", "right acc. (%)", "Δm% vs single-task [95% CI]",
                   "Δm% vs equal [95% CI], verdict", "mean rank [95% CI] ↓", "step time / equal"], body),
-        "## Findings (generated from the tests)\n\n" + "\n".join(findings(t, len(tests))),
+        "## Findings (generated from the tests)\n\n" + "\n".join(left_right_findings(t, len(tests), "vs_equal_pct", "equal weighting", "methods")),
         "![Δm% against step time](delta_vs_time.png)",
         "## Published Δm% (for reference; lower is better there)\n\n" + tables_markdown()
         + f"\n\nSource: {SOURCE} (see published.py). These values are printed as published: a drop, "
