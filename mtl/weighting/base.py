@@ -51,6 +51,13 @@ class Weighting(nn.Module):
         """Each task's mean training loss over the epoch just ended (DWA's history)."""
 
 
+def checked_max_norm(value: float) -> float:
+    """A method's cap of the shared update's norm (``Weighting.max_norm``), checked: >= 0."""
+    if not value >= 0:
+        raise ValueError(f"weighting.max_norm must be >= 0 (0: no cap), got {value!r}.")
+    return float(value)
+
+
 class LossWeighting(Weighting):
     """``forward(losses [T]) -> scalar`` to back-propagate once."""
 

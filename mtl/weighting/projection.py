@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from mtl.weighting import solvers
-from mtl.weighting.base import GramianWeighting, register_weighting
+from mtl.weighting.base import GramianWeighting, checked_max_norm, register_weighting
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -144,9 +144,7 @@ class NashMTL(GramianWeighting):
 
     def __init__(self, tasks: Sequence[str], mode: str | None = None, max_norm: float = 1.0):
         super().__init__(tasks, mode)
-        if not max_norm >= 0:
-            raise ValueError(f"weighting.max_norm must be >= 0 (0: no cap), got {max_norm!r}.")
-        self.max_norm = float(max_norm)
+        self.max_norm = checked_max_norm(max_norm)
 
     def weigh(self, G: torch.Tensor) -> torch.Tensor:
         return solvers.nash_weights(G.to(solvers.DTYPE))

@@ -19,7 +19,9 @@ from typing import Sequence
 import torch
 
 from mtl.weighting import solvers
-from mtl.weighting.base import Aggregation, GradientWeighting, GramianWeighting, LossWeighting, compute_dtype, register_weighting
+from mtl.weighting.base import (
+    Aggregation, GradientWeighting, GramianWeighting, LossWeighting, checked_max_norm, compute_dtype, register_weighting,
+)
 from mtl.weighting.loss_level import _non_negative, _positive
 
 # Inside STCH's logs, as the authors' code: a loss of exactly 0 keeps a finite objective.
@@ -38,12 +40,6 @@ _SDMGRAD_SCALE_EPS = 1e-4
 def _count(value: int, arg: str, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"weighting.{arg} must be an int >= {low}, got {value!r}.")
-
-
-def _max_norm(value: float) -> float:
-    if not value >= 0:
-        raise ValueError(f"weighting.max_norm must be >= 0 (0: no cap), got {value!r}.")
-    return float(value)
 
 
 def simplex_projection(v: torch.Tensor) -> torch.Tensor:
@@ -235,7 +231,7 @@ class FairGrad(GramianWeighting):
         super().__init__(tasks, mode)
         _positive(alpha, "alpha")
         self.alpha = float(alpha)
-        self.max_norm = _max_norm(max_norm)
+        self.max_norm = checked_max_norm(max_norm)
 
     def weigh(self, G: torch.Tensor) -> torch.Tensor:
         return G.shape[0] * _fair_weights(G, self.alpha)
@@ -319,7 +315,7 @@ class SDMGrad(GramianWeighting):
         _non_negative(lamda, "lamda")
         _count(niter, "niter", 1)
         self.lamda, self.niter = float(lamda), niter
-        self.max_norm = _max_norm(max_norm)
+        self.max_norm = checked_max_norm(max_norm)
         self.register_buffer("simplex_weights", torch.full((self.num_tasks,), 1.0 / self.num_tasks, dtype=solvers.DTYPE))
 
     def weigh(self, G: torch.Tensor) -> torch.Tensor:
