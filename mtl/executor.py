@@ -159,10 +159,13 @@ class Inline:
 def _start_worker(threads: int, devices) -> None:
     """A worker process's set-up, once: its GPU (before torch sees CUDA), its threads, and
     Ctrl-C left to the trainer (it stops a stage at a step, with a checkpoint) instead of
-    killing the idle worker."""
+    killing the worker; one that arrives outside a training loop is kept for the next
+    (``mtl.signals.remember``)."""
+    from mtl import signals
+
     if devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signals.remember)
     import torch
 
     torch.set_num_threads(threads)

@@ -7,6 +7,17 @@ import signal
 import threading
 
 
+# Stop signals that reached a grid's worker process outside a training loop (while a stage was
+# built, evaluated or saved): the next deferred_signals block takes them, so the stage that
+# starts stops at its first step with a checkpoint instead of training to its end.
+requested: list[int] = []
+
+
+def remember(signum, frame) -> None:
+    """A worker process's handler between training loops: keep the signal for the next one."""
+    requested.append(signum)
+
+
 @contextlib.contextmanager
 def deferred_signals(on_signal):
     """SIGINT and SIGTERM call ``on_signal(signum)`` instead of interrupting, so the trainer can
@@ -25,6 +36,9 @@ def deferred_signals(on_signal):
     for sig in (signal.SIGINT, signal.SIGTERM):
         # None: a handler set outside Python, which cannot be put back; the default then.
         previous[sig] = signal.signal(sig, handle) or signal.SIG_DFL
+    if requested:
+        on_signal(requested[-1])
+        requested.clear()
     try:
         yield
     finally:

@@ -158,3 +158,18 @@ def test_ctrl_c_stops_every_worker_a_killed_worker_resumes_and_nothing_is_lost(t
     assert "its worker died (BrokenProcessPool); run again (1/2), resuming from its checkpoint" in log
     assert f"{stage.relative_to(out)}: resuming from step-" in log
     pd.testing.assert_frame_equal(results(out), serial)
+
+
+def test_a_stop_that_reached_a_worker_between_stages_stops_the_next_at_its_first_step(tmp_path):
+    """A worker keeps a Ctrl-C that arrives while no stage trains (``signals.remember``); the next
+    training loop takes it: one step, a checkpoint, KeyboardInterrupt, and nothing kept pending."""
+    from mtl import signals
+    from mtl.trainer import Trainer
+
+    from conftest import quick
+
+    trainer = Trainer(load_config(QUICKSTART, quick(tmp_path / "run", 2, 5)))
+    signals.remember(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT at step 1: checkpoint written"):
+        trainer.fit()
+    assert signals.requested == [] and (tmp_path / "run" / "checkpoints" / "step-000000001.pt").exists()
