@@ -520,7 +520,20 @@ def train_cell(cfg: DictConfig, cell: Cell, stages: list[int], targets: list[str
         stage = stage_config(cfg, cell, i, cell.dirs[i], start_of(cell, i), targets)
         Trainer(stage, cell=cell_identity(cell, i, targets), wandb_dir=root).fit()
         trained += 1
+    if cell.forgetting and trained and (cell.dirs[-1] / "results.json").exists():
+        # Here, in the job: left to the grid's report, every cell's matrix was evaluated one after
+        # another in the command's process after the workers had finished.
+        forgetting_matrix(cell, root, log)
     return trained
+
+
+def forgetting_matrix(cell: Cell, root: Path, log=print) -> dict[str, Any]:
+    """The finished sequential ``cell``'s accuracy matrix (``mtl.forgetting.matrix``), kept in its
+    folder: computed once, then read back while its checkpoints are unchanged."""
+    from mtl.forgetting import FILE, ChainStage, matrix
+
+    stages = [ChainStage(s.name, list(s.tasks), d) for s, d in zip(cell.stages, cell.dirs)]
+    return matrix(_cell_dir(root, cell) / FILE, stages, cell.forgetting, log)
 
 
 def start_of(cell: Cell, index: int) -> dict[str, Any]:
@@ -783,8 +796,8 @@ class Grid:
     def rows(self, cells: list[Cell] | None = None) -> list[dict[str, Any]]:
         """The long-form results of the finished ``cells`` (default: every planned cell): one row
         per task, split and metric of the cell's final model. A sequential cell also has the
-        earlier tasks it follows (val and test splits, from its forgetting matrix, computed here
-        on first use). Every row says which stages trained its task (``trained_first``,
+        earlier tasks it follows (val and test splits, from its forgetting matrix, computed by the
+        cell's job, or here when missing). Every row says which stages trained its task (``trained_first``,
         ``trained_last``, of ``stages``), its value right after that training
         (``after_training``), and, for a task trained before the last stage, its
         ``backward_transfer`` (final − after training, signed: negative is forgetting) and
@@ -809,7 +822,7 @@ class Grid:
             if cell.serve is not None:  # the grouping's parameters are all groups'
                 params = {key: sum(r["parameters"][key] for r in loaded.values()) for key in ("trainable", "total")}
             if cell.forgetting:
-                m = self.forgetting(cell)
+                m = forgetting_matrix(cell, self.root, self.log)
                 after = m["after"]
                 for t in cell.forgetting:
                     info = m["tasks"][t]
@@ -850,13 +863,6 @@ class Grid:
                             }
                         )
         return rows
-
-    def forgetting(self, cell: Cell) -> dict[str, Any]:
-        """The finished sequential ``cell``'s accuracy matrix (``mtl.forgetting.matrix``), kept in its folder."""
-        from mtl.forgetting import FILE, ChainStage, matrix
-
-        stages = [ChainStage(s.name, list(s.tasks), d) for s, d in zip(cell.stages, cell.dirs)]
-        return matrix(_cell_dir(self.root, cell) / FILE, stages, cell.forgetting, self.log)
 
 
 def run_compare(cfg: DictConfig, log=print) -> dict[str, Any]:

@@ -98,6 +98,23 @@ def test_every_earlier_task_is_followed_by_default_and_none_on_request(tmp_path)
     assert followed(CHAIN.format(name="c", extra=""))["c"] == ["mnist", "shifted"]
 
 
+def test_the_cells_job_leaves_its_matrix_so_the_report_evaluates_nothing(tmp_path, one_thread, capsys):
+    """A worker's job computes its cell's matrix (in parallel with the other jobs); the grid's
+    rows then read it back instead of evaluating every cell in the command's process."""
+    from mtl.compare import Grid, _cell_dir, roles, train_cell
+    from mtl.config import load_config
+    from mtl.forgetting import FILE
+
+    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", "compare.seeds=[0]", "compare.fractions=[0.5]", *SHORT])
+    grid = Grid(cfg)
+    cell = next(c for c in grid.cells if c.label == "sequential/linear_probe")
+    assert train_cell(cfg, cell, list(range(len(cell.stages))), roles(cfg)[0], tmp_path) == 2
+    assert (_cell_dir(tmp_path, cell) / FILE).exists()
+    capsys.readouterr()
+    rows = grid.rows([cell])
+    assert {r["task"] for r in rows} == {"mnist", "digits"} and "forgetting:" not in capsys.readouterr().out
+
+
 # ---- a real grid: single-task, sequential (linear probe, fine-tune), a 3-stage chain, joint ----
 
 
