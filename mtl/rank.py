@@ -183,7 +183,7 @@ def build_scores(nodes: Any) -> dict[str, TransferabilityScore]:
 @dataclass
 class Validation:
     """Each score's rank correlation with the transfer `mtl compare` measured from the same
-    candidates: the weighted Kendall τ (scipy.stats.weightedtau, as LogME's paper reports it)
+    candidates (those the score applies to, at least 3): the weighted Kendall τ (scipy.stats.weightedtau, as LogME's paper reports it)
     between the candidates' scores and their mean primary test metric over seeds, with a
     percentile bootstrap CI over seeds (the seeds resampled alike for every candidate: a seed
     fixes a comparison's labelled subset and initialisation).
@@ -279,15 +279,19 @@ class Validation:
                     base = rows_of_score["candidate"].str.replace(r"/seed\d+$", "", regex=True)
                     value = rows_of_score.groupby(base)["value"].mean()
                     x = np.array([value.get(label, np.nan) for label in by_candidate])
+                    # Over the candidates the score applies to (LEEP and NCE need a source classifier,
+                    # which a random trunk lacks): a correlation of fewer than 3 says nothing.
+                    scored = ~np.isnan(x)
+                    x, m = x[scored], measured[scored]
                     row = {"target": target, "measure": measure, "score": name, "candidates": len(x), "seeds": len(seeds)}
-                    if np.isnan(x).any():
+                    if len(x) < 3:
                         rows.append({**row, "tau_w": math.nan, "ci_low": math.nan, "ci_high": math.nan, "verdict": "not applicable"})
                         continue
-                    tau = scipy.stats.weightedtau(x, measured.mean(1)).statistic
+                    tau = scipy.stats.weightedtau(x, m.mean(1)).statistic
                     if len(seeds) < 2:
                         low = high = math.nan
                     else:
-                        boot = np.array([scipy.stats.weightedtau(x, measured[:, d].mean(1)).statistic for d in draws])
+                        boot = np.array([scipy.stats.weightedtau(x, m[:, d].mean(1)).statistic for d in draws])
                         low, high = np.nanpercentile(boot, [2.5, 97.5])
                     verdict = ("not resolved (one seed, no CI)" if math.isnan(low) else
                                "agrees" if low > 0 else "disagrees" if high < 0 else "not resolved")

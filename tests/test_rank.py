@@ -259,6 +259,7 @@ def test_validation_tau_and_its_bootstrap_ci(tmp_path):
     assert (v.loc[("fine_tune", "logme"), "ci_low"], v.loc[("fine_tune", "logme"), "ci_high"]) == (pytest.approx(1.0), pytest.approx(1.0))
     assert v.loc[("scratch", "logme"), "tau_w"] == pytest.approx(-1.0) and v.loc[("scratch", "logme"), "verdict"] == "disagrees"
     assert v.loc[("fine_tune", "leep"), "verdict"] == "not applicable"  # no source heads: no LEEP to correlate
+    assert v.loc[("fine_tune", "leep"), "candidates"] == 0
     assert "Scores against measured transfer" in out["markdown"] and out["validation_csv"].is_file()
 
 
@@ -316,3 +317,20 @@ def test_validate_judges_the_rank_node_without_scoring(tmp_path, capsys):
     assert "rank.candidates.run.run: gone is not a finished training run" in capsys.readouterr().err
     assert main(["validate", path, "--for", "train"]) == 0
     assert "`mtl rank`" not in capsys.readouterr().out
+
+
+def test_validation_of_a_score_counts_only_the_candidates_it_applies_to(tmp_path):
+    """LEEP needs a source classifier: three finished runs have one, a random trunk does not. LEEP
+    is correlated over the three, LogME over all four."""
+    runs = {k: _source_run(tmp_path / k, seed=s)[0] for k, s in zip("abc", (1, 2, 3))}
+    candidates = {**{k: {"run": str(r)} for k, r in runs.items()}, "d": {"trunk": {"hidden": WIDTHS["d"]}}}
+    per_seed = {"a": {0: 0.6, 1: 0.62}, "b": {0: 0.7, 1: 0.71}, "c": {0: 0.8, 1: 0.79}, "d": {0: 0.5, 1: 0.52}}
+    measures = {"fine_tune": {k: _results(tmp_path / f"res_{k}", "sequential/fine_tune", v) for k, v in per_seed.items()}}
+    path = _config(tmp_path, candidates, scores=["logme", "leep"], validate={"measures": measures, "resamples": 100})
+    out = rank(*load(path), log=lambda _: None)
+    scores = out["table"].pivot(index="candidate", columns="score", values="value")
+    v = out["validation"].set_index("score")
+    assert v.loc["leep", "candidates"] == 3 and v.loc["logme", "candidates"] == 4
+    means = {k: np.mean(list(p.values())) for k, p in per_seed.items()}
+    expected = scipy.stats.weightedtau([scores.loc[k, "leep"] for k in "abc"], [means[k] for k in "abc"]).statistic
+    assert v.loc["leep", "tau_w"] == pytest.approx(expected)
