@@ -20,8 +20,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The demo's cells run in parallel, one worker process per core, at most 4 (each worker holds
+# its own torch); on one core the grid runs in this process. DEMO_WORKERS=1 runs it serially.
+DEMO_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 demo: install
-	$(BIN)/mtl compare configs/quickstart.yaml
+	$(BIN)/mtl compare configs/quickstart.yaml compare.workers=$(DEMO_WORKERS)
 
 # Never fails the build: without root or apt the data stays missing and its tests skip.
 data:
