@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), ~key deletes a key")
     g.add_argument("--every", type=int, default=10, help="measure the affinity every k steps (default 10; 1: every step)")
     g.add_argument("--groups", type=int, default=None, help="propose groupings of at most 1, ..., G groups (default: one per task)")
-    g.add_argument("--steps", type=int, default=None, help="training steps (default: trainer.epochs x the steps of an epoch)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="train one epoch of N steps, i.e. trainer.epochs=1 trainer.steps_per_epoch=N (default: the config's epochs)")
     ls = sub.add_parser("list", help="what is registered; with NAME, its docstring and config arguments")
     ls.add_argument("kind", choices=sorted(KINDS))
     ls.add_argument("name", nargs="?", help="one component, e.g. `mtl list weightings pcgrad`")
@@ -95,7 +96,8 @@ def cmd_group(config: str, overrides: Sequence[str], every: int, groups: int | N
     out = GroupRun(cfg, every, groups, steps, command=[config, *overrides]).run()
     print()
     print(out["markdown"])
-    print(f"written: {cfg.output_dir}/affinity.csv (per measured step, from -> onto), groups.md, groups.json")
+    print(f"written: {cfg.output_dir}/affinity.csv (per measured step, from -> onto), groups.md, groups.json; "
+          "and as by mtl train: results.json, metrics.jsonl, config.yaml, checkpoints/")
     return 0
 
 

@@ -1,43 +1,42 @@
 """`mtl group`: which tasks should train together, from one joint run (TAG, ``mtl.affinity``).
 
-The config's tasks train jointly, as ``mtl train`` would (its trunk, heads, optimizer, LR
-schedule, loss weighting and recipe), for ``--steps`` steps; every ``--every`` steps the
-lookahead affinity of each task onto each other is measured on the step's batch. Written to
-the run directory (``output_dir``):
+The config's tasks train jointly on the trainer (``mtl.trainer.Trainer``), as ``mtl train``
+would (its trunk, heads, optimizer, LR schedule, loss weighting and recipe), with
+``engine.affinity_every=--every``: every ``--every``-th step the training step measures the
+lookahead affinity of each task onto each other on the step's batch (``mtl.step.Affinity``;
+Fifty et al. 2021, "Efficiently Identifying Task Groupings for Multi-Task Learning"), leaving
+the trained weights as they would be without it. ``--steps N`` trains one epoch of N steps
+(``trainer.epochs=1 trainer.steps_per_epoch=N``: the LR schedule spans the N steps, a recipe
+stays in its first epoch). As ``mtl train`` does, each epoch is validated and checkpointed and
+the best model is evaluated at the end (results.json, whose ``affinity`` is the mean below,
+metrics.jsonl with each log interval's mean matrix, checkpoints/; ``resume=true`` continues a
+stopped run, and a finished one needs it or another output_dir). Written besides to the run
+directory (``output_dir``, marked as written by ``mtl group``):
 
   affinity.csv   one row per measured step, task stepped on (from) and task measured (onto)
   groups.json    the mean affinity matrix, the best grouping for each number of groups,
-                 its score, and the step times with and without the measurement
+                 its score, and the median training-step times with and without the measurement
   groups.md      the same as tables, with the `mtl compare` overrides that run each grouping
-  metrics.jsonl  each measurement's matrix and the training losses (W&B too, when enabled)
-
-No checkpoint is written and nothing is evaluated: the run exists to measure the affinities.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import shlex
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from mtl.affinity import MAX_TASKS, Grouping, LookaheadAffinity, NonFiniteAffinity, check_affinity, select_groups
-from mtl.builders import build_components, build_lr_schedule, build_optimizer, build_recipe, build_scheduler, input_groups, resolve_device
-from mtl.config import ConfigError, read_yaml, save_config, to_dict
-from mtl.data import BatchSource, shared_inputs
-from mtl.loggers import build_loggers
-from mtl.losses import task_losses
+from mtl.affinity import MAX_TASKS, Grouping, select_groups
+from mtl.config import ConfigError, read_yaml
+from mtl.loggers import Loggers
 from mtl.results import write_json, write_text
-from mtl.scheduler import AllTasks, Sources
-from mtl.trainer import mark_written_by, seed_everything, written_by
-from mtl.weighting import WEIGHTINGS, LossWeighting
+from mtl.scheduler import AllTasks
+from mtl.trainer import Trainer, written_by
 
 MARK = "group"
 
@@ -52,17 +51,28 @@ def check_arguments(every: int, max_groups: int | None, steps: int | None) -> No
         raise ConfigError(f"--steps: must be >= 1, got {steps}.")
 
 
+def group_config(cfg: DictConfig, every: int, steps: int | None) -> DictConfig:
+    """The config the trainer runs (and config.yaml records): the affinity every ``every``
+    steps, ``steps`` as one epoch of that many, and W&B's default job type ``group``."""
+    run = cfg.copy()
+    run.engine.affinity_every = every
+    if steps is not None:
+        run.trainer.epochs, run.trainer.steps_per_epoch = 1, steps
+    if run.logging.wandb.job_type == "train":
+        run.logging.wandb.job_type = MARK
+    return run
+
+
 class GroupRun:
-    """``GroupRun(cfg, every, max_groups, steps)`` builds and checks everything; ``run()`` trains,
-    measures, selects and writes."""
+    """``GroupRun(cfg, every, max_groups, steps)`` builds the trainer and checks everything,
+    writing nothing; ``run()`` trains, selects the groupings and writes."""
 
     def __init__(self, cfg: DictConfig, every: int = 10, max_groups: int | None = None, steps: int | None = None,
                  command: list[str] | None = None):
         check_arguments(every, max_groups, steps)
-        self.cfg, self.every = cfg, every
+        self.every = every
         # The config path and overrides of this run, which the printed `mtl compare` commands repeat.
         self.command = command
-        t = cfg.trainer
         if len(cfg.tasks) < 2:
             raise ConfigError(f"tasks: `mtl group` measures how tasks affect each other and needs two or more; the config has "
                               f"{len(cfg.tasks)} ({', '.join(cfg.tasks)}). Add tasks under tasks.")
@@ -78,175 +88,48 @@ class GroupRun:
         if other not in (None, MARK):
             raise ConfigError(f"output_dir: {str(self.run_dir)!r} holds the files of `mtl {other}`; choose another output_dir, "
                               f"e.g. output_dir={self.run_dir}-group.")
-        if cfg.weighting.name in WEIGHTINGS:  # checked before the data loads; an import path is checked once built
-            self._check_weighting(WEIGHTINGS.get(cfg.weighting.name))
-        self.device = resolve_device(cfg.device)
-        seed_everything(cfg.seed, cfg.deterministic)
-        parts = build_components(cfg)
-        self.tasks, self.splits = parts.tasks, parts.splits
-        self.names = list(self.tasks)
-        self.model, self.weighting = parts.model.to(self.device), parts.weighting.to(self.device)
-        self._check_weighting(type(self.weighting))
-        self.recipe = build_recipe(cfg)
-        self.recipe.setup(self.model)
-        self._check_trunk_trains()
-        groups = self.recipe.param_groups(self.model)
-        weighting_params = list(self.weighting.parameters())
-        if weighting_params:
-            groups.append({"params": weighting_params, "lr_scale": 1.0, "weight_decay": 0.0, "name": "weighting"})
-        self.optimizer = build_optimizer(cfg, groups)
-        self.groups = input_groups(self.tasks, self.splits)
-        self.sources = {
-            name: BatchSource(shared_inputs([self.splits[m].train for m in members]), t.batch_size, self.device, seed=cfg.seed + i,
-                              on_device=t.data_on_device, device_limit_mb=t.device_data_limit_mb, num_workers=t.num_workers)
-            for i, (name, members) in enumerate(self.groups.items())
-        }
-        sizes = Sources(samples={n: s.n for n, s in self.sources.items()}, batches={n: s.batches_per_pass for n, s in self.sources.items()},
-                        seed=cfg.seed, epochs=t.epochs, fixed_epoch=t.steps_per_epoch)
-        self.scheduler = build_scheduler(cfg, sizes)
-        if not isinstance(self.scheduler, AllTasks):
+        self.cfg = group_config(cfg, every, steps)
+        # The trainer refuses a gradient-level weighting and torchrun itself (engine.affinity_every).
+        self.trainer = Trainer(self.cfg, command=MARK)
+        if not isinstance(self.trainer.scheduler, AllTasks):
             raise ConfigError(f"scheduler: the affinity of task i onto task j needs both tasks' batches at every measured step; "
                               f"{cfg.scheduler.name!r} samples tasks. Use scheduler.name=all.")
-        self.steps_per_epoch = self.scheduler.steps_per_epoch
-        self.steps = steps if steps is not None else t.epochs * self.steps_per_epoch
-        self.lr_schedule = build_lr_schedule(cfg, self.optimizer, self.steps)
-        self.affinity = self._lookahead()
-
-    def _check_weighting(self, cls: type) -> None:
-        if not issubclass(cls, LossWeighting):
-            loss_level = [n for n in WEIGHTINGS.names() if issubclass(WEIGHTINGS.get(n), LossWeighting)]
-            raise ConfigError(f"weighting: `mtl group` trains with a loss-level weighting (TAG's joint run sums the losses); "
-                              f"{self.cfg.weighting.name!r} is gradient-level. Use weighting.name=equal, or one of {', '.join(loss_level)}.")
-
-    def _lookahead(self) -> LookaheadAffinity:
-        """Over the trunk parameters that train now (a recipe may unfreeze more each epoch)."""
-        trunk = [p for p in self.model.trunk.parameters() if p.requires_grad]
-        return LookaheadAffinity(self.optimizer, trunk, list(self.model.buffers()))
+        self._check_trunk_trains()
+        self.names = list(self.trainer.weighting.tasks)
+        self.affinity = self.trainer.update.affinity
+        self.affinity.record()
 
     def _check_trunk_trains(self) -> None:
-        """Affinity is the effect of one task's step on the shared trunk: a frozen trunk has none."""
-        epochs = self.cfg.trainer.epochs
-        for epoch in self.recipe.distinct_epochs(self.model, epochs):
-            self.recipe.start_epoch(self.model, epoch)
-            if not any(p.requires_grad for p in self.model.trunk.parameters()):
+        """Affinity is the effect of one task's step on the shared parameters: a frozen trunk has none."""
+        model, recipe = self.trainer.model, self.trainer.recipe
+        for epoch in recipe.distinct_epochs(model, self.cfg.trainer.epochs):
+            recipe.start_epoch(model, epoch)  # the trainer sets each epoch's own again when it starts it
+            if not any(p.requires_grad for p in model.shared_parameters()):
                 raise ConfigError(f"recipe: {self.cfg.recipe.name!r} freezes the trunk in epoch {epoch + 1}, where no task's step changes "
                                   "another's loss; `mtl group` needs the trunk to train: use recipe.name=fine_tune.")
-        self.recipe.start_epoch(self.model, 0)
 
-    # -- training ---------------------------------------------------------------------
-
-    def run(self, log=print) -> dict[str, Any]:
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # A rerun replaces an earlier `mtl group` run's files; its log would otherwise grow by a second run.
-        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        mark_written_by(self.run_dir, MARK)
-        save_config(cfg, self.run_dir / "config.yaml")
-        wandb = cfg.logging.wandb.copy()
-        if wandb.job_type == "train":
-            wandb.job_type = MARK
-        self.loggers = build_loggers(wandb, self.run_dir, to_dict(cfg), resume=False)
-        try:
-            rows, matrices, times = self._train(log)
-            out = self._finish(rows, matrices, times)
-        except BaseException as e:
-            self.loggers.close(exit_code=130 if isinstance(e, KeyboardInterrupt) else 1)
-            raise
-        self.loggers.close()
-        return out
-
-    def _train(self, log):
-        rows: list[dict[str, Any]] = []
-        matrices: list[torch.Tensor] = []
-        times: dict[str, list[float]] = {"plain": [], "affinity": []}
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        bf16 = self.cfg.trainer.precision == "bf16"
-        log_every = self.cfg.logging.log_every
-        sums = torch.zeros(len(self.names), device=self.device)
-        count = 0
-        epoch = 0
-        self.model.train()
-        for step in range(self.steps):
-            if step // self.steps_per_epoch != epoch:
-                epoch = step // self.steps_per_epoch
-                self.recipe.start_epoch(self.model, min(epoch, self.cfg.trainer.epochs - 1))
-                self.affinity = self._lookahead()
-            measure = step % self.every == 0
-            sync()
-            start = time.perf_counter()
-            names = self.scheduler.tasks_for_step(step)
-            batches = {n: self.sources[n].next() for n in names}
-            inputs = {n: b[0] for n, b in batches.items()}
-            targets = {task: y for n, b in batches.items() for task, y in zip(self.groups[n], b[1:])}
-
-            def evaluate() -> torch.Tensor:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    found = task_losses(self.tasks, self.model.forward_groups(inputs, self.groups), targets)
-                return torch.stack([found[t] for t in self.names])
-
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                losses = task_losses(self.tasks, self.model.forward_groups(inputs, self.groups), targets)
-                vector = torch.stack([losses[t] for t in self.weighting.tasks])
-                total = self.weighting(vector)
-                penalty = self.recipe.penalty(self.model)
-                if measure:
-                    grads = self.affinity.gradients(torch.stack([losses[t] for t in self.names]))
-                (total if penalty is None else total + penalty).backward()
-            if not bool(torch.isfinite(vector).all()):
-                bad = [f"task {t!r} loss {v}" for t, v in zip(self.weighting.tasks, vector.tolist()) if not math.isfinite(v)]
-                raise NonFiniteAffinity(f"step {step}: non-finite loss ({', '.join(bad)}); lower trainer.optimizer.lr or set trainer.grad_clip.")
-            if measure:
-                z, before, after = self.affinity(grads, evaluate)
-                check_affinity(z, before, after, self.names, step)
-                matrices.append(z.cpu())
-                rows += self._rows(step, z, before, after)
-                self.loggers.log({f"affinity/{a}/{b}": float(z[i, j]) for i, a in enumerate(self.names) for j, b in enumerate(self.names)}, step)
-            if self.cfg.trainer.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
-            self.optimizer.step()
-            self.lr_schedule.step()
-            after_step = None
-            if self.weighting.wants_losses_after_step:
-                with torch.no_grad():
-                    after_step = evaluate()
-            self.weighting.update(vector.detach(), after_step)
-            sync()
-            times["affinity" if measure else "plain"].append(time.perf_counter() - start)
-            sums += torch.stack([losses[t].detach().float() for t in self.names])
-            count += 1
-            if (step + 1) % log_every == 0 or step + 1 == self.steps:
-                means = (sums / count).tolist()
-                self.loggers.log({f"train/{t}/batch_loss": v for t, v in zip(self.names, means)}, step + 1)
-                log(f"step {step + 1}/{self.steps}: " + ", ".join(f"{t} {v:.4f}" for t, v in zip(self.names, means)))
-                sums.zero_()
-                count = 0
-        return rows, matrices, times
-
-    def _rows(self, step: int, z, before, after) -> list[dict[str, Any]]:
-        lr = self.optimizer.param_groups[0]["lr"]
-        return [
-            {"step": step, "lr": lr, "from": a, "onto": b, "affinity": float(z[i, j]), "loss_before": float(before[j]), "loss_after": float(after[i, j])}
-            for i, a in enumerate(self.names) for j, b in enumerate(self.names)
-        ]
+    def run(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        self.trainer.fit(report=lambda results, loggers: found.update(self._finish(results, loggers)))
+        return found
 
     # -- results ----------------------------------------------------------------------
 
-    def _finish(self, rows, matrices, times) -> dict[str, Any]:
-        mean = torch.stack(matrices).mean(dim=0)
+    def _finish(self, results: dict[str, Any], loggers: Loggers) -> dict[str, Any]:
+        matrix = results["affinity"]
+        mean = torch.tensor([[matrix[a][b] for b in self.names] for a in self.names])
         groupings = select_groups(mean, self.names, self.max_groups)
-        timing = step_times(times, self.every)
-        matrix = {a: {b: float(mean[i, j]) for j, b in enumerate(self.names)} for i, a in enumerate(self.names)}
         result = {
             "tasks": self.names,
-            "steps": self.steps,
+            "steps": results["steps"],
             "every": self.every,
-            "measured_steps": len(matrices),
+            "measured_steps": results["affinity_steps"],
             "affinity": matrix,
             "groupings": [{"max_groups": g, "groups": s.groups, "score": s.score, "serving": s.serving, "onto": s.onto}
                           for g, s in groupings.items()],
-            "step_time": timing,
+            "step_time": step_times(self.affinity.times, self.every),
         }
+        rows = self.affinity.rows()
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -262,27 +145,28 @@ class GroupRun:
                     for g, s in groupings.items() if len(s.groups) > 1}
         markdown = report(result, commands)
         write_text(markdown, self.run_dir / "groups.md")
-        self._log_wandb(mean, result)
+        self._log_wandb(loggers, mean, result)
         return {**result, "markdown": markdown, "commands": commands}
 
-    def _log_wandb(self, mean: torch.Tensor, result: dict[str, Any]) -> None:
+    def _log_wandb(self, loggers: Loggers, mean: torch.Tensor, result: dict[str, Any]) -> None:
         summary = {f"affinity_mean/{a}/{b}": v for a, row in result["affinity"].items() for b, v in row.items()}
         for g in result["groupings"]:
             summary[f"grouping/{g['max_groups']}/score"] = g["score"]
             summary[f"grouping/{g['max_groups']}/groups"] = " | ".join(", ".join(m) for m in g["groups"])
-        self.loggers.log_summary(summary)
-        for logger in self.loggers.loggers:
+        loggers.log_summary(summary)
+        for logger in loggers.loggers:
             run = getattr(logger, "run", None)
             if run is not None:  # the W&B run: the mean matrix as a table (rows: the task stepped on)
                 import wandb
 
                 table = wandb.Table(columns=["from", *self.names], data=[[a, *map(float, mean[i].tolist())] for i, a in enumerate(self.names)])
-                run.log({"affinity_matrix": table, "global_step": self.steps})
+                run.log({"affinity_matrix": table, "global_step": result["steps"]})
 
 
 def step_times(times: dict[str, list[float]], every: int) -> dict[str, float]:
-    """Median step times (the first step of each kind is left out: it pays for allocations and
-    lazy initialisation) and what the measurement costs a run at ``every``."""
+    """Median training-step times as ``mtl.step.Affinity`` timed them (the first step of each
+    kind is left out: it pays for allocations and lazy initialisation) and what the measurement
+    costs the training steps of a run at ``every``."""
     plain = statistics.median(times["plain"][1:] or times["plain"]) if times["plain"] else float("nan")
     measured = statistics.median(times["affinity"][1:] or times["affinity"])
     ratio = measured / plain
@@ -337,13 +221,13 @@ def report(result: dict[str, Any], commands: dict[int, list[str]]) -> str:
     lines += ["", "## Cost", ""]
     if t["plain_steps"]:
         lines.append(
-            f"Median step {t['plain_s'] * 1e3:.1f} ms without the measurement ({t['plain_steps']} steps), {t['affinity_s'] * 1e3:.1f} ms "
-            f"with it ({t['affinity_steps']} steps): ×{t['ratio']:.2f} at a measured step, ×{t['run_ratio']:.2f} for the run at --every "
-            f"{result['every']}."
+            f"Median training step {t['plain_s'] * 1e3:.1f} ms without the measurement ({t['plain_steps']} steps), {t['affinity_s'] * 1e3:.1f} ms "
+            f"with it ({t['affinity_steps']} steps): ×{t['ratio']:.2f} at a measured step, ×{t['run_ratio']:.2f} for the run's training "
+            f"steps at --every {result['every']} (drawing the batches, validation and checkpoints are not timed)."
         )
     else:
-        lines.append(f"Median step {t['affinity_s'] * 1e3:.1f} ms, every step measured: no step without the measurement to compare with "
-                     "(--every 2 or more gives both).")
+        lines.append(f"Median training step {t['affinity_s'] * 1e3:.1f} ms, every step measured: no step without the measurement to "
+                     "compare with (--every 2 or more gives both).")
     if commands:
         lines += ["", "## Run a grouping against all-joint and single-task", "",
                   "Each group becomes a joint regime of its own (`groupK`); read each task's row in its serving group's regime.", ""]

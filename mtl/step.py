@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -196,6 +198,11 @@ class Step:
 
     def step(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One update from one batch; the task losses. Raises ``NonFiniteError`` (nothing applied)."""
+        if self.affinity is not None and self.affinity.times is not None:
+            return self.affinity.timed(lambda: self._update(inputs, targets))
+        return self._update(inputs, targets)
+
+    def _update(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         try:
             measure = self.affinity is not None and self.count % self.affinity.every == 0
@@ -346,7 +353,12 @@ class Affinity:
     parameters from the step's own forward, a step of the run's optimizer on each alone, every
     task's loss after it on the same batch, then the state restored bit for bit (training is
     the same with or without it). Z is summed on the device; ``interval()`` gives the mean since
-    the last log line, ``summary()`` the run's."""
+    the last log line, ``summary()`` the run's.
+
+    ``record()`` (``mtl group``) also keeps each measurement (its step, LR, Z and the losses
+    before and after, on the device until ``rows()`` reads them) and times every step, measured
+    or not, for the cost of the measurement; both are checkpointed with the sums. Without it the
+    step pays for neither."""
 
     def __init__(self, step: Step, every: int):
         self.step, self.every = step, every
@@ -354,6 +366,11 @@ class Affinity:
         self.sums = torch.zeros(2, T, T, device=step.running.sums.device)  # row 0: since the last log; row 1: the run
         self.counts = [0, 0]
         self._grads: list[list[torch.Tensor]] | None = None
+        self.records: list[dict[str, Any]] | None = None
+        self.times: dict[str, list[float]] | None = None  # seconds per step: "affinity" (measured) and "plain"
+
+    def record(self) -> None:
+        self.records, self.times = [], {"plain": [], "affinity": []}
 
     def _lookahead(self) -> LookaheadAffinity:
         # Built per measurement: the trainable shared parameters change with a recipe's epochs.
@@ -375,6 +392,34 @@ class Affinity:
         check_affinity(z, before, after, tasks, step.count)
         self.sums += z.to(self.sums.dtype)
         self.counts = [c + 1 for c in self.counts]
+        if self.records is not None:
+            self.records.append({"step": step.count, "lr": step.optimizer.param_groups[0]["lr"], "z": z, "before": before, "after": after})
+
+    def timed(self, update: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``update()`` (one step), its wall time added to the measured or the plain steps'. On a
+        GPU the device is synchronised before and after, so that the time is the step's own work;
+        a step that raises (a skipped non-finite step) is not counted."""
+        kind = "affinity" if self.step.count % self.every == 0 else "plain"
+        device = self.sums.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = update()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.times[kind].append(time.perf_counter() - start)
+        return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per recorded measurement and pair of tasks: step, lr, from (the task stepped
+        on), onto (the task measured), affinity, loss_before, loss_after."""
+        tasks = self.step.weighting.tasks
+        out = []
+        for r in self.records or []:
+            z, before, after = r["z"].tolist(), r["before"].tolist(), r["after"].tolist()
+            out += [{"step": r["step"], "lr": r["lr"], "from": a, "onto": b, "affinity": z[i][j], "loss_before": before[j],
+                     "loss_after": after[i][j]} for i, a in enumerate(tasks) for j, b in enumerate(tasks)]
+        return out
 
     def _means(self, row: int) -> dict[tuple[str, str], float]:
         tasks = self.step.weighting.tasks
@@ -399,11 +444,15 @@ class Affinity:
         return {"affinity": matrix, "affinity_steps": self.counts[1], "affinity_every": self.every}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.sums, "counts": list(self.counts)}
+        recorded = {} if self.records is None else {"records": self.records, "times": self.times}
+        return {"sums": self.sums, "counts": list(self.counts), **recorded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums.copy_(state["sums"])
         self.counts = list(state["counts"])
+        if self.records is not None and "records" in state:
+            self.records = list(state["records"])
+            self.times = {kind: list(seconds) for kind, seconds in state["times"].items()}
 
 
 def build_step(model: Architecture, tasks: dict[str, Task], groups: dict[str, list[str]], weighting: Weighting, *args: Any,

@@ -13,6 +13,7 @@ import contextlib
 import signal
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,11 @@ class Trainer:
 
     ``mtl compare`` also passes ``cell``, the identity of the comparison cell this stage
     belongs to (the W&B run config's ``cell``), and ``wandb_dir``, the one folder that holds
-    the W&B files of every run of the comparison (default: the run directory)."""
+    the W&B files of every run of the comparison (default: the run directory). ``command``:
+    the command the run directory is marked as written by (``mtl group`` trains through here)."""
 
-    def __init__(self, cfg: DictConfig, cell: dict[str, Any] | None = None, wandb_dir: Path | None = None):
-        self.cfg, self.cell, self.wandb_dir = cfg, cell, wandb_dir
+    def __init__(self, cfg: DictConfig, cell: dict[str, Any] | None = None, wandb_dir: Path | None = None, command: str = "train"):
+        self.cfg, self.cell, self.wandb_dir, self.command = cfg, cell, wandb_dir, command
         t = cfg.trainer
         # Settings read at every step, as plain values: an OmegaConf lookup costs tens of microseconds.
         self._log_every, self._checkpoint_every, self._skip_nonfinite = cfg.logging.log_every, t.checkpoint_every, t.on_nonfinite == "skip"
@@ -70,11 +72,13 @@ class Trainer:
     def step(self) -> int:
         return self.state.step
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, report: Callable[[dict[str, Any], Loggers], None] | None = None) -> dict[str, Any]:
         """Train the stage and return its results (also written to results.json).
 
         Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and raises
-        ``KeyboardInterrupt``; a second one stops at once. ``resume=true`` continues exactly."""
+        ``KeyboardInterrupt``; a second one stops at once. ``resume=true`` continues exactly.
+        ``report(results, loggers)``: called on rank 0 once the results are written, before the
+        loggers close, for a command's own outputs in the same W&B run (``mtl group``'s groupings)."""
         self._open_run()
         try:
             with deferred_signals(self._on_signal):
@@ -86,11 +90,13 @@ class Trainer:
             raise
         finally:
             self.dir.writer.close()
-        return self._finish()
+        return self._finish(report)
 
     def _open_run(self) -> None:
         """The first write to the run directory: nothing is written while the setup is checked."""
         self.dir.open(self.cfg)
+        if self.command != "train" and self.dist.is_main:
+            mark_written_by(self.dir.path, self.command)  # RunDir.open marks every run as `mtl train`'s
         if self._resume_state is not None:
             self.state.load_state_dict(self._resume_state)
         if not self.dist.is_main:  # only rank 0 writes files and talks to W&B
@@ -213,7 +219,7 @@ class Trainer:
             self.loggers.log({"stopped": "interrupted" if interrupted else type(error).__name__, "reason": str(error) or type(error).__name__}, self.step)
         self.loggers.close(exit_code=130 if interrupted else 1)
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, report: Callable[[dict[str, Any], Loggers], None] | None = None) -> dict[str, Any]:
         self.dist.barrier()  # rank 0 has written best.pt
         best = checkpoint.load(self.dir.best, map_location=self.device)
         self.model.load_state_dict(best["model"])
@@ -244,6 +250,8 @@ class Trainer:
         final = {k: v for split, m in splits.items() for k, v in flatten(split, m).items()}
         self.loggers.log(final, self.step)
         self.loggers.log_summary({**final, "best_epoch": best["epoch"], "parameters/total": results["parameters"]["total"]})
+        if report is not None and self.dist.is_main:
+            report(results, self.loggers)
         self.loggers.close()
         self.dist.barrier()  # the next stage of a comparison reads these files on every rank
         return results

@@ -1,5 +1,6 @@
 """`mtl group` end to end on two tiny tabular tasks: its files, the W&B run, the compare
-overrides it prints, training untouched by the measurement, and bad input."""
+overrides it prints, training untouched by the measurement, the trainer's numbers in its
+outputs, resuming, and bad input."""
 
 import csv
 import json
@@ -18,7 +19,7 @@ from conftest import QUICKSTART, ROOT
 
 WINE = str(ROOT / "configs" / "tabular_wine.yaml")
 # Two tasks on one MLP trunk: wine twice, on two different splits (its own batches each).
-TWO = ["tasks.wine2.name=wine", "tasks.wine2.split_seed=1", "logging.wandb.mode=disabled", "logging.log_every=2"]
+TWO = ["tasks.wine2.name=wine", "tasks.wine2.split_seed=1", "logging.wandb.mode=disabled", "logging.log_every=2", "logging.progress_bar=false"]
 
 
 def test_cli_writes_affinity_groups_and_prints_the_table(tmp_path, capsys, one_thread):
@@ -41,6 +42,10 @@ def test_cli_writes_affinity_groups_and_prints_the_table(tmp_path, capsys, one_t
     assert timing["affinity_steps"] == 3 and timing["plain_steps"] == 2 and timing["ratio"] > 1
     assert "## Cost" in (out / "groups.md").read_text()
     assert json.loads((out / "written_by.json").read_text()) == {"command": "group"}
+    # --steps 5: one epoch of 5 steps, trained, validated and checkpointed as `mtl train` does.
+    trained = json.loads((out / "results.json").read_text())
+    assert trained["steps"] == 5 and trained["epochs"] == 1 and trained["affinity"] == result["affinity"]
+    assert read_yaml(out / "config.yaml")["engine"]["affinity_every"] == 2
 
 
 @pytest.mark.parametrize("weighting", ["equal", "uncertainty", "famo"])  # famo: losses after the step; uncertainty: its own parameters
@@ -49,8 +54,9 @@ def test_training_does_not_depend_on_when_affinity_is_measured(tmp_path, weighti
     for every in (1, 3):
         cfg = load_config(WINE, [f"output_dir={tmp_path / str(every)}", *TWO, f"weighting.name={weighting}"])
         run = GroupRun(cfg, every=every, steps=4)
-        run.run(log=lambda line: None)
-        models.append({**run.model.state_dict(), **{f"weighting.{k}": v for k, v in run.weighting.state_dict().items()}})
+        run.run()
+        trained = run.trainer
+        models.append({**trained.model.state_dict(), **{f"weighting.{k}": v for k, v in trained.weighting.state_dict().items()}})
     assert "every step measured: no step without the measurement" in (tmp_path / "1" / "groups.md").read_text()
     for (name, a), b in zip(models[0].items(), models[1].values()):
         assert torch.equal(a, b), name
@@ -61,14 +67,15 @@ def test_wandb_offline_run_holds_the_matrix(tmp_path, one_thread):
     from test_wandb import read_records
 
     out = tmp_path / "g"
-    overrides = [f"output_dir={out}", *TWO[:2], "logging.wandb.mode=offline", "--steps", "4", "--every", "2"]
+    overrides = [f"output_dir={out}", *(o for o in TWO if "wandb" not in o), "logging.wandb.mode=offline", "--steps", "4", "--every", "2"]
     assert main(["group", WINE, *overrides]) == 0
     records = read_records(out)
     run = next(r["run"] for r in records if r["type"] == "run")
     assert run["job_type"] == "group"
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     measured = [h for h in history if "affinity/wine/wine2" in h]
-    assert [h["global_step"] for h in measured] == [0, 2]
+    # The trainer's log intervals of 2 steps, each with the mean of its one measurement (steps 0 and 2).
+    assert [h["global_step"] for h in measured] == [2, 4]
     (logged,) = [h for h in history if "affinity_matrix._type" in h]  # the mean matrix as a W&B table
     assert logged["affinity_matrix._type"] == "table-file"
     (table,) = (out / "wandb").glob("offline-run-*/files/media/table/affinity_matrix_*.table.json")
@@ -81,6 +88,38 @@ def test_wandb_offline_run_holds_the_matrix(tmp_path, one_thread):
     assert summary["affinity_mean/wine/wine2"] == pytest.approx(written["affinity"]["wine"]["wine2"])
     assert table["columns"] == ["from", "wine", "wine2"]
     assert table["data"] == [[a, *(pytest.approx(written["affinity"][a][b]) for b in ("wine", "wine2"))] for a in ("wine", "wine2")]
+
+
+def test_the_mean_is_the_trainers_and_the_rows_average_to_it(tmp_path, one_thread):
+    """`mtl group --every 2 --steps 6` and `mtl train` of the same config with
+    engine.affinity_every=2 over one epoch of 6 steps measure the same affinity; affinity.csv's
+    rows average to it."""
+    group, train = tmp_path / "group", tmp_path / "train"
+    assert main(["group", WINE, f"output_dir={group}", *TWO, "--steps", "6", "--every", "2"]) == 0
+    assert main(["train", WINE, f"output_dir={train}", *TWO, "engine.affinity_every=2", "trainer.epochs=1", "trainer.steps_per_epoch=6"]) == 0
+    grouped = json.loads((group / "groups.json").read_text())
+    trained = json.loads((train / "results.json").read_text())
+    assert grouped["affinity"] == trained["affinity"] and grouped["measured_steps"] == trained["affinity_steps"] == 3
+    rows = list(csv.DictReader((group / "affinity.csv").open()))
+    for a, row in trained["affinity"].items():
+        for b, mean in row.items():
+            mine = [float(r["affinity"]) for r in rows if (r["from"], r["onto"]) == (a, b)]
+            assert len(mine) == 3 and mean == pytest.approx(sum(mine) / 3, rel=1e-6)
+
+
+def test_a_resumed_run_keeps_the_rows_and_times_of_its_first_part(tmp_path, one_thread):
+    """The measurements and step times are checkpointed with the run: a run of 2 epochs resumed
+    to 3 writes the rows of an uninterrupted 3-epoch run; a finished run is rerun with resume=true."""
+    epochs = ["trainer.steps_per_epoch=3", "--every", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(["group", WINE, f"output_dir={full}", *TWO, "trainer.epochs=3", *epochs]) == 0
+    assert main(["group", WINE, f"output_dir={part}", *TWO, "trainer.epochs=2", *epochs]) == 0
+    assert main(["group", WINE, f"output_dir={part}", *TWO, "trainer.epochs=3", *epochs]) == 2  # a run is there: resume=true or another output_dir
+    assert main(["group", WINE, f"output_dir={part}", *TWO, "trainer.epochs=3", *epochs, "resume=true"]) == 0
+    a, b = (list(csv.DictReader((r / "affinity.csv").open())) for r in (full, part))
+    assert a == b and [int(r["step"]) for r in a[::4]] == [0, 2, 4, 6, 8]
+    timing = json.loads((part / "groups.json").read_text())["step_time"]
+    assert timing["affinity_steps"] == 5 and timing["plain_steps"] == 4
 
 
 def test_printed_compare_overrides_plan_the_grouping_as_one_regime():
@@ -110,7 +149,7 @@ def test_compare_overrides_of_a_config_without_regimes_name_the_baselines():
     (["--groups", "0"], "--groups: must be >= 1"),
     (["--groups", "3"], "--groups: 3 groups for 2 tasks"),
     (["~tasks.wine2"], "tasks: `mtl group` measures how tasks affect each other and needs two or more"),
-    (["weighting.name=mgda"], "weighting: `mtl group` trains with a loss-level weighting"),
+    (["weighting.name=mgda"], "weighting 'mgda' is gradient-level; use weighting.name=equal"),  # the trainer's check
     (["scheduler.name=round_robin"], "scheduler: the affinity of task i onto task j needs both tasks' batches"),
     (["recipe.name=linear_probe"], "recipe: 'linear_probe' freezes the trunk in epoch 1"),
 ])
