@@ -409,7 +409,7 @@ def build_run(cfg: DictConfig, dist: Context, device: torch.device) -> Run:
     )
     scheduler = build_scheduler(cfg, sizes)
     check_weighting(cfg, weighting, scheduler, inputs, model)
-    check_affinity_every(cfg, weighting, dist)
+    check_affinity_every(cfg, weighting, dist, scheduler, recipe, model)
     lr_schedule = build_lr_schedule(cfg, optimizer, t.epochs * scheduler.steps_per_epoch)
     engine = {"every": cfg.engine.every, "chunk": cfg.engine.jacobian_chunk, "staged": cfg.engine.staged_gramian,
               "record_every": cfg.logging.log_every}
@@ -458,18 +458,26 @@ def check_weighting(cfg: DictConfig, weighting: Weighting, scheduler: TaskSchedu
             raise ConfigError(f"weighting.mode: {e} Use weighting.mode=parameters.") from None
 
 
-def check_affinity_every(cfg: DictConfig, weighting: Weighting, dist: Context) -> None:
-    """TAG's lookahead runs in the step of a loss-level weighting, in one process."""
+def check_affinity_every(cfg: DictConfig, weighting: Weighting, dist: Context, scheduler: TaskScheduler, recipe: Recipe,
+                         model: Architecture) -> None:
+    """TAG's lookahead runs in the step of a loss-level weighting, in one process, with every
+    task's batch at each step and shared parameters that train."""
     if not cfg.engine.affinity_every:
         return
+    where = "engine.affinity_every: TAG's lookahead affinity"
     if isinstance(weighting, GradientWeighting):
-        why = f"weighting {cfg.weighting.name!r} is gradient-level; use weighting.name=equal (or another loss-level one)"
-    elif dist.active:
-        why = "torchrun runs several processes; measure it in one"
-    else:
-        return
-    raise ConfigError(f"engine.affinity_every: TAG's lookahead affinity is measured in the step of a loss-level weighting in one "
-                      f"process, and {why}, or set engine.affinity_every=0.")
+        raise ConfigError(f"{where} is measured in the step of a loss-level weighting; weighting {cfg.weighting.name!r} is "
+                          "gradient-level: use weighting.name=equal (or another loss-level one).")
+    if dist.active:
+        raise ConfigError(f"{where} is measured in one process; torchrun runs several: measure it without torchrun.")
+    if not isinstance(scheduler, AllTasks):
+        raise ConfigError(f"{where} of task i onto task j needs both tasks' batches at every measured step; scheduler "
+                          f"{cfg.scheduler.name!r} samples tasks: use scheduler.name=all.")
+    for epoch in recipe.distinct_epochs(model, cfg.trainer.epochs):
+        recipe.start_epoch(model, epoch)  # the trainer sets each epoch's own again when it starts it
+        if not any(p.requires_grad for p in model.shared_parameters()):
+            raise ConfigError(f"{where} is the effect of one task's step on the shared parameters, and recipe {cfg.recipe.name!r} "
+                              f"freezes them in epoch {epoch + 1}: use recipe.name=fine_tune.")
 
 
 def check_shards(cfg: DictConfig, sources: dict[str, BatchSource], dist: Context) -> None:

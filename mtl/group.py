@@ -35,7 +35,6 @@ from mtl.affinity import MAX_TASKS, Grouping, select_groups
 from mtl.config import ConfigError, read_yaml
 from mtl.loggers import Loggers
 from mtl.results import write_json, write_text
-from mtl.scheduler import AllTasks
 from mtl.trainer import Trainer, written_by
 
 MARK = "group"
@@ -89,24 +88,12 @@ class GroupRun:
             raise ConfigError(f"output_dir: {str(self.run_dir)!r} holds the files of `mtl {other}`; choose another output_dir, "
                               f"e.g. output_dir={self.run_dir}-group.")
         self.cfg = group_config(cfg, every, steps)
-        # The trainer refuses a gradient-level weighting and torchrun itself (engine.affinity_every).
+        # The trainer refuses what TAG cannot measure (builders.check_affinity_every): a gradient-level
+        # weighting, torchrun, a scheduler that samples tasks, a recipe that freezes the trunk.
         self.trainer = Trainer(self.cfg, command=MARK)
-        if not isinstance(self.trainer.scheduler, AllTasks):
-            raise ConfigError(f"scheduler: the affinity of task i onto task j needs both tasks' batches at every measured step; "
-                              f"{cfg.scheduler.name!r} samples tasks. Use scheduler.name=all.")
-        self._check_trunk_trains()
         self.names = list(self.trainer.weighting.tasks)
         self.affinity = self.trainer.update.affinity
         self.affinity.record()
-
-    def _check_trunk_trains(self) -> None:
-        """Affinity is the effect of one task's step on the shared parameters: a frozen trunk has none."""
-        model, recipe = self.trainer.model, self.trainer.recipe
-        for epoch in recipe.distinct_epochs(model, self.cfg.trainer.epochs):
-            recipe.start_epoch(model, epoch)  # the trainer sets each epoch's own again when it starts it
-            if not any(p.requires_grad for p in model.shared_parameters()):
-                raise ConfigError(f"recipe: {self.cfg.recipe.name!r} freezes the trunk in epoch {epoch + 1}, where no task's step changes "
-                                  "another's loss; `mtl group` needs the trunk to train: use recipe.name=fine_tune.")
 
     def run(self) -> dict[str, Any]:
         found: dict[str, Any] = {}

@@ -247,7 +247,9 @@ def test_the_step_measures_affinity_without_changing_training(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["weighting.name=mgda"], r"engine.affinity_every: .* weighting 'mgda' is gradient-level; use weighting.name=equal"),
+    (["weighting.name=mgda"], r"engine.affinity_every: .* weighting 'mgda' is gradient-level: use weighting.name=equal"),
+    (["scheduler.name=round_robin"], r"engine.affinity_every: .* scheduler 'round_robin' samples tasks: use scheduler.name=all"),
+    (["recipe.name=linear_probe"], r"engine.affinity_every: .* recipe 'linear_probe' freezes them in epoch 1: use recipe.name=fine_tune"),
     (["engine.affinity_every=-1"], r"engine.affinity_every: must be >= 0 \(0: no affinity\), got -1"),
 ])
 def test_affinity_in_the_step_refuses_what_it_cannot_measure(tmp_path, extra, message):

@@ -149,9 +149,10 @@ def test_compare_overrides_of_a_config_without_regimes_name_the_baselines():
     (["--groups", "0"], "--groups: must be >= 1"),
     (["--groups", "3"], "--groups: 3 groups for 2 tasks"),
     (["~tasks.wine2"], "tasks: `mtl group` measures how tasks affect each other and needs two or more"),
-    (["weighting.name=mgda"], "weighting 'mgda' is gradient-level; use weighting.name=equal"),  # the trainer's check
-    (["scheduler.name=round_robin"], "scheduler: the affinity of task i onto task j needs both tasks' batches"),
-    (["recipe.name=linear_probe"], "recipe: 'linear_probe' freezes the trunk in epoch 1"),
+    # The trainer's checks (builders.check_affinity_every), which `mtl train engine.affinity_every=K` shares:
+    (["weighting.name=mgda"], "weighting 'mgda' is gradient-level: use weighting.name=equal"),
+    (["scheduler.name=round_robin"], "scheduler 'round_robin' samples tasks: use scheduler.name=all"),
+    (["recipe.name=linear_probe"], "recipe 'linear_probe' freezes them in epoch 1: use recipe.name=fine_tune"),
 ])
 def test_bad_input_is_one_clear_error_before_training(tmp_path, args, message, one_thread):
     out = tmp_path / "g"
