@@ -76,8 +76,9 @@ class EngineConfig:
     # stage between the trunk's cuts, never holding all of J (less memory, the same update); false forms J.
     staged_gramian: bool = True
     # TAG's lookahead inter-task affinity (Fifty et al. 2021) every k steps of a loss-level weighting
-    # (0: off): logged as affinity/<from>/<onto>, its mean over the run in results.json; costs one
-    # no-grad forward per task at a measured step (mtl group chooses groupings from it).
+    # (0: off): logged as affinity/<from>/<onto>, its mean over the run in results.json. A measured
+    # step adds the T tasks' gradients (one batched backward), T lookahead optimizer steps and T + 1
+    # no-grad forwards (mtl group chooses groupings from it and prints what it cost).
     affinity_every: int = 0
 
 
