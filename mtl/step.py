@@ -209,7 +209,10 @@ class Step:
             with self._autocast():
                 losses, vector = self._backward(inputs, targets, measure)
             if measure:
-                self.affinity.measure(inputs, targets)
+                if bool(torch.isfinite(vector).all()):
+                    self.affinity.measure(inputs, targets)
+                else:  # not measured: the step is skipped or stops the run below, as any non-finite step
+                    self.affinity.discard()
             if self.dist.active:
                 self.dist.mean_([p.grad for p in self._params if p.grad is not None])
             problem = self.clip(losses, vector)
@@ -379,6 +382,10 @@ class Affinity:
 
     def gradients(self, vector: torch.Tensor) -> None:
         self._grads = self._lookahead().gradients(vector)
+
+    def discard(self) -> None:
+        """Drop the gradients ``gradients`` took: a step with a non-finite loss is not measured."""
+        self._grads = None
 
     def measure(self, inputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
         step, tasks = self.step, self.step.weighting.tasks

@@ -152,3 +152,21 @@ def test_a_checkpoint_of_an_older_training_state_layout_is_refused_with_the_fix(
     checkpoint.save(state, path)
     with pytest.raises(ConfigError, match=r"resume: .* another version of mtl \(training-state format 1, this one reads 2\).*init_from="):
         Trainer(load_config(QUICKSTART, quick(run, 2, 2, "resume=true")))
+
+
+def test_a_non_finite_loss_at_a_measured_affinity_step_is_skipped_not_measured(tmp_path):
+    """With trainer.on_nonfinite=skip, a NaN loss at a step that measures TAG's affinity is an
+    ordinary skipped step (NonFiniteError, nothing applied), not a NonFiniteAffinity that ends the run."""
+    from mtl.engine import NonFiniteError
+    from mtl.trainer import Trainer
+
+    t = Trainer(load_config(QUICKSTART, quick(tmp_path / "run", 1, 4, "engine.affinity_every=1", "trainer.on_nonfinite=skip")))
+    inputs, targets, _ = t.feed.next(list(t.sources))
+    before = [p.detach().clone() for p in t.model.parameters()]
+    poisoned = {name: torch.full_like(x, float("nan")) for name, x in inputs.items()}
+    with pytest.raises(NonFiniteError):
+        t.update.step(poisoned, targets)
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+    assert t.update.affinity.counts == [0, 0]
+    t.update.step(inputs, targets)  # the next measured step measures
+    assert t.update.affinity.counts == [1, 1]
