@@ -111,6 +111,21 @@ def architectures() -> str:
             f"highest mean {best['method']} {best['delta_m_pct']:+.2f} (not a verdict)")
 
 
+def transferability() -> str:
+    results = STUDIES / "transferability" / "results"
+    v = pd.read_csv(results / "validation.csv")
+    g = pd.read_csv(results / "groupings.csv")
+    tested = v[v["verdict"] != "not applicable"]
+    counts = tested["verdict"].value_counts()
+    proposed = g[g["proposed"]].iloc[0]
+    place = int((g["delta_m_pct"] > proposed["delta_m_pct"]).sum()) + 1
+    return (f"five scores against measured fine-tune and linear-probe accuracy, {v['target'].nunique()} targets, up to "
+            f"{int(v['candidates'].max())} candidates, {int(v['seeds'].max())} seeds (τ_w, bootstrap CI): "
+            f"{counts.get('agrees', 0)} agree, {counts.get('disagrees', 0)} disagree, {counts.get('not resolved', 0)} not resolved "
+            f"of {len(tested)}; TAG's proposed grouping of four tasks is {place} of {len(g)} groupings by mean Δm%, against all-joint: "
+            f"{proposed['vs_joint_verdict'] if isinstance(proposed['vs_joint_verdict'], str) else 'n/a'}")
+
+
 LINES = {
     "transfer_claims": ("transfer_claims/", transfer_claims),
     "transfer_claims_10seeds": ("transfer_claims/", transfer_claims_10seeds),
@@ -118,6 +133,7 @@ LINES = {
     "weighting_benchmark": ("weighting_benchmark/", weighting_benchmark),
     "transfer_recipes": ("transfer_recipes/", transfer_recipes),
     "architectures": ("architectures/", architectures),
+    "transferability": ("transferability/", transferability),
 }
 
 

@@ -353,3 +353,30 @@ def test_architectures_smoke_runs_every_architecture(tmp_path):
     text = (results / "results.md").read_text()
     assert "Δm% vs hard [95% CI], verdict" in text and "MultiMNIST" in text
     assert set(pd.read_csv(results / "per_seed.csv")["seed"]) == {0} and (results / "delta_m.png").exists()
+
+
+def test_transferability_groupings_are_every_split_into_one_or_two_groups():
+    from paper_repro.transferability.__main__ import grouping_regimes, partitions
+
+    splits = partitions(["a", "b", "c"])
+    assert splits == [[["a", "b", "c"]], [["a"], ["b", "c"]], [["a", "b"], ["c"]], [["a", "c"], ["b"]]]
+    assert len(partitions(["a", "b", "c", "d"])) == 1 + 7  # all-joint, 4 splits 3+1, 3 splits 2+2
+    # A proposal that is one of the splits is that regime; an overlapping one is its own, with TAG's serving groups.
+    regimes, label = grouping_regimes(["a", "b", "c"], {"groups": [["c", "b"], ["a"]], "serving": {}})
+    assert label == "g_a__b_c" and "tag" not in regimes and set(regimes) >= {"single_task", "joint"}
+    regimes, label = grouping_regimes(["a", "b", "c"], {"groups": [["a", "b"], ["b", "c"]], "serving": {"a": 0, "b": 1, "c": 1}})
+    assert label == "tag" and regimes["tag"] == {"kind": "groups", "groups": [["a", "b"], ["b", "c"]], "serve": {"a": 0, "b": 1, "c": 1}}
+
+
+@pytest.mark.slow
+def test_transferability_smoke_scores_ranks_and_groupings(tmp_path):
+    results = smoke("transferability", tmp_path)
+    validation = pd.read_csv(results / "validation.csv")
+    # Four candidates for fine-tune (random init, three sources); LEEP and NCE only where a source classifier exists.
+    rows = validation.set_index(["measure", "score"])
+    assert rows.loc[("fine_tune", "logme"), "candidates"] == 4 and rows.loc[("fine_tune", "leep"), "candidates"] == 3
+    assert rows.loc[("linear_probe", "logme"), "candidates"] == 3 and set(validation["seeds"]) == {1}
+    groupings = pd.read_csv(results / "groupings.csv")
+    assert len(groupings) >= 8 and groupings["proposed"].sum() == 1  # all-joint, the 7 splits of four tasks, TAG's proposal among them or added
+    text = (results / "results.md").read_text()
+    assert "Target digits at fraction 0.05" in text and "Kendall τ between TAG's score" in text
