@@ -1,4 +1,5 @@
-"""Tabular tasks from scikit-learn's bundled datasets (offline): wine, breast cancer, diabetes.
+"""Tabular tasks from the datasets scikit-learn and statsmodels ship (offline): wine, breast
+cancer, diabetes (sklearn); Fair's survey of affairs (statsmodels, ``pip install 'mtl[tabular]'``).
 
 Inputs are 1-D feature vectors for the ``mlp`` trunk (``trunk: {name: mlp, in_features:
 N}``). Features are standardized with the mean and (population) std of the training
@@ -43,6 +44,63 @@ def tabular_splits(x: torch.Tensor, y: torch.Tensor, task: Task) -> Splits:
     x, _, _ = _standardize(x, train)
     train = subsample(train, task.train_fraction, task.subset_seed)
     return Splits(*(TensorDataset(x[i], y[i]) for i in (train, val, test)))
+
+
+# Fair (1978), "A Theory of Extramarital Affairs", J. Political Economy 86(1): 6,366 women of a
+# 1974 Redbook survey. Both tasks read the same seven columns, so one trunk serves both.
+FAIR_FEATURES = ("age", "yrs_married", "children", "religious", "educ", "occupation", "occupation_husb")
+
+
+@lru_cache(maxsize=1)
+def _load_fair() -> Any:
+    try:
+        import statsmodels.api as sm
+    except ImportError:
+        raise ImportError("the fair_* tasks read statsmodels' bundled `fair` dataset: pip install 'mtl[tabular]' "
+                          "(or make install).") from None
+    return sm.datasets.fair.load_pandas().data
+
+
+def _fair_features() -> torch.Tensor:
+    return torch.as_tensor(_load_fair()[list(FAIR_FEATURES)].to_numpy(), dtype=torch.float32)
+
+
+@register_task("fair_affair")
+class FairAffair(ClassificationTask):
+    """Fair's affairs survey (statsmodels): did the woman have an affair (affairs > 0; 32 % yes),
+    2 classes, 6,366 samples × 7 features (age, years married, children, religiousness,
+    education, her and her husband's occupation). Split 70/10/20 by split_seed.
+
+    Metrics: accuracy (primary) and macro F1, higher is better.
+    """
+
+    input_shape = (len(FAIR_FEATURES),)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(num_classes=2, **kwargs)
+
+    def build_datasets(self) -> Splits:
+        y = torch.tensor((_load_fair()["affairs"] > 0).to_numpy()).long()
+        return tabular_splits(_fair_features(), y, self)
+
+
+@register_task("fair_marriage")
+class FairMarriage(ClassificationTask):
+    """Fair's affairs survey (statsmodels): the woman's rating of her marriage (1 very poor to
+    5 very good) as 5 classes, from the same 7 features and rows as ``fair_affair``, a source
+    for it. Split 70/10/20 by split_seed.
+
+    Metrics: accuracy (primary) and macro F1, higher is better.
+    """
+
+    input_shape = (len(FAIR_FEATURES),)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(num_classes=5, **kwargs)
+
+    def build_datasets(self) -> Splits:
+        y = torch.tensor(_load_fair()["rate_marriage"].to_numpy()).long() - 1
+        return tabular_splits(_fair_features(), y, self)
 
 
 @register_task("wine")

@@ -320,3 +320,29 @@ def test_tabular_wine_config_validates():
     parts = build_components(cfg)
     assert set(parts.model.heads) == {"wine"}
     assert main(["validate", str(ROOT / "configs" / "tabular_wine.yaml")]) == 0
+
+
+def test_fair_tasks_share_rows_and_features_and_label_affairs_and_marriage_ratings():
+    pytest.importorskip("statsmodels", reason="pip install 'mtl[tabular]'")
+    affair, marriage = tab.FairAffair(), tab.FairMarriage()
+    a, m = affair.build_datasets(), marriage.build_datasets()
+    assert affair.input_shape == marriage.input_shape == (7,) and (affair.num_outputs, marriage.num_outputs) == (2, 5)
+    for (_, x), (_, y) in zip(a.items(), m.items()):  # the same rows in every split: one trunk reads both
+        assert torch.equal(x.tensors[0], y.tensors[0])
+    labels = torch.cat([ds.tensors[1] for _, ds in a.items()])
+    ratings = torch.cat([ds.tensors[1] for _, ds in m.items()])
+    # statsmodels' fair: 2,053 of 6,366 women report affairs > 0; ratings 1..5 are counted 99, 348, 993, 2242, 2684.
+    assert len(labels) == 6366 and int(labels.sum()) == 2053
+    assert torch.bincount(ratings, minlength=5).tolist() == [99, 348, 993, 2242, 2684]
+    check_head(affair, a)
+
+
+def test_fair_without_statsmodels_names_the_extra(monkeypatch):
+    import sys
+
+    tab._load_fair.cache_clear()
+    monkeypatch.setitem(sys.modules, "statsmodels", None)
+    monkeypatch.setitem(sys.modules, "statsmodels.api", None)
+    with pytest.raises(ImportError, match=r"pip install 'mtl\[tabular\]'"):
+        tab.FairAffair().build_datasets()
+    tab._load_fair.cache_clear()
