@@ -368,6 +368,17 @@ def test_transferability_groupings_are_every_split_into_one_or_two_groups():
     assert label == "tag" and regimes["tag"] == {"kind": "groups", "groups": [["a", "b"], ["b", "c"]], "serve": {"a": 0, "b": 1, "c": 1}}
 
 
+def test_transferability_rank_config_of_the_tabular_target(tmp_path):
+    from paper_repro.transferability.__main__ import MLP, pair_overrides, rank_config
+
+    node = rank_config("affair", 0.02, ["marriage", "marriage_brief"], tmp_path)
+    assert node["trunk"] == MLP and node["rank"]["max_samples"] == 89  # 2 % of 4,456 training rows
+    # Two sources: the fine-tune measure has random initialisation as a third candidate, the probe none.
+    assert set(node["rank"]["validate"]["measures"]) == {"fine_tune"}
+    brief = pair_overrides("affair", "marriage_brief", False)
+    assert "compare.stages.source.trainer.steps_per_epoch=10" in brief and any(o.startswith("trunk={") and "mlp" in o for o in brief)
+
+
 @pytest.mark.slow
 def test_transferability_smoke_scores_ranks_and_groupings(tmp_path):
     results = smoke("transferability", tmp_path)

@@ -5,7 +5,8 @@
     python -m paper_repro.transferability --report-only
 
 Part 1, sources: for each target (digits at 0.05, 63 labelled images; Fashion-MNIST at 0.002,
-108 images), one `mtl compare` grid per candidate source (base.yaml with the pair's tasks):
+108 images; Fair's affairs survey at 0.02, 89 labelled rows, on an MLP), one `mtl compare` grid
+per candidate source (base.yaml with the pair's tasks):
 the source stage once per seed, then a linear probe and a full fine-tune of the target; the
 first pair of a target also trains it from scratch (single_task, the random-initialisation
 candidate). `mtl rank` then scores every seed's source trunk (and a random trunk) on the
@@ -53,14 +54,24 @@ TASKS: dict[str, dict[str, Any]] = {
     "mf_left": {"name": "multi_fashion_left"},
     "fm_digit": {"name": "multi_fashion_mnist_left"},
     "fm_item": {"name": "multi_fashion_mnist_right"},
+    # Tabular, 7 features: Fair's survey (statsmodels); both tasks read the same columns and rows.
+    "affair": {"name": "fair_affair"},
+    "marriage": {"name": "fair_marriage"},
+    "marriage_brief": {"name": "fair_marriage"},  # the same source, pretrained for 10 steps instead of 300
 }
+# What a candidate source's grid sets beside its task.
+SOURCE_OVERRIDES = {"marriage_brief": ["compare.stages.source.trainer.epochs=1", "compare.stages.source.trainer.steps_per_epoch=10"]}
+SEED_NET = {"name": "seed_net"}
+MLP = {"name": "mlp", "in_features": 7, "hidden": [64, 64], "dropout": 0.1}
+TRUNKS = {"affair": MLP}  # a target's trunk (default SEED_NET: the image targets)
 # target -> (its labelled fraction, its sources); a source never shares the target's images.
 TARGETS = {
     "digits": (0.05, ["mnist", "fashion", "mm_left", "mm_right", "mf_left", "fm_digit", "fm_item"]),
     "fashion": (0.002, ["mnist", "digits", "mm_left", "mm_right", "mf_left", "fm_digit", "fm_item"]),
+    "affair": (0.02, ["marriage", "marriage_brief"]),
 }
 SMOKE_TARGETS = {"digits": (0.05, ["mnist", "mm_left", "mm_right"])}
-TRAIN_IMAGES = {"digits": 1258, "fashion": 54000}  # each target's training split at fraction 1 (its task's default split)
+TRAIN_SIZE = {"digits": 1258, "fashion": 54000, "affair": 4456}  # each target's training split at fraction 1 (its task's default split)
 SMOKE_OVERRIDES = [*SMOKE, "compare.stages.source.trainer.epochs=1", "compare.stages.source.trainer.steps_per_epoch=2"]
 GROUP_SEEDS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
@@ -73,7 +84,8 @@ def flow(node: Any) -> str:
 def pair_overrides(target: str, source: str, first: bool) -> list[str]:
     fraction, _ = TARGETS.get(target) or SMOKE_TARGETS[target]
     out = [f"tasks.source={flow(TASKS[source])}", f"tasks.target={flow(TASKS[target])}", f"compare.fractions=[{fraction}]",
-           f"compare.name=transferability_{source}_to_{target}"]
+           f"compare.name=transferability_{source}_to_{target}", f"trunk={flow(TRUNKS.get(target, SEED_NET))}",
+           *SOURCE_OVERRIDES.get(source, [])]
     return out + ["compare.regimes.single_task={}"] if first else out
 
 
@@ -82,13 +94,13 @@ def rank_config(target: str, fraction: float, sources: list[str], runs: Path) ->
     as candidates, scored on as many training images as the target's labelled fraction has
     (a draw of that size by seed 0, not the grids' own subsets), validated against the grids."""
     grids = {s: str(runs / f"{s}_to_{target}") for s in sources}
-    n = max(2, round(fraction * TRAIN_IMAGES[target]))
+    n = max(2, round(fraction * TRAIN_SIZE[target]))
     return {
         "output_dir": str(runs / f"rank_{target}"),
         "seed": 0,
         "device": "cpu",
         "tasks": {"target": TASKS[target]},
-        "trunk": {"name": "seed_net"},
+        "trunk": TRUNKS.get(target, SEED_NET),
         "rank": {
             "targets": ["target"],
             "max_samples": n,
@@ -97,9 +109,10 @@ def rank_config(target: str, fraction: float, sources: list[str], runs: Path) ->
             "validate": {
                 "fraction": fraction,
                 "resamples": 2000,
+                # A rank correlation needs 3 candidates: the linear probe has no random-initialisation one.
                 "measures": {
                     "fine_tune": {"random_init": {"results": grids[sources[0]], "method": SCRATCH}, **grids},
-                    "linear_probe": dict(grids),
+                    **({"linear_probe": dict(grids)} if len(grids) >= 3 else {}),
                 },
             },
         },
