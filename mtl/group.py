@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from mtl.affinity import MAX_TASKS, Grouping, select_groups
+from mtl.affinity import MAX_TASKS, Grouping, NonFiniteAffinity, select_groups
 from mtl.config import ConfigError, read_yaml
 from mtl.loggers import Loggers
 from mtl.results import write_json, write_text
@@ -103,6 +103,9 @@ class GroupRun:
     # -- results ----------------------------------------------------------------------
 
     def _finish(self, results: dict[str, Any], loggers: Loggers) -> dict[str, Any]:
+        if "affinity" not in results:  # trainer.on_nonfinite=skip skipped every step that would have measured
+            raise NonFiniteAffinity(f"no step was measured: each measuring step (--every {self.every}) had a non-finite loss and was skipped "
+                                    "(trainer.on_nonfinite=skip); lower trainer.optimizer.lr or set trainer.grad_clip.")
         matrix = results["affinity"]
         mean = torch.tensor([[matrix[a][b] for b in self.names] for a in self.names])
         groupings = select_groups(mean, self.names, self.max_groups)

@@ -177,3 +177,13 @@ def test_another_commands_directory_is_refused(tmp_path, one_thread):
     (out / "written_by.json").write_text(json.dumps({"command": "train"}))
     result = run_cli(["group", WINE, f"output_dir={out}", *TWO], seconds=120)
     assert result.one_clear_error() and "holds the files of `mtl train`" in result.stderr
+
+
+def test_a_run_with_no_measured_step_says_why_instead_of_failing_on_a_missing_key(tmp_path, one_thread):
+    """With trainer.on_nonfinite=skip, a run whose every measuring step was non-finite has no
+    affinity in its results; the grouping then stops with the cause and the fix."""
+    from mtl.affinity import NonFiniteAffinity
+
+    run = GroupRun(load_config(WINE, [f"output_dir={tmp_path / 'g'}", *TWO]), every=2, steps=2)
+    with pytest.raises(NonFiniteAffinity, match=r"no step was measured: each measuring step \(--every 2\) had a non-finite loss .* set trainer.grad_clip"):
+        run._finish({"steps": 2, "tasks": {}}, loggers=None)
