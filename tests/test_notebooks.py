@@ -53,6 +53,12 @@ def test_notebook_runs(name, kernel_specs, tmp_path, monkeypatch):
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
     km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
     # The kernel starts in notebooks/, as Jupyter starts it; a cell that raises fails the test.
-    NotebookClient(nb, km=km, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    try:
+        NotebookClient(nb, km=km, timeout=300, resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    finally:
+        # A kernel manager passed in is not the client's to stop: left running, each kernel held about
+        # 1 GB until pytest exited (four were alive at the end of a CI run).
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     assert nb.cells[-1].outputs[0]["text"].split() == [sys.executable, sys.prefix]
     assert any(tmp_path.iterdir()), "the notebook wrote no run under MTL_NOTEBOOK_RUNS"
