@@ -12,6 +12,7 @@ grids' ``results.csv`` only, so ``--report-only`` regenerates them without train
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -242,6 +243,39 @@ def left_right_findings(t: pd.DataFrame, m: int, prefix: str, reference: str, no
     lines.append(f"- p-values are Holm-corrected over the {m} tests of this file; mean ranks have percentile bootstrap "
                  f"CIs over seeds ({seeds} seeds: a coarse interval); no ordering of {noun} is claimed beyond the verdicts.")
     return lines
+
+
+def tuning(root: Path, names: dict[str, str] | None = None) -> str:
+    """The values ``compare.tune`` selected for each method (from the grid's tune.json, with
+    ``names`` for the methods' printed names), or "" untuned."""
+    path = root / "tune.json"
+    if not path.exists():
+        return ""
+    tune = json.loads(path.read_text())
+    names = names or {}
+    chosen = [f"{names.get(u['method'], u['method'])}{' ' + u['variant'] if u['variant'] else ''}: "
+              + ", ".join(f"{k.rsplit('.', 1)[-1]} {v:g}" for k, v in u["selected"].items()) + f" ({u['runs']} runs)"
+              for u in tune["units"]]
+    grid = "; ".join(f"{k} in {v}" for k, v in tune["grid"].items())
+    return (f"Tuned ({grid}; {len(tune['seeds'])} tuning seed(s), selected on validation, never test): "
+            + "; ".join(chosen) + ".")
+
+
+def convergence_line(df: pd.DataFrame, root: Path) -> str:
+    """One sentence from ``mtl.report.convergence``: how many (cell, task) pairs of the grid in
+    ``root`` were still improving on validation in the last 20% of their epochs, and of which
+    methods; "" when no cell kept its training log."""
+    from mtl.report import CONVERGENCE_TAIL, convergence
+
+    conv = convergence(df, root)
+    judged = conv[conv["still_improving"].notna()]
+    if judged.empty:
+        return ""
+    flagged = judged[judged["still_improving"].astype(bool)]
+    by_method = flagged.groupby("method").size()
+    where = ", ".join(f"{m} {n}" for m, n in by_method.items()) or "none"
+    return (f"Still improving on validation in the last {CONVERGENCE_TAIL:.0%} of the epochs (stopped by the budget, "
+            f"not by convergence): {len(flagged)} of {len(judged)} (cell, task) pairs; by method: {where}.")
 
 
 def by_delta_m(out: pd.DataFrame) -> pd.DataFrame:

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from mtl import stats as mstats
 from paper_repro.common import (
     SMOKE, STUDIES, against, ci, directions, fmt, folders, kendall_tau, markdown, parser, per_seed, primary_test, provenance,
-    run_grid, seed_stats, write,
+    run_grid, seed_stats, tuning, write,
 )
 
 HERE = STUDIES / "multi_mnist"
@@ -91,20 +91,6 @@ def verdicts(frames: dict[str, pd.DataFrame]) -> dict[str, dict[str, dict]]:
     return out
 
 
-def tuning(root: Path) -> str:
-    """The values ``compare.tune`` selected for each method (from the grid's tune.json), or "" untuned."""
-    path = root / "tune.json"
-    if not path.exists():
-        return ""
-    tune = json.loads(path.read_text())
-    chosen = [f"{NAMES[u['method']]}{' ' + u['variant'] if u['variant'] else ''}: "
-              + ", ".join(f"{k.rsplit('.', 1)[-1]} {v:g}" for k, v in u["selected"].items()) + f" ({u['runs']} runs)"
-              for u in tune["units"]]
-    grid = "; ".join(f"{k} in {v}" for k, v in tune["grid"].items())
-    return (f"Tuned ({grid}; {len(tune['seeds'])} tuning seed(s), selected on validation, never test): "
-            + "; ".join(chosen) + ".")
-
-
 def report(frames: dict[str, pd.DataFrame], walls: dict[str, float], results, smoke: bool, flags: str = "",
            roots: dict[str, Path] | None = None) -> None:
     command = " ".join(filter(None, ["python -m paper_repro.multi_mnist", "--smoke" if smoke else "", flags]))
@@ -161,7 +147,7 @@ def report(frames: dict[str, pd.DataFrame], walls: dict[str, float], results, sm
             f"Kendall's τ between the two: {tau:+.2f} (1 = same order), an ordering of means: of its pairs, only those "
             f"with a verdict above are resolved. Resolved: {'; '.join(resolved) if resolved else 'none'}.",
         ]
-        tuned = tuning(roots[name]) if roots else ""
+        tuned = tuning(roots[name], NAMES) if roots else ""
         if tuned:
             lines += ["", tuned]
         if name in walls:
