@@ -78,6 +78,19 @@ def test_weighting_benchmark_lists_every_registered_weighting():
     assert all(regimes[k] == base[k] for k in base)
 
 
+def test_weighting_benchmark_converged_protocol_tunes_every_method_over_full_passes():
+    from paper_repro.weighting_benchmark.__main__ import BASE, CONVERGED, CONVERGED_DROP
+
+    cfg = load(BASE, CONVERGED_DROP, CONVERGED)
+    assert (cfg.trainer.epochs, cfg.trainer.steps_per_epoch, cfg.trainer.batch_size) == (15, None, 256)  # 15 full passes
+    assert list(cfg.compare.tune.grid["trainer.optimizer.lr"]) == [3e-4, 1e-3, 3e-3] and cfg.compare.tune.seeds == 1
+    regimes = cfg.compare.regimes
+    assert set(regimes) == {"single_task", "equal", "uncertainty", "famo", "pcgrad", "cagrad", "mgda_ub", "nash_mtl"}
+    assert regimes.mgda_ub.stages[0].weighting.normalization == "loss+"
+    # Its own folder: the short protocol's cells (untuned, 240 steps) are never reused.
+    assert cfg.output_dir != load_config(BASE).output_dir
+
+
 def test_nyuv2_recipe_keeps_the_published_schedule():
     t = load_config(STUDIES / "nyuv2" / "config.yaml").trainer
     train_scenes = 795 - round(795 * 0.1)
@@ -273,6 +286,18 @@ def test_weighting_benchmark_smoke_runs_every_method(tmp_path):
     assert df.drop(index="single_task")["step_time_ratio"].notna().all()
     assert df.loc["single_task", "delta_m_pct"] == 0 and not math.isnan(df.loc["pcgrad", "mean_rank"])
     assert "Published Δm%" in (results / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_weighting_benchmark_converged_smoke_reports_the_tuned_lr_and_convergence(tmp_path):
+    results = smoke("weighting_benchmark", tmp_path, "--protocol", "converged", "trainer.epochs=2",
+                    "compare.tune.grid={trainer.optimizer.lr: [0.001, 0.003]}")
+    df = pd.read_csv(results / "results.csv")
+    assert set(df["method"]) == {"single_task", "equal", "uncertainty", "famo", "pcgrad", "cagrad", "mgda_ub", "nash_mtl"}
+    text = (results / "results.md").read_text()
+    assert "--protocol converged" in text and "15 passes" in text
+    assert "Tuned (trainer.optimizer.lr in [0.001, 0.003]; 1 tuning seed(s)" in text and "nash_mtl: lr " in text
+    assert "of 16 (cell, task) pairs; by method:" in text  # 8 methods' cells, 2 tasks each, 2 validations each
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ accuracy, Δm% against single-task, mean rank and the training-step time over eq
     python -m paper_repro.weighting_benchmark            # MultiFashion grid, then results/
     python -m paper_repro.weighting_benchmark --smoke    # every method, MultiMNIST, 2 steps (CI)
     python -m paper_repro.weighting_benchmark --report-only
+    python -m paper_repro.weighting_benchmark --protocol converged   # 7 methods, tuned LR, 15 passes (results_converged/)
 
 The grid is paper_repro/multi_mnist/multi_fashion.yaml with methods.yaml merged over it, in
 the same output folder, so the five methods paper_repro.multi_mnist runs are trained once.
@@ -23,14 +24,18 @@ from matplotlib.lines import Line2D
 
 from mtl import stats
 from paper_repro.common import (
-    SMOKE, STUDIES, by_delta_m, ci, fmt, folders, left_right_findings, left_right_table, markdown, parser, primary_test,
-    provenance, run_grid, write,
+    SMOKE, STUDIES, by_delta_m, ci, convergence_line, fmt, folders, left_right_findings, left_right_table, markdown, parser,
+    primary_test, provenance, run_grid, tuning, write,
 )
 from paper_repro.weighting_benchmark.published import SOURCE, tables_markdown
 
 HERE = STUDIES / "weighting_benchmark"
 BASE = STUDIES / "multi_mnist" / "multi_fashion.yaml"
 METHODS = HERE / "methods.yaml"
+# --protocol converged: converged.yaml merged over BASE in a folder of its own; of BASE's methods
+# GradNorm is left out (six methods of the Nash-MTL/FAMO tables and equal weighting fit the budget).
+CONVERGED = HERE / "converged.yaml"
+CONVERGED_DROP = ["~compare.regimes.gradnorm"]
 # Registered weightings that are another method under a new name, run once under that name:
 # IMTL-L's objective Σ exp(s)L − s is uncertainty weighting's with s = −s' (IMTLLoss docstring).
 SAME_AS = {"imtl_l": "uncertainty"}
@@ -39,14 +44,23 @@ SMOKE_DATA = ["tasks.left.name=multi_mnist_left", "tasks.right.name=multi_mnist_
 
 
 def main(argv=None) -> int:
-    args = parser("weighting_benchmark", __doc__).parse_args(argv)
+    p = parser("weighting_benchmark", __doc__)
+    p.add_argument("--protocol", choices=["short", "converged"], default="short",
+                   help="short: every method, 240 steps of Adam 1e-3 (results/); converged: equal and six methods, "
+                        "each one's LR tuned on validation, 15 passes over the data (results_converged/)")
+    args = p.parse_args(argv)
+    converged = args.protocol == "converged"
+    if converged and args.results is None and not args.smoke:
+        args.results = HERE / "results_converged"
     runs, results = folders(args, "weighting_benchmark")
-    # The full grid shares its folder with paper_repro.multi_mnist's MultiFashion grid.
-    out = runs if args.smoke else runs.parent / "multi_fashion"
+    # The short grid shares its folder with paper_repro.multi_mnist's MultiFashion grid.
+    out = runs if args.smoke else runs.parent / ("weighting_benchmark_converged" if converged else "multi_fashion")
     # log_every=1: the smoke's two steps must log a training rate for the step-time column.
     overrides = [*SMOKE, *SMOKE_DATA, "logging.log_every=1"] if args.smoke else []
+    if converged:
+        overrides = [*CONVERGED_DROP, *overrides]
     start = time.perf_counter()
-    df = run_grid(BASE, [*overrides, *args.overrides], out, train=not args.report_only, extra=METHODS)
+    df = run_grid(BASE, [*overrides, *args.overrides], out, train=not args.report_only, extra=CONVERGED if converged else METHODS)
     # Wall time summed over invocations (a grid may be run in parts, e.g. some regimes removed with ~).
     timing = out / "weighting_benchmark_wall_time.json"
     walls = json.loads(timing.read_text()) if timing.exists() else []
@@ -54,7 +68,7 @@ def main(argv=None) -> int:
         walls.append(time.perf_counter() - start)
         timing.write_text(json.dumps(walls))
     wall = sum(walls) or None
-    report(df, out, results, wall, args.smoke)
+    report(df, out, results, wall, args.smoke, "--protocol converged" if converged else "")
     print(f"results: {results / 'results.md'}")
     return 0
 
@@ -91,7 +105,16 @@ def table(df: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[stats.Differ
     return by_delta_m(out), tests
 
 
-def report(df: pd.DataFrame, root: Path, results: Path, wall: float | None, smoke: bool) -> None:
+# What each protocol's runs are, for the report's caption.
+BUDGET = {
+    "": "Every run is 240 steps (1.1 passes) with one untuned Adam setting: a ranking of early training, not of converged runs.",
+    "--protocol converged": "Every run is 15 passes over the 54,000 training pairs (3,165 steps of batch 256, Adam, cosine to "
+                            "zero), each method's LR (single-task's too) tuned on validation; the lines under the table say "
+                            "which LR each method got and which cells were still improving when their budget ended.",
+}
+
+
+def report(df: pd.DataFrame, root: Path, results: Path, wall: float | None, smoke: bool, flags: str = "") -> None:
     t, tests = table(df, root)
     t.to_csv(results / "results.csv", index=False)
     rows = primary_test(df)[["method", "seed", "task", "metric", "value"]].sort_values(["method", "task", "seed"])
@@ -104,17 +127,17 @@ def report(df: pd.DataFrame, root: Path, results: Path, wall: float | None, smok
              "-" if pd.isna(r.step_time_ratio) else f"{r.step_time_ratio:.2f}"] for r in t.itertuples()]
     text = "\n\n".join([
         "# Every weighting method on MultiFashion: results",
-        provenance("python -m paper_repro.weighting_benchmark" + (" --smoke" if smoke else ""), wall, smoke),
+        provenance(" ".join(filter(None, ["python -m paper_repro.weighting_benchmark", "--smoke" if smoke else "", flags])), wall, smoke),
         "Test accuracy (%) of the left and right item, mean ± std over seeds. Δm% (metrics: primary; higher is "
         "better) against single-task and against equal weighting, each seed against the same seed's baseline: "
         "Δm% of the seed means with a percentile bootstrap 95% CI; the verdict against equal weighting is a paired "
         "t-test of the per-seed Δm%, Holm-corrected over every test of this file. Mean rank of the per-task "
         "accuracy among the MTL methods (1 = best) with a bootstrap 95% CI over seeds. Step time: median "
         "training samples/s of equal weighting over the method's (1.00 = as fast as equal weighting; evaluation "
-        "excluded; a shared 2-core CPU, so ±10–20% is noise). Sorted by Δm% against single-task. Every run is "
-        "240 steps (1.1 passes) with one untuned Adam setting: a ranking of early training, not of converged runs.",
+        "excluded; a shared 2-core CPU, so ±10–20% is noise). Sorted by Δm% against single-task. " + BUDGET[flags],
         markdown(["method", "kind", "seeds", "left acc. (%)", "right acc. (%)", "Δm% vs single-task [95% CI]",
                   "Δm% vs equal [95% CI], verdict", "mean rank [95% CI] ↓", "step time / equal"], body),
+        *filter(None, [tuning(root), convergence_line(df, root)]),
         "## Findings (generated from the tests)\n\n" + "\n".join(left_right_findings(t, len(tests), "vs_equal_pct", "equal weighting", "methods")),
         "![Δm% against step time](delta_vs_time.png)",
         "## Published Δm% (for reference; lower is better there)\n\n" + tables_markdown()
