@@ -44,11 +44,11 @@ def weighting_benchmark() -> str:
             f"with a higher mean than equal weighting; {int((mtl['delta_m_pct'] > 0).sum())} with a mean above single-task")
 
 
-def transfer_claims(folder: str = "results") -> str:
+def transfer_claims(folder: str = "results", study: str = "transfer_claims") -> str:
     from mtl.stats import seeds_needed
     from paper_repro.transfer_claims.__main__ import NAMES, claim_tests
 
-    results = STUDIES / "transfer_claims" / folder
+    results = STUDIES / study / folder
     per_seed = pd.read_csv(results / "per_seed.csv") if (results / "per_seed.csv").exists() else None
     tests = claim_tests(pd.read_csv(results / "results.csv"), per_seed)
     m = sum(1 for v in tests if v.test.p == v.test.p)
@@ -76,6 +76,10 @@ def transfer_claims(folder: str = "results") -> str:
 
 def transfer_claims_10seeds() -> str:
     return "the 10-seed rerun at each pair's two smallest fractions: " + transfer_claims("results_10seeds")
+
+
+def pretrained_claims() -> str:
+    return "ImageNet EfficientNet-Lite0 and MiniLM against scratch: " + transfer_claims(study="pretrained_claims")
 
 
 def transfer_recipes() -> str:
@@ -129,6 +133,7 @@ def transferability() -> str:
 LINES = {
     "transfer_claims": ("transfer_claims/", transfer_claims),
     "transfer_claims_10seeds": ("transfer_claims/", transfer_claims_10seeds),
+    "pretrained_claims": ("pretrained_claims/", pretrained_claims),
     "multi_mnist": ("multi_mnist/", multi_mnist),
     "weighting_benchmark": ("weighting_benchmark/", weighting_benchmark),
     "transfer_recipes": ("transfer_recipes/", transfer_recipes),

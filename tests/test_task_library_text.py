@@ -4,9 +4,7 @@ refused before training, and the shipped configs configs/pretrained_{text,vision
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import struct
 from pathlib import Path
 
 import pytest
@@ -16,10 +14,10 @@ from mtl.builders import build_components
 from mtl.config import ConfigError, load_config
 from mtl.task import TASKS
 from mtl.trunks.text_rows import decode_texts
-from tasks.fashion_mnist import DEBIAN_ROOT, FILES
+from tasks.fashion_mnist import DEBIAN_ROOT
 from tasks.text import BBC_TOPICS, NOUN_CATEGORIES, WORDNET_NOUNS, load_bbc, bbc_folder, parse_nouns
 
-from conftest import ROOT
+from conftest import ROOT, write_data_noun, write_fashion_tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,18 +212,6 @@ def test_frozen_minilm_features_beat_a_random_trunks_on_a_probe():
 # ---- the shipped configs -----------------------------------------------------------------
 
 
-def write_fashion_tree(root: Path, n: int = 40) -> None:
-    """Fashion-MNIST's four gzipped IDX files with ``n`` random images each."""
-    generator = torch.Generator().manual_seed(0)
-    for key, stem in FILES.items():
-        if key.endswith("images"):
-            data = struct.pack(">HBBIII", 0, 8, 3, n, 28, 28) + torch.randint(0, 256, (n * 28 * 28,), generator=generator, dtype=torch.uint8).numpy().tobytes()
-        else:
-            data = struct.pack(">HBBI", 0, 8, 1, n) + (torch.arange(n) % 10).to(torch.uint8).numpy().tobytes()
-        with gzip.open(root / f"{stem}.gz", "wb") as f:
-            f.write(data)
-
-
 @needs_bbc
 @needs_minilm
 @pytest.mark.slow
@@ -234,9 +220,8 @@ def test_pretrained_text_config_validates(tmp_path):
 
     overrides = [f"output_dir={tmp_path / 'run'}"]
     if not WORDNET_NOUNS.is_file():
-        path = tmp_path / "data.noun"
-        path.write_text(DATA_NOUN + "".join(f"0020{i:04d} {3 + i % 26:02d} n 01 w{i} 0 000 | definition number {i}\n" for i in range(200)))
-        overrides += [f"tasks.wordnet_category.path={path}", "tasks.wordnet_category.max_senses=null"]
+        overrides += [f"tasks.wordnet_category.path={write_data_noun(tmp_path / 'data.noun', DATA_NOUN)}",
+                      "tasks.wordnet_category.max_senses=null"]
     cfg = load_config(ROOT / "configs" / "pretrained_text.yaml", overrides)
     assert set(build_components(cfg).model.heads) == {"bbc_news", "wordnet_category"}
     Grid(cfg).preflight()
