@@ -160,8 +160,7 @@ def grouping_regimes(tasks: list[str], proposal: dict[str, Any]) -> tuple[dict[s
                  sorted(map(tuple, node["groups"])) == sorted(map(tuple, proposed))), None)
     if same is not None:
         return regimes, same
-    serve = {t: k for t, k in proposal["serving"].items()}
-    regimes["tag"] = {"kind": "groups", "groups": proposed, "serve": serve}
+    regimes["tag"] = {"kind": "groups", "groups": proposed, "serve": dict(proposal["serving"])}
     return regimes, "tag"
 
 
@@ -218,7 +217,7 @@ def grouping_table(df: pd.DataFrame, groups: dict[str, Any], proposed: str) -> t
 def measured_table(frames: dict[str, pd.DataFrame], target: str, fraction: float) -> pd.DataFrame:
     """Per candidate: the target's test accuracy after a fine-tune and a linear probe (random
     initialisation: trained from scratch, in the first pair's grid), mean over seeds with a 95%
-    t interval (``mtl.stats.Difference`` of the values themselves)."""
+    t interval (``mtl.stats.t_interval``)."""
     from mtl import stats
 
     first = next(iter(frames))
@@ -227,8 +226,8 @@ def measured_table(frames: dict[str, pd.DataFrame], target: str, fraction: float
     for candidate, measure, method in [("random_init", "fine_tune", SCRATCH), *jobs]:
         test = primary_test(frames[first if candidate == "random_init" else candidate])
         values = test[(test["task"] == "target") & (test["fraction"] == fraction) & (test["method"] == method)].groupby("seed")["value"].mean()
-        d = stats.Difference.of(values.to_numpy(float))
-        rows.append({"target": target, "candidate": candidate, "measure": measure, "mean": d.mean, "low": d.low, "high": d.high,
+        mean, low, high = map(float, stats.t_interval(values.to_numpy(float)))
+        rows.append({"target": target, "candidate": candidate, "measure": measure, "mean": mean, "low": low, "high": high,
                      "n_seeds": len(values)})
     return pd.DataFrame(rows)
 
