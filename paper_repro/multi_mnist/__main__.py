@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     overrides = SMOKE if args.smoke else []
     frames, walls, roots = {}, {}, {}
     for name in datasets:
-        # MultiFashion's grid is shared with weighting_benchmark, in its own folder under runs/.
+        # MultiFashion's grid keeps its folder of earlier runs, runs/paper_repro/multi_fashion.
         out = runs / name if args.smoke else runs.parent / name if name == "multi_fashion" else runs / name
         if original:
             out = out.with_name(f"{name}_original")
