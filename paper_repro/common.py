@@ -45,6 +45,19 @@ def parser(study: str, doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def parse_with_protocol(p: argparse.ArgumentParser, here: Path, protocols: dict[str, str], argv=None) -> argparse.Namespace:
+    """``p.parse_args(argv)`` with a ``--protocol`` option: ``protocols`` maps each name to its
+    help, the first is the default and writes results/, any other results_<name>/ (unless
+    --results is given, or --smoke puts them beside its runs)."""
+    default = next(iter(protocols))
+    p.add_argument("--protocol", choices=list(protocols), default=default,
+                   help="; ".join(f"{name}: {text}" for name, text in protocols.items()))
+    args = p.parse_args(argv)
+    if args.protocol != default and args.results is None and not args.smoke:
+        args.results = here / f"results_{args.protocol}"
+    return args
+
+
 def folders(args: argparse.Namespace, study: str) -> tuple[Path, Path]:
     runs = args.runs or ROOT / "runs" / "paper_repro" / (f"{study}_smoke" if args.smoke else study)
     results = args.results or (runs / "results" if args.smoke else STUDIES / study / "results")

@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 
 from mtl import stats as mstats
 from paper_repro.common import (
-    SMOKE, STUDIES, against, ci, directions, fmt, folders, kendall_tau, markdown, parser, per_seed, primary_test, provenance,
-    run_grid, seed_stats, tuning, write,
+    SMOKE, STUDIES, against, ci, directions, fmt, folders, kendall_tau, markdown, parse_with_protocol, parser, per_seed, primary_test,
+    provenance, run_grid, seed_stats, tuning, write,
 )
 
 HERE = STUDIES / "multi_mnist"
@@ -45,14 +45,11 @@ ORIGINAL = HERE / "original.yaml"
 
 
 def main(argv=None) -> int:
-    p = parser("multi_mnist", __doc__)
-    p.add_argument("--protocol", choices=["short", "original"], default="short",
-                   help="short: 50 epochs of Adam (results/); original: Sener & Koltun's SGD protocol with a tuned LR, "
-                        "MultiMNIST only (results_original/)")
-    args = p.parse_args(argv)
+    args = parse_with_protocol(parser("multi_mnist", __doc__), HERE, {
+        "short": "50 epochs of Adam (results/)",
+        "original": "Sener & Koltun's SGD protocol with a tuned LR, MultiMNIST only (results_original/)",
+    }, argv)
     original = args.protocol == "original"
-    if original and args.results is None and not args.smoke:
-        args.results = HERE / "results_original"
     runs, results = folders(args, "multi_mnist")
     datasets = ["multi_mnist"] if args.smoke or original else list(DATASETS)
     overrides = SMOKE if args.smoke else []

@@ -27,7 +27,7 @@ from matplotlib.lines import Line2D
 from mtl import stats
 from paper_repro.common import (
     SMOKE, STUDIES, by_delta_m, ci, convergence_line, fmt, folders, left_right_findings, left_right_table, markdown, parser,
-    primary_test, provenance, run_grid, tuning, write,
+    parse_with_protocol, primary_test, provenance, run_grid, tuning, write,
 )
 from paper_repro.weighting_benchmark.published import SOURCE, tables_markdown
 
@@ -46,14 +46,11 @@ SMOKE_DATA = ["tasks.left.name=multi_mnist_left", "tasks.right.name=multi_mnist_
 
 
 def main(argv=None) -> int:
-    p = parser("weighting_benchmark", __doc__)
-    p.add_argument("--protocol", choices=["short", "converged"], default="short",
-                   help="short: every method, 240 steps of Adam 1e-3 (results/); converged: equal and six methods, "
-                        "each one's LR tuned on validation, 15 passes over the data (results_converged/)")
-    args = p.parse_args(argv)
+    args = parse_with_protocol(parser("weighting_benchmark", __doc__), HERE, {
+        "short": "every method, 240 steps of Adam 1e-3 (results/)",
+        "converged": "equal and six methods, each one's LR tuned on validation, 15 passes over the data (results_converged/)",
+    }, argv)
     converged = args.protocol == "converged"
-    if converged and args.results is None and not args.smoke:
-        args.results = HERE / "results_converged"
     runs, results = folders(args, "weighting_benchmark")
     out = runs.parent / "weighting_benchmark_converged" if converged and not args.smoke else runs
     # log_every=1: the smoke's two steps must log a training rate for the step-time column.
