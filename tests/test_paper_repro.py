@@ -342,9 +342,15 @@ def test_pretrained_claims_smoke_vision_on_a_tiny_fashion_tree(tmp_path):
     from conftest import write_fashion_tree
 
     write_fashion_tree(tmp_path)  # 40 images per split: the real test set would cost minutes at 64 px
-    results = smoke("pretrained_claims", tmp_path, "--part", "vision", f"tasks.fashion_mnist.root={tmp_path}",
-                    "tasks.fashion_mnist.val_fraction=0.25", "compare.fractions=[1.0]", "compare.workers=1")
+    args = ["--part", "vision", f"tasks.fashion_mnist.root={tmp_path}", "tasks.fashion_mnist.val_fraction=0.25",
+            "compare.fractions=[1.0]", "compare.workers=1"]
+    results = smoke("pretrained_claims", tmp_path, *args)
     df = pd.read_csv(results / "results.csv")
+    # --report-only reads the same cells back (the overrides apply to the part asked for).
+    written = (results / "results.csv").read_text()
+    (results / "results.csv").unlink()
+    assert smoke("pretrained_claims", tmp_path, "--report-only", *args) == results
+    assert (results / "results.csv").read_text() == written
     assert set(df["pair"]) == {"imagenet_to_fashion_mnist", "imagenet_to_digits"}
     assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint"}
     params = df[df["pair"] == "imagenet_to_digits"].set_index("method")["trainable_params"]
