@@ -7,8 +7,9 @@ over the file), mean rank, parameters and training time.
     python -m paper_repro.architectures --report-only
 
 The grid is paper_repro/multi_mnist/multi_fashion.yaml with architectures.yaml merged over it
-and the base's weighting regimes deleted, in the same output folder, so its single-task cells
-are the ones paper_repro.multi_mnist and paper_repro.weighting_benchmark train. Writes
+and the base's weighting regimes deleted, in a folder of its own (`mtl compare` refuses another
+grid's regimes in a finished grid's folder, so its single-task cells are trained again, with
+the settings paper_repro.multi_mnist uses). Writes
 results/results.md, results/results.csv, results/per_seed.csv (every seed's test accuracy, what
 the paired tests read) and results/delta_m.png (and .pdf).
 """
@@ -48,13 +49,11 @@ def dropped() -> list[str]:
 def main(argv=None) -> int:
     args = parser("architectures", __doc__).parse_args(argv)
     runs, results = folders(args, "architectures")
-    # The full grid shares its folder with paper_repro.multi_mnist's MultiFashion grid.
-    out = runs if args.smoke else runs.parent / "multi_fashion"
     overrides = [*SMOKE, *SMOKE_DATA] if args.smoke else []
     start = time.perf_counter()
-    df = run_grid(BASE, [*dropped(), *overrides, *args.overrides], out, train=not args.report_only, extra=ARCHITECTURES)
+    df = run_grid(BASE, [*dropped(), *overrides, *args.overrides], runs, train=not args.report_only, extra=ARCHITECTURES)
     # Wall time summed over invocations (a grid may be run in parts, e.g. some architectures at a time).
-    timing = out / "architectures_wall_time.json"
+    timing = runs / "architectures_wall_time.json"
     walls = json.loads(timing.read_text()) if timing.exists() else []
     if not args.report_only:
         walls.append(time.perf_counter() - start)
