@@ -70,15 +70,15 @@ def main(argv=None) -> int:
     walls = json.loads(timing.read_text()) if timing.exists() else {}
     frames = {}
     # The report reads every part that has finished cells, so a part run alone adds to it. The
-    # overrides belong to the parts asked for (run or, with --report-only, read); another part
-    # is read as its own config and this study's file define it.
+    # overrides belong to the parts asked for (run or, with --report-only, read); --smoke, to
+    # every part (a smoke run's other part was a smoke run too).
     for part in PARTS:
         config, extra, _, _ = PARTS[part]
         selected = part in args.parts
         run = selected and not args.report_only
         start = time.perf_counter()
         try:
-            df = run_grid(config, [*(SMOKE if args.smoke else []), *args.overrides] if selected else [], runs / part,
+            df = run_grid(config, [*(SMOKE if args.smoke else []), *(args.overrides if selected else [])], runs / part,
                           train=run, extra=extra)
         except FileNotFoundError as e:  # not run yet: nothing to report for it
             print(f"skipped {part}: {e}")
