@@ -170,10 +170,18 @@ def save_step(state: dict[str, Any], directory: str | os.PathLike, step: int, ke
     """Write ``step-<step>.pt``, then delete all but the newest ``keep`` step checkpoints."""
     path = Path(directory) / f"step-{step:09d}.pt"
     save(state, path)
-    for old in step_checkpoints(directory)[keep:]:
-        old.unlink(missing_ok=True)
-        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    drop_steps(directory, keep)
     return path
+
+
+def drop_steps(directory: str | os.PathLike, keep: int = 0) -> int:
+    """Delete all but the newest ``keep`` step checkpoints of ``directory`` (and their SHA-256
+    files); best.pt stays. The number deleted."""
+    old = step_checkpoints(directory)[keep:]
+    for path in old:
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+    return len(old)
 
 
 def latest(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:

@@ -39,7 +39,8 @@ Cells run one after another, or several at once (``compare.workers``: worker pro
 (otherwise a cell's thread count can change float reductions, and so the last digits).
 
 A finished cell (its last stage wrote results.json) is skipped when the grid is rerun; an
-interrupted stage resumes from its last checkpoint. A budgeted grid rerun replays its
+interrupted stage resumes from its last checkpoint; ``compare.keep_step_checkpoints=false``
+deletes a stage's step checkpoints once it has finished (best.pt and trunk.pt stay). A budgeted grid rerun replays its
 decisions from the finished cells' results, so it resumes where it stopped. Model selection is on validation in
 every stage; the test split is only evaluated on the selected checkpoint.
 
@@ -71,7 +72,7 @@ BUILTIN_KINDS = ("single_task", "sequential", "joint", "stages", "groups", "merg
 MERGE_ARGUMENTS = ("method", "coefficients", "top_k", "drop", "seed")  # kind merge: the method and its arguments
 COMMON_TRUNK = "common_trunk.pt"  # a merge cell's θ_0, written before its fine-tunes
 # How the cells run (mtl.executor), not what they compute (exactly so with deterministic=true): a grid may resume with other values.
-EXECUTION = ("compare.workers", "compare.threads", "compare.executor", "compare.ray_address")
+EXECUTION = ("compare.workers", "compare.threads", "compare.executor", "compare.ray_address", "compare.keep_step_checkpoints")
 STAGE_KEYS = ("tasks", "name", "recipe", "trainer", "weighting", "scheduler", "trunk", "architecture")
 
 
@@ -520,6 +521,8 @@ def train_cell(cfg: DictConfig, cell: Cell, stages: list[int], targets: list[str
         stage = stage_config(cfg, cell, i, cell.dirs[i], start_of(cell, i), targets)
         Trainer(stage, cell=cell_identity(cell, i, targets), wandb_dir=root).fit()
         trained += 1
+        if not cfg.compare.keep_step_checkpoints and distributed.current().is_main:
+            checkpoint.drop_steps(cell.dirs[i] / "checkpoints")
     if cell.forgetting and trained and (cell.dirs[-1] / "results.json").exists():
         # Here, in the job: left to the grid's report, every cell's matrix was evaluated one after
         # another in the command's process after the workers had finished.

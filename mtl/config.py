@@ -111,6 +111,9 @@ class CompareConfig:
     threads: Optional[int] = None  # torch threads (Ray: CPUs) per cell; None = the cores divided among the workers (Ray: 1)
     executor: str = "local"  # local (this machine) | ray (Ray tasks; pip install 'mtl[ray]')
     ray_address: Optional[str] = None  # executor=ray: a cluster's address (host:port); None = RAY_ADDRESS, else a local Ray instance
+    # false: a stage's step checkpoints are deleted once it has finished (a grid never trains a finished stage
+    # on); best.pt and trunk.pt stay, which later stages, forgetting and merging read.
+    keep_step_checkpoints: bool = True
 
 
 @dataclass

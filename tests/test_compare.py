@@ -97,6 +97,24 @@ def test_rerun_skips_finished_cells_and_restarts_an_interrupted_one(grid_dir, ca
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+@pytest.mark.slow
+def test_finished_stages_can_drop_their_step_checkpoints_and_the_grid_still_chains(tmp_path, capsys):
+    regime = "compare.regimes={curriculum: {kind: stages, stages: [{name: pre, tasks: [mnist, digits]}, {name: probe, tasks: [digits], recipe: {name: linear_probe}}]}}"
+    out = tmp_path / "run"
+    args = ["compare", QUICKSTART, f"output_dir={out}", "compare.seeds=[0]", "compare.fractions=[1.0]", regime, *SHORT]
+    assert main([*args, "compare.keep_step_checkpoints=false"]) == 0
+    stages = [p.parent for p in out.glob("**/results.json") if p.parent != out]
+    assert {"pre", "probe"} <= {s.name for s in stages} and any("sources" in s.parts for s in stages)
+    for stage in stages:
+        assert checkpoint.step_checkpoints(stage / "checkpoints") == []
+        assert not list((stage / "checkpoints").glob("step-*"))  # their SHA-256 files too
+        assert (stage / "checkpoints" / "best.pt").is_file() and (stage / "trunk.pt").is_file()
+    # Which checkpoints are kept decides nothing a cell computes: the grid reruns with the other value.
+    capsys.readouterr()
+    assert main([*args, "compare.keep_step_checkpoints=true"]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
 def test_one_seed_is_said_before_any_training(tmp_path):
     class Said(Exception):
         pass
