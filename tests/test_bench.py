@@ -122,3 +122,26 @@ def test_bench_architectures_unknown_name_lists_the_registered_ones(capsys):
     with pytest.raises(SystemExit):
         architectures.main(["--architectures", "mmeo"])
     assert "unknown architecture(s) mmeo; registered: cgc, cross_stitch" in capsys.readouterr().err
+
+
+def test_bench_trunks_times_fine_tune_probe_and_the_cache_on_a_real_batch(tmp_path, capsys):
+    from mtl.bench import trunks
+
+    out = tmp_path / "trunks.json"
+    rows = trunks.main(["--case", "{trunk: {name: seed_net}, task: {name: digits, size: 28}}", "--batch", "4",
+                        "--rounds", "2", "--threads", "1", "--out", str(out)])
+    assert [r["row"] for r in rows] == ["fine_tune", "probe", "cached"]
+    assert all(r["batch"] == 4 and r["ms"] > 0 for r in rows)
+    ms = {r["row"]: r["ms"] for r in rows}
+    for r in rows:
+        assert r["vs_fine_tune"] == pytest.approx(r["ms"] / ms["fine_tune"], rel=1e-2)
+    assert rows[2]["probe_vs_cached"] == pytest.approx(ms["probe"] / ms["cached"], rel=0.05)
+    assert json.loads(out.read_text()) == rows
+    assert "{name: seed_net} on digits" in capsys.readouterr().out
+
+
+def test_bench_trunks_bad_case_names_the_form():
+    from mtl.bench import trunks
+
+    with pytest.raises(SystemExit, match="trunk and task"):
+        trunks.main(["--case", "seed_net"])
