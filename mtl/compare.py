@@ -38,7 +38,8 @@ Cells run one after another, or several at once (``compare.workers``: worker pro
 (``mtl.executor``); with ``deterministic=true`` the results do not depend on which ran them
 (otherwise a cell's thread count can change float reductions, and so the last digits).
 
-A finished cell (its last stage wrote results.json) is skipped when the grid is rerun; an
+A finished cell (its last stage wrote results.json) is skipped when the grid is rerun, and a
+finished grid may gain regimes (only their cells train; it may not lose or change one); an
 interrupted stage resumes from its last checkpoint; ``compare.keep_step_checkpoints=false``
 deletes a stage's step checkpoints once it has finished (best.pt and trunk.pt stay). A budgeted grid rerun replays its
 decisions from the finished cells' results, so it resumes where it stopped. Model selection is on validation in
@@ -643,7 +644,8 @@ class Grid:
         # retrained, so the cells of one table would have trained for different lengths.
         allowed = tuple(k for k in RESUMABLE_CHANGES if k != "trainer.epochs") + EXECUTION
         if command == "compare":  # the grid itself: a smaller or other grid would replace the report of this one
-            self._check_same_config(self.root, self.cfg, allowed)
+            self._check_same_config(self.root, self.cfg, allowed + ("compare.regimes",))
+            self._check_regimes_kept()
         tuning = self.tuning.cells if self.tuning else []
         if self.tuning:
             self.tuning.check()
@@ -713,6 +715,23 @@ class Grid:
                 if (cell.dirs[i] / "config.yaml").exists():
                     cfg = stage_config(self.cfg, cell, i, cell.dirs[i], start_of(cell, i), self.targets)
                     self._check_same_config(cell.dirs[i], cfg, allowed + UNREAD_BY_TRAINING)
+
+    def _check_regimes_kept(self) -> None:
+        """A finished grid may gain regimes (their cells train; the others are skipped and the report
+        covers them all), but not lose or change one: its cells and report would be replaced. Seeds
+        and fractions do not grow in place: seeds added after reading a report are optional stopping,
+        which the p-values do not allow for (a seed budget, ``compare.seeds: {min, max}``, does)."""
+        saved = OmegaConf.to_container(OmegaConf.load(self.root / "config.yaml"))["compare"]["regimes"]
+        now = to_dict(self.cfg)["compare"]["regimes"]
+        lost = [label for label in saved if label not in now]
+        changed = [label for label in saved if label in now and now[label] != saved[label]]
+        if lost or changed:
+            what = "; ".join([*(f"{label} is missing" for label in lost), *(f"{label} differs" for label in changed)])
+            raise ConfigError(
+                f"compare.regimes: output_dir {self.root} holds a grid run with other regimes ({what}); a grid may gain "
+                f"regimes but not lose or change one. Keep its regimes as its config.yaml has them, or use a new output_dir "
+                f"(e.g. output_dir={self.root}-2) so results are not replaced or mixed."
+            )
 
     def _check_same_config(self, directory: Path, cfg: DictConfig, allowed: tuple[str, ...]) -> None:
         from mtl.trainer import config_changes

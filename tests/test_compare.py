@@ -260,6 +260,29 @@ def test_another_command_or_grid_never_writes_into_a_comparison(tmp_path, capsys
     assert _files(run) == written
 
 
+@pytest.mark.slow
+def test_a_finished_grid_gains_regimes_in_place_but_never_loses_or_changes_one(tmp_path, capsys, one_thread):
+    out = tmp_path / "cmp"
+    grid = [f"output_dir={out}", "compare.seeds=[0]", "compare.fractions=[1.0]", "compare.regimes.sequential.recipes=[linear_probe]", *SHORT]
+    added = "compare.regimes.probe={kind: stages, stages: [{tasks: [digits], recipe: {name: linear_probe}}]}"
+    assert main(["compare", QUICKSTART, *grid]) == 0
+    before = _files(out / "cells")
+    capsys.readouterr()
+    assert main(["compare", QUICKSTART, *grid, added]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum("finished earlier, skipped" in l for l in lines) == 4  # single task x2, sequential, joint
+    assert sum("done in" in l for l in lines) == 1 and any("probe f=1 seed=0: done in" in l for l in lines)
+    assert all(_files(out / "cells").get(p) == v for p, v in before.items())  # the old cells untouched
+    assert "probe" in set(pd.read_csv(out / "results.csv")["method"])
+    assert "probe" in load_config(out / "config.yaml").compare.regimes
+    written = _files(out)
+    for extra, said in [([], "probe is missing"), ([added, "compare.regimes.sequential.recipes=[fine_tune]"], "sequential differs")]:
+        assert main(["compare", QUICKSTART, *grid, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"compare.regimes: output_dir {out} holds a grid run with other regimes ({said})" in err and f"output_dir={out}-2" in err, err
+    assert _files(out) == written
+
+
 def test_a_source_that_is_also_a_target_is_refused(tmp_path, capsys):
     assert main(["compare", QUICKSTART, f"output_dir={tmp_path / 'x'}", *SHORT, "compare.sources=[mnist,digits]"]) == 2
     assert "compare.sources: digits is also a target" in capsys.readouterr().err
