@@ -305,7 +305,9 @@ def test_weighting_benchmark_converged_smoke_reports_the_tuned_lr_and_convergenc
 def test_transfer_claims_smoke(tmp_path):
     results = smoke("transfer_claims", tmp_path)
     df = pd.read_csv(results / "results.csv")
-    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint"}
+    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint",
+                                 "scratch_long"}
+    assert "10× the steps" in (results / "baselines.md").read_text()
     params = df.groupby("method")["trainable_params"].max()
     assert params["sequential/linear_probe"] < params["single_task"] <= params["joint"]
     assert "(d) Fewer trainable parameters" in (results / "results.md").read_text()
@@ -324,14 +326,40 @@ def test_pretrained_claims_pairs_are_transfer_claims_pairs():
     rows = [{"method": m, "task": t, "value": 0.5} for m, t in [
         ("scratch_fashion", "fashion_mnist"), ("scratch_digits", "digits"), ("single_task", "fashion_mnist"),
         ("single_task", "digits"), ("linear_probe", "fashion_mnist"), ("linear_probe", "digits"),
-        ("lp_ft_fashion", "fashion_mnist"), ("lp_ft_digits", "digits"), ("joint", "fashion_mnist"), ("joint", "digits")]]
+        ("lp_ft_fashion", "fashion_mnist"), ("lp_ft_digits", "digits"), ("joint", "fashion_mnist"), ("joint", "digits"),
+        ("scratch_fashion_long", "fashion_mnist"), ("scratch_digits_long", "digits")]]
     pairs = as_pairs(pd.DataFrame(rows), "vision")
     assert set(pairs) == {"imagenet_to_fashion_mnist", "imagenet_to_digits"}
     fashion = pairs["imagenet_to_fashion_mnist"]
-    # The target's own scratch run is the baseline; the other task's scratch run is not a regime of this pair.
+    # The target's own scratch runs are the baselines; the other task's are not regimes of this pair.
     assert sorted(fashion["method"]) == sorted(["single_task", "sequential/fine_tune", "sequential/linear_probe",
-                                                "sequential/lp_ft", "joint"])
+                                                "sequential/lp_ft", "joint", "scratch_long"])
     assert set(fashion["task"]) == {"target"}
+
+
+def test_pretrained_claims_baselines_by_hand():
+    from scipy import stats as scipy_stats
+
+    from paper_repro.pretrained_claims.__main__ import baselines
+
+    # One pair, fraction, 3 seeds; accuracies chosen so the differences are easy to follow.
+    test = {"single_task": [0.10, 0.12, 0.11], "scratch_long": [0.50, 0.60, 0.55], "sequential/fine_tune": [0.70, 0.71, 0.75],
+            "sequential/linear_probe": [0.80, 0.80, 0.82], "sequential/lp_ft": [0.70, 0.72, 0.74], "joint": [0.60, 0.65, 0.70]}
+    train = {m: [1.0, 1.0, 1.0] for m in test}
+    rows = [{"pair": "p", "method": m, "fraction": 0.1, "seed": s, "split": split, "value": values[m][s]}
+            for split, values in (("test", test), ("train", train)) for m in test for s in range(3)]
+    text = baselines(pd.DataFrame(rows), "cmd")
+    assert "all 11 tests of this file" in text  # (a) 4 regimes, (b) 4, against fine-tuning 3
+    # Fine-tune − scratch 10x: +20, +11, +20 points, mean +17, t-interval with 2 degrees of freedom.
+    d = [20.0, 11.0, 20.0]
+    half = scipy_stats.t.ppf(0.975, 2) * scipy_stats.tstd(d) / 3 ** 0.5
+    assert f"| p | 0.1 | fine-tune | 3 | +17.0 [{17 - half:+.1f}, {17 + half:+.1f}] |" in text
+    # With every train accuracy 1.0, (b)'s gap difference equals (a)'s accuracy difference.
+    assert text.count(f"+17.0 [{17 - half:+.1f}, {17 + half:+.1f}]") == 2
+    # Linear probe − fine-tune: +10, +9, +7 points.
+    assert "| p | 0.1 | linear probe | 3 | +8.7 [" in text.split("Which way to transfer")[1]
+    assert "| p | 0.1 | 11.0 | 11.0 | 55.0 | 55.0 |" not in text and "| p | 0.1 | 100.0 | 11.0 | 100.0 | 55.0 |" in text
+    assert "Not tested" in baselines(pd.DataFrame(rows)[lambda f: f["method"] != "scratch_long"], "cmd")
 
 
 @pytest.mark.slow
@@ -352,7 +380,9 @@ def test_pretrained_claims_smoke_vision_on_a_tiny_fashion_tree(tmp_path):
     assert smoke("pretrained_claims", tmp_path, "--report-only", *args) == results
     assert (results / "results.csv").read_text() == written
     assert set(df["pair"]) == {"imagenet_to_fashion_mnist", "imagenet_to_digits"}
-    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint"}
+    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "sequential/lp_ft", "joint",
+                                 "scratch_long"}
+    assert "10× the steps" in (results / "baselines.md").read_text()
     params = df[df["pair"] == "imagenet_to_digits"].set_index("method")["trainable_params"]
     assert params["sequential/linear_probe"] < params["sequential/fine_tune"] == params["single_task"]
     verdicts = (results / "verdicts.md").read_text()
@@ -373,7 +403,7 @@ def test_pretrained_claims_smoke_text_on_a_tiny_wordnet(tmp_path):
     df = pd.read_csv(results / "results.csv")
     assert set(df["pair"]) == {"minilm_to_bbc_news", "minilm_to_wordnet_category"}
     # No LP-FT regime in the text grid.
-    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "joint"}
+    assert set(df["method"]) == {"single_task", "sequential/linear_probe", "sequential/fine_tune", "joint", "scratch_long"}
     assert "minilm_to_bbc_news" in (results / "verdicts.md").read_text()
 
 
