@@ -98,7 +98,21 @@ def transfer_claims_10seeds() -> str:
 
 
 def pretrained_claims() -> str:
-    return "ImageNet EfficientNet-Lite0 and MiniLM against scratch: " + transfer_claims(study="pretrained_claims")
+    from paper_repro.pretrained_claims.__main__ import FAMILIES, LABELS, baseline_tests
+
+    per_seed = pd.read_csv(STUDIES / "pretrained_claims" / "results" / "per_seed.csv")
+    tests = baseline_tests(per_seed)
+
+    def listed(key: str, sign: int) -> str:
+        found = [f"{LABELS[method]} on {pair} at {fraction:g}" for k, pair, fraction, method, t in tests
+                 if k == key and t.p_holm < 0.05 and (t.mean > 0) == (sign > 0)]
+        return ", ".join(found) or "none"
+
+    words = {key: FAMILIES[key][5] for key in FAMILIES}
+    return ("ImageNet EfficientNet-Lite0 and MiniLM against scratch at the grid's 30 steps: " + transfer_claims(study="pretrained_claims")
+            + f". Against scratch with 10× the steps (baselines.md, Holm over {len(tests)} paired tests): (a) {words['a'][0]}: "
+            f"{listed('a', 1)}; {words['a'][1]}: {listed('a', -1)}; (b) {words['b'][0]}: {listed('b', 1)}; {words['b'][1]}: "
+            f"{listed('b', -1)}; against fine-tuning, better: {listed('f', 1)}; worse: {listed('f', -1)}")
 
 
 def transfer_recipes() -> str:

@@ -129,9 +129,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             speedup = f"{r['probe_vs_cached']:.1f}" if r["probe_vs_cached"] is not None else ""
             print(f"{r['row']:<11}{r['ms']:>12.2f}{r['vs_fine_tune']:>13.4f}{speedup:>14}", flush=True)
         rows += case
-    if args.out:
+    if args.out:  # with the settings, so a number read back later says what it measured
+        settings = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "rounds": args.rounds}
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"settings": settings, "rows": rows}, f, indent=2)
     return rows
 
 
