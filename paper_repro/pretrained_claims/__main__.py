@@ -28,7 +28,7 @@ import pandas as pd
 
 from mtl import stats
 from paper_repro.common import ROOT, SMOKE, STUDIES, folders, markdown, parser, provenance, run_grid, write
-from paper_repro.transfer_claims.__main__ import NAMES, SCRATCH, TARGET, figure, pair_tables, verdicts
+from paper_repro.transfer_claims.__main__ import NAMES, REGIMES, SCRATCH, TARGET, figure, pair_tables, verdicts
 
 HERE = STUDIES / "pretrained_claims"
 # part -> (the shipped config, this study's file merged over it, the pretraining's name, and per
@@ -117,7 +117,7 @@ def report(frames: dict[str, pd.DataFrame], walls: dict[str, float], results, sm
     write(results, "verdicts.md", verdicts(summary, per_seed, command=command + " (its report)",
                                            title="The transfer claims on pretrained trunks"))
     write(results, "baselines.md", baselines(per_seed, command + " (its report)"))
-    figure(frames, results)
+    figure(frames, results, [*REGIMES, LONG], LABELS)
     text = "\n\n".join([
         "# The transfer claims on pretrained trunks: results",
         provenance(command, sum(walls.values()) or None, smoke),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from scipy import stats as scipy_stats
 
 from mtl import stats
@@ -338,10 +339,11 @@ def lr_sweep(sweep: dict[float, pd.DataFrame], results) -> str:
     ])
 
 
-def figure(frames, results) -> None:
+def figure(frames, results, regimes: list[str] = REGIMES, names: dict[str, str] = NAMES) -> None:
     """Target test accuracy against the labelled fraction, one panel per pair: the seed mean with
     its 95% t-interval (``mtl.stats.t_interval``; none with one seed), the regimes dodged along
-    the log axis so their bars do not overlap. PNG at 150 dpi and PDF."""
+    the log axis so their bars do not overlap, each regime one colour in every panel. PNG at
+    150 dpi and PDF."""
     if not frames:
         return
     fig = Figure(figsize=(4.2 * len(frames), 3.6))
@@ -349,7 +351,7 @@ def figure(frames, results) -> None:
     for ax, (pair, df) in zip(axes, frames.items()):
         seeds = target_seeds(df)
         test = seeds[seeds["split"] == "test"]
-        methods = [r for r in REGIMES if r in set(test["method"])]
+        methods = [r for r in regimes if r in set(test["method"])]
         for i, m in enumerate(methods):
             rows = []
             for fraction, group in test[test["method"] == m].groupby("fraction"):
@@ -358,8 +360,13 @@ def figure(frames, results) -> None:
             part = pd.DataFrame(rows, columns=["fraction", "mean", "low", "high"])
             x = part["fraction"] * 1.06 ** (i - (len(methods) - 1) / 2)  # dodge: a few % apart on the log axis
             yerr = None if part["low"].isna().all() else [part["mean"] - part["low"], part["high"] - part["mean"]]
-            ax.errorbar(x, part["mean"], yerr=yerr, marker="o", capsize=3, color=f"C{i}", label=NAMES[m])
+            ax.errorbar(x, part["mean"], yerr=yerr, marker="o", capsize=3, color=f"C{regimes.index(m)}", label=names[m])
         ax.set_xscale("log")
+        # Ticks at the fractions run, labelled plainly: the log axis's own minor labels pile up
+        # over a narrow range (one fraction, dodged).
+        fractions = sorted(test["fraction"].unique())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
         ax.set_xlabel("labelled fraction of the target")
         ax.set_ylabel("target test accuracy (%), 95% CI")
         ax.set_title(pair)
