@@ -4,6 +4,7 @@ frozen trunk, and probing from the feature cache (``mtl.features``), in one run.
     python -m mtl.bench.trunks                  # the pretrained trunks at their default sizes, batch 32
     python -m mtl.bench.trunks --case '{trunk: {name: minilm, max_length: 64}, task: bbc_news}'
     python -m mtl.bench.trunks --case '{trunk: {name: seed_net}, task: {name: digits, size: 28}}' --batch 4
+    python -m mtl.bench.trunks --device cuda --rounds 5      # bash mtl/bench/device_check.sh runs this
 
 Each ``--case`` is a YAML node ``{trunk: <trunk node>, task: <task name or node>}``; the
 default cases are EfficientNet-Lite0 with its ImageNet weights at its default 224 px on sklearn
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="timed steps per row, after one untimed step")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
     args.cases = args.cases or DEFAULT_CASES
@@ -78,21 +80,25 @@ def _batch(task_node: dict[str, Any], size: int) -> tuple[torch.Tensor, torch.Te
     return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items]), task.num_outputs
 
 
-def _median_step(step, rounds: int) -> float:
-    step()
-    times = []
-    for _ in range(rounds):
+def _median_step(step, rounds: int, device: torch.device) -> float:
+    def timed() -> float:
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if device.type == "cuda":  # kernels run asynchronously: time them, not their launch
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()
+    return statistics.median(timed() for _ in range(rounds))
 
 
-def bench_case(trunk_node: dict[str, Any], task_node: dict[str, Any], batch: int, rounds: int) -> list[dict[str, Any]]:
+def bench_case(trunk_node: dict[str, Any], task_node: dict[str, Any], batch: int, rounds: int,
+               device: torch.device = torch.device("cpu")) -> list[dict[str, Any]]:
     x, y, outputs = _batch(task_node, batch)
     torch.manual_seed(0)
-    trunk = build_trunk(dict(trunk_node))
-    head = torch.nn.Linear(trunk.feature_shape(tuple(x.shape[1:]))[0], outputs)
+    trunk = build_trunk(dict(trunk_node)).to(device)
+    head = torch.nn.Linear(trunk.feature_shape(tuple(x.shape[1:]))[0], outputs).to(device)
+    x, y = x.to(device), y.to(device)
     optimizer = torch.optim.AdamW([*trunk.parameters(), *head.parameters()], lr=1e-4)
 
     def step() -> None:
@@ -100,11 +106,11 @@ def bench_case(trunk_node: dict[str, Any], task_node: dict[str, Any], batch: int
         F.cross_entropy(head(trunk(x)), y).backward()
         optimizer.step()
 
-    seconds = {"fine_tune": _median_step(step, rounds)}
+    seconds = {"fine_tune": _median_step(step, rounds, device)}
     freeze(trunk)
-    seconds["probe"] = _median_step(step, rounds)
+    seconds["probe"] = _median_step(step, rounds, device)
     cache = FeatureCache.attach(trunk)
-    seconds["cached"] = _median_step(step, rounds)
+    seconds["cached"] = _median_step(step, rounds, device)
     FeatureCache.detach(trunk)
     if cache.misses != len(x) or cache.hits != rounds * len(x):  # the timed steps must all have been served by it
         raise RuntimeError(f"the feature cache served {cache.hits} of {rounds * len(x)} samples; the cached row timed the trunk")
@@ -119,18 +125,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.rounds} steps")
+    print(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} threads, batch {args.batch}, median of {args.rounds} steps")
     print(f"{'row':<11}{'ms/step':>12}{'x fine_tune':>13}{'probe/cached':>14}")
     for text in args.cases:
         trunk, task = _case(text)
-        case = bench_case(trunk, task, args.batch, args.rounds)
+        case = bench_case(trunk, task, args.batch, args.rounds, torch.device(args.device))
         print(case[0]["case"])
         for r in case:
             speedup = f"{r['probe_vs_cached']:.1f}" if r["probe_vs_cached"] is not None else ""
             print(f"{r['row']:<11}{r['ms']:>12.2f}{r['vs_fine_tune']:>13.4f}{speedup:>14}", flush=True)
         rows += case
     if args.out:  # with the settings, so a number read back later says what it measured
-        settings = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "rounds": args.rounds}
+        settings = {"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(), "batch": args.batch,
+                    "rounds": args.rounds}
         with open(args.out, "w") as f:
             json.dump({"settings": settings, "rows": rows}, f, indent=2)
     return rows
