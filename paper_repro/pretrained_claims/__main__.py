@@ -135,19 +135,18 @@ def report(frames: dict[str, pd.DataFrame], walls: dict[str, float], results, sm
     write(results, "results.md", text)
 
 
-
-def _paired(seeds: pd.DataFrame, method: str, base: str, split: str = "test") -> stats.Difference | None:
-    """``method`` − ``base`` per seed, in points: test accuracy, or with ``split="gap"`` the
+def _paired(seeds: pd.DataFrame, method: str, base: str, measure: str = "test") -> stats.Difference | None:
+    """``method`` − ``base`` per seed, in points: test accuracy, or with ``measure="gap"`` the
     train − test gap of ``base`` minus that of ``method`` (+: ``method``'s gap is smaller)."""
     v = seeds.pivot_table(index="seed", columns=["method", "split"], values="value")
     keys = [(m, s) for m in (method, base) for s in ("test", "train")]
     if any(k not in v.columns for k in keys):
         return None
     v = v[keys].dropna()
-    if split == "test":
+    if measure == "test":
         return stats.Difference.of(100 * (v[(method, "test")] - v[(base, "test")]).to_numpy())
-    gap = lambda m: v[(m, "train")] - v[(m, "test")]  # noqa: E731
-    return stats.Difference.of(100 * (gap(base) - gap(method)).to_numpy())
+    gap = {m: v[(m, "train")] - v[(m, "test")] for m in (method, base)}
+    return stats.Difference.of(100 * (gap[base] - gap[method]).to_numpy())
 
 
 # key -> (section title, what the difference is, the baseline, the regimes tested, test or gap, verdict words)
@@ -167,9 +166,9 @@ def baseline_tests(per_seed: pd.DataFrame) -> list[tuple[str, str, float, str, s
     seeds = per_seed.assign(fraction=per_seed["fraction"].round(6))
     tests = []
     for (pair, fraction), group in seeds.groupby(["pair", "fraction"], sort=False):
-        for key, (_, _, base, methods, split, _) in FAMILIES.items():
+        for key, (_, _, base, methods, measure, _) in FAMILIES.items():
             for method in methods:
-                t = _paired(group, method, base, split)
+                t = _paired(group, method, base, measure)
                 if t is not None:
                     tests.append((key, pair, fraction, method, t))
     stats.correct([t for *_, t in tests])
@@ -188,7 +187,7 @@ def baselines(per_seed: pd.DataFrame | None, command: str) -> str:
     means = per_seed.assign(fraction=per_seed["fraction"].round(6)).groupby(["pair", "fraction", "method", "split"])["value"].mean()
     reached = [[pair, f"{fraction:g}", *(f"{100 * means.get((pair, fraction, m, s), float('nan')):.1f}"
                                           for m in (SCRATCH, LONG) for s in ("train", "test"))]
-               for pair, fraction in dict.fromkeys((p, f) for p, f, m, _ in means.index if m == LONG)]
+               for pair, fraction in dict.fromkeys((p, f) for p, f, method, _ in means.index if method == LONG)]
     m = sum(1 for *_, t in tests if not math.isnan(t.p))
     lines = [*head,
              f"Tests: paired t-tests of per-seed differences (a seed fixes the labelled subset and the batch order of every "
