@@ -112,7 +112,7 @@ def bench_case(trunk_node: dict[str, Any], task_node: dict[str, Any], batch: int
     cache = FeatureCache.attach(trunk)
     seconds["cached"] = _median_step(step, rounds, device)
     FeatureCache.detach(trunk)
-    if cache.misses != len(x) or cache.hits != rounds * len(x):  # the timed steps must all have been served by it
+    if cache.hits < rounds * len(x):  # every timed step must have been served by it (an earlier case may have filled it)
         raise RuntimeError(f"the feature cache served {cache.hits} of {rounds * len(x)} samples; the cached row timed the trunk")
     label = f"{yaml.safe_dump(trunk_node, default_flow_style=True).strip()} on {task_node['name']}"
     return [{"case": label, "row": row, "batch": len(x), "ms": round(1000 * s, 3), "vs_fine_tune": round(s / seconds["fine_tune"], 4),
