@@ -522,7 +522,8 @@ def train_cell(cfg: DictConfig, cell: Cell, stages: list[int], targets: list[str
         stage = stage_config(cfg, cell, i, cell.dirs[i], start_of(cell, i), targets)
         Trainer(stage, cell=cell_identity(cell, i, targets), wandb_dir=root).fit()
         trained += 1
-        if not cfg.compare.keep_step_checkpoints and distributed.current().is_main:
+        # Only a finished stage (results.json written) loses them: a stopped one resumes from them.
+        if not cfg.compare.keep_step_checkpoints and distributed.current().is_main and (cell.dirs[i] / "results.json").exists():
             checkpoint.drop_steps(cell.dirs[i] / "checkpoints")
     if cell.forgetting and trained and (cell.dirs[-1] / "results.json").exists():
         # Here, in the job: left to the grid's report, every cell's matrix was evaluated one after
