@@ -115,6 +115,28 @@ def test_finished_stages_can_drop_their_step_checkpoints_and_the_grid_still_chai
     assert "skipped" in capsys.readouterr().out
 
 
+def test_a_stage_that_ends_without_results_keeps_its_step_checkpoints(tmp_path, monkeypatch):
+    import mtl.trainer
+    from mtl.compare import train_cell
+
+    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path / 'run'}", "compare.seeds=[0]", "compare.fractions=[1.0]",
+                                   "compare.keep_step_checkpoints=false", *SHORT])
+    grid = Grid(cfg)
+    cell = next(c for c in grid.cells if len(c.stages) == 1)
+
+    class Stopped:  # a stage that wrote a checkpoint and returned without results.json
+        def __init__(self, stage, **_):
+            self.checkpoints = tmp_path / "run" / cell.dirs[0].relative_to(grid.root) / "checkpoints"
+
+        def fit(self):
+            self.checkpoints.mkdir(parents=True)
+            (self.checkpoints / "step-000000001.pt").write_bytes(b"state")
+
+    monkeypatch.setattr(mtl.trainer, "Trainer", Stopped)
+    train_cell(cfg, cell, [0], grid.targets, grid.root, log=lambda *_: None)
+    assert [p.name for p in checkpoint.step_checkpoints(cell.dirs[0] / "checkpoints")] == ["step-000000001.pt"]
+
+
 def test_one_seed_is_said_before_any_training(tmp_path):
     class Said(Exception):
         pass
